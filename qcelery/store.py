@@ -1,0 +1,91 @@
+"""The MongoDB boundary: one client per process and server, clear errors, GridFS.
+
+pymongo clients must not cross ``fork()``, and Celery's prefork pool forks, so the
+cache is keyed by process id as well as URL.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import gridfs
+import pymongo
+from pymongo.database import Database
+from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+
+from .errors import ConfigError, StoreUnavailableError
+from .settings import Settings, mask_url
+
+_CLIENTS: dict[tuple[int, str, int], pymongo.MongoClient] = {}
+_LOCK = threading.Lock()
+
+#: GridFS bucket holding results above the size threshold
+RESULT_BUCKET = "qcelery_res"
+#: prefix of the collections qcelery keeps beside the task pools
+INTERNAL_PREFIX = "qcelery_"
+
+
+def unreachable(settings: Settings, exc: BaseException) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"MongoDB at {mask_url(settings.mongo_url)} did not answer within "
+        f"{settings.mongo_timeout_ms / 1000:g}s ({type(exc).__name__}). Start it, set QCELERY_MONGO_URL "
+        "to a reachable server, or run `qcelery up` to start the embedded SecantusDB."
+    )
+
+
+def client(settings: Settings) -> pymongo.MongoClient:
+    """The process' client for ``settings.mongo_url`` (created on first use)."""
+    key = (os.getpid(), settings.mongo_url, settings.mongo_timeout_ms)
+    c = _CLIENTS.get(key)
+    if c is not None:
+        return c
+    with _LOCK:
+        c = _CLIENTS.get(key)
+        if c is None:
+            try:
+                c = pymongo.MongoClient(
+                    settings.mongo_url,
+                    serverSelectionTimeoutMS=settings.mongo_timeout_ms,
+                    connectTimeoutMS=settings.mongo_timeout_ms,
+                    tz_aware=True,
+                    appname="qcelery",
+                )
+            except (InvalidURI, ConfigurationError, ValueError) as exc:
+                raise ConfigError(f"invalid QCELERY_MONGO_URL {mask_url(settings.mongo_url)}: {exc}") from None
+            _CLIENTS[key] = c
+    return c
+
+
+def database(settings: Settings, ping: bool = False) -> Database:
+    """The settings' database; with ``ping`` check that the server answers first."""
+    db = client(settings)[settings.mongo_db]
+    if ping:
+        try:
+            db.client.admin.command("ping")
+        except PyMongoError as exc:
+            raise unreachable(settings, exc) from None
+    return db
+
+
+def result_fs(db: Database) -> gridfs.GridFS:
+    return gridfs.GridFS(db, collection=RESULT_BUCKET)
+
+
+def close_all() -> None:
+    """Close this process' clients (tests and shutdown)."""
+    with _LOCK:
+        for key in [k for k in _CLIENTS if k[0] == os.getpid()]:
+            _CLIENTS.pop(key).close()
+
+
+def _reset_after_fork() -> None:
+    # the parent's sockets are unusable in the child; drop references without closing
+    _CLIENTS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
