@@ -516,8 +516,9 @@ class TaskManager:
     def mark_published(self, ids: Iterable[Any], when: _dt.datetime | None = None) -> None:
         """Remember when messages for ``ids`` were last published (the sweep reads it)."""
         ids = [to_object_id(i) for i in ids]
-        if ids:
-            self.task_pool.update_many({"_id": {"$in": ids}}, {"$set": {"published_at": when or utcnow()}})
+        when = when or utcnow()
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            self.task_pool.update_many({"_id": {"$in": ids[start:start + _LOOKUP_CHUNK]}}, {"$set": {"published_at": when}})
 
     def stale_waiting(self, older_than: float, limit: int = 10_000) -> list[ObjectId]:
         """Claimable tasks of some batch whose last publish is older than ``older_than``

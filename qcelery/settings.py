@@ -122,6 +122,17 @@ class Settings(BaseSettings):
             return self.mlflow_tracking_uri
         return (Path(self.run_dir).resolve() / "mlruns").as_uri()
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``QCELERY_*`` variables, to start workers and beat with."""
+        import json
+
+        env: dict[str, str] = {}
+        for key, value in self.model_dump().items():
+            if value is None:
+                continue
+            env[f"QCELERY_{key.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        return env
+
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every URL's password masked (for logs)."""
         data = self.model_dump()

@@ -1,0 +1,154 @@
+"""Beat jobs: recover expired leases, sweep unpublished tasks, finish stalled batches.
+
+``celery beat`` (started by ``qcelery beat``) sends the jobs below every few seconds
+to the control queue; any worker runs them. Every job is a set of conditional
+updates, safe if two copies run. On top of that :class:`LockedScheduler` holds a
+lease-lock in Mongo, so when two beats are started only one sends anything; the other
+takes over once the holder stops renewing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+from celery import Celery
+from celery.beat import PersistentScheduler
+from pymongo.errors import DuplicateKeyError
+
+from . import batch as batches
+from .manage import TaskManager, utcnow
+from .settings import Settings
+from .store import database
+
+logger = logging.getLogger(__name__)
+
+RECOVER = "qcelery.recover"
+SWEEP = "qcelery.sweep"
+LOCKS = "qcelery_locks"
+BEAT_LOG = "qcelery_beat_log"
+BEAT_LOCK = "beat"
+
+
+def schedule(settings: Settings) -> dict:
+    """The beat schedule for ``settings`` (intervals in seconds)."""
+    from .celery_app import CONTROL_QUEUE
+
+    return {
+        "qcelery-recover": {"task": RECOVER, "schedule": settings.recover_interval,
+                            "options": {"queue": CONTROL_QUEUE, "expires": max(settings.recover_interval * 3, 5)}},
+        "qcelery-sweep": {"task": SWEEP, "schedule": settings.sweep_interval,
+                          "options": {"queue": CONTROL_QUEUE, "expires": max(settings.sweep_interval * 3, 5)}},
+    }
+
+
+def _log_run(settings: Settings, job: str, beat: str | None, result: dict) -> None:
+    db = database(settings)
+    db[BEAT_LOG].insert_one({"job": job, "beat": beat, "at": utcnow(), **result})
+
+
+def recover(app: Celery, beat: str | None = None) -> dict:
+    """Every pool: expired leases back to waiting (or failed) and re-published."""
+    from .producer import publish
+
+    settings: Settings = app.qcelery_settings
+    requeued = 0
+    for pool in TaskManager.list(settings):
+        ids = TaskManager(pool, settings).recover_expired()
+        if ids:
+            requeued += publish(app, pool, ids)
+    result = {"requeued": requeued}
+    _log_run(settings, "recover", beat, result)
+    return result
+
+
+def sweep(app: Celery, beat: str | None = None) -> dict:
+    """Re-publish claimable batch tasks whose last message is older than ``sweep_after``
+    (a broker that lost its queue), and re-check batches whose chord never fired."""
+    from .celery_app import CONTROL_QUEUE
+    from .producer import publish
+    from .worker import AGGREGATE
+
+    settings: Settings = app.qcelery_settings
+    republished = 0
+    for pool in TaskManager.list(settings):
+        ids = TaskManager(pool, settings).stale_waiting(settings.sweep_after)
+        if ids:
+            republished += publish(app, pool, ids)
+    rechecked = 0
+    for b in batches.stalled(database(settings), max(settings.sweep_after, settings.lease_seconds)):
+        app.send_task(AGGREGATE, args=(b["pool"], str(b["_id"])), queue=CONTROL_QUEUE)
+        rechecked += 1
+    result = {"republished": republished, "batches_rechecked": rechecked}
+    _log_run(settings, "sweep", beat, result)
+    return result
+
+
+def register(app: Celery) -> None:
+    app.conf.beat_schedule = schedule(app.qcelery_settings)
+    app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
+
+    @app.task(name=RECOVER, bind=True, acks_late=True)
+    def recover_task(self, beat: str | None = None) -> dict:
+        return recover(self.app, beat)
+
+    @app.task(name=SWEEP, bind=True, acks_late=True)
+    def sweep_task(self, beat: str | None = None) -> dict:
+        return sweep(self.app, beat)
+
+
+class BeatLock:
+    """A lease-lock document in Mongo: held by one owner until it stops renewing."""
+
+    def __init__(self, settings: Settings, name: str = BEAT_LOCK, ttl: float | None = None):
+        self.db = database(settings)
+        self.name = name
+        self.ttl = ttl or max(3 * settings.recover_interval, 10.0)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def acquire(self) -> bool:
+        """Take or renew the lock; ``False`` while another live owner holds it."""
+        now = utcnow()
+        try:
+            self.db[LOCKS].update_one(
+                {"_id": self.name, "$or": [{"owner": self.owner}, {"expires_at": {"$lt": now}}]},
+                {"$set": {"owner": self.owner, "expires_at": now + _dt.timedelta(seconds=self.ttl)}},
+                upsert=True,
+            )
+            return True
+        except DuplicateKeyError:
+            return False
+
+    def release(self) -> None:
+        self.db[LOCKS].delete_one({"_id": self.name, "owner": self.owner})
+
+
+class LockedScheduler(PersistentScheduler):
+    """Celery beat's persistent scheduler that only sends while it holds :class:`BeatLock`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lock = BeatLock(self.app.qcelery_settings)
+        self._held = False
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        held = self.lock.acquire()
+        if held != self._held:
+            logger.info("beat %s %s the lock", self.lock.owner, "holds" if held else "lost")
+            self._held = held
+        if not held:
+            return min(self.lock.ttl / 3, 5.0)
+        return min(super().tick(*args, **kwargs), self.lock.ttl / 3)
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        entry.kwargs = {**(entry.kwargs or {}), "beat": self.lock.owner}
+        return super().apply_async(entry, producer, advance, **kwargs)
+
+    def close(self) -> None:
+        if self._held:
+            self.lock.release()
+        super().close()

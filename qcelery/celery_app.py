@@ -1,0 +1,85 @@
+"""The Celery application, configured from :class:`~qcelery.settings.Settings`.
+
+Messages carry ids only and are JSON; pickle is refused on the wire. Recovery is the
+job of Mongo leases and beat, so the Redis visibility timeout is set far above any
+lease: Redis never redelivers a message on its own within a run.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from .settings import Settings
+
+#: queue of the short control tasks (aggregation, beat jobs); every worker consumes it
+CONTROL_QUEUE = "qcelery"
+#: message priorities 0..MAX_PRIORITY (higher first), on Redis and RabbitMQ alike
+MAX_PRIORITY = 9
+#: Redis redelivers an unacknowledged message after this long; Mongo leases recover far sooner
+VISIBILITY_TIMEOUT = 7 * 24 * 3600
+
+
+def queue(name: str) -> Queue:
+    """A durable direct queue for a worker pool, with message priorities enabled."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name,
+                 queue_arguments={"x-max-priority": MAX_PRIORITY})
+
+
+def make_app(settings: Settings, main: str = "qcelery") -> Celery:
+    """A Celery app for ``settings`` with qcelery's tasks registered."""
+    app = Celery(main, broker=settings.broker_url, backend=settings.effective_result_backend, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.default_queue,
+        task_queue_max_priority=MAX_PRIORITY,
+        task_default_priority=0,
+        task_create_missing_queues=True,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "priority_steps": list(range(MAX_PRIORITY + 1)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        redis_socket_connect_timeout=5,
+        redis_socket_timeout=30,
+        redis_backend_health_check_interval=10,
+        result_expires=7 * 24 * 3600,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.time_limit,
+        beat_schedule_filename=str(settings.run_dir / "celerybeat-schedule"),
+        timezone="UTC",
+        enable_utc=True,
+    )
+    app.qcelery_settings = settings  # read by the tasks; one settings object per app
+    from . import beat, worker  # registering needs the app; modules import us back
+
+    worker.register(app)
+    beat.register(app)
+    return app
+
+
+_APPS: dict[str, Celery] = {}
+
+
+def app_for(settings: Settings) -> Celery:
+    """One app per distinct settings in this process (producers, CLI, tests)."""
+    key = settings.model_dump_json()
+    if key not in _APPS:
+        _APPS[key] = make_app(settings)
+    return _APPS[key]

@@ -1,0 +1,47 @@
+"""Small task functions for benchmarks, fault tests and smoke checks.
+
+Each takes the task definition (a dict) and reads its own knobs from it, so a batch
+of probes is an ordinary batch. ``counted`` records every start and completed run in
+the ``qcelery_probe_runs`` collection, so exactly-once can be checked in Mongo rather
+than in a worker's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .settings import Settings
+from .store import database
+
+RUNS = "qcelery_probe_runs"
+
+
+def noop(task_def: dict) -> dict:
+    """Return at once: measures the framework's own cost."""
+    return {"ok": True}
+
+
+def counted(task_def: dict, settings: Settings, tags: dict | None = None) -> dict:
+    """Sleep ``task_def['sleep']`` seconds, raise if ``task_def['fail']`` is set (or while
+    ``task_def['fail_times']`` earlier runs have failed), recording each start and each
+    completion in Mongo."""
+    runs = database(settings)[RUNS]
+    key = str(task_def.get("key", task_def))
+    started = runs.count_documents({"key": key, "event": "start"})
+    runs.insert_one({"key": key, "event": "start", "pid": os.getpid(), "tags": tags or {}})
+    time.sleep(float(task_def.get("sleep", 0)))
+    if task_def.get("fail") or started < int(task_def.get("fail_times", 0)):
+        raise RuntimeError(f"probe {key} failed on purpose (run {started + 1})")
+    runs.insert_one({"key": key, "event": "done", "pid": os.getpid(), "tags": tags or {}})
+    return {"key": key, "value": task_def.get("value"), "pid": os.getpid()}
+
+
+def busy(task_def: dict) -> dict:
+    """Spin the CPU for ``task_def['seconds']`` seconds (parallel-efficiency checks)."""
+    end = time.perf_counter() + float(task_def.get("seconds", 1.0))
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return {"iterations": n}

@@ -1,0 +1,223 @@
+"""Worker tasks: ``execute`` one task of a pool, ``aggregate`` a batch.
+
+``execute(pool, task_id, batch_id)`` claims the task by id (one atomic update), keeps
+its lease alive from a heartbeat thread, runs the batch's task function and commits,
+fenced on the attempt it claimed. A message for a task that is not claimable (done,
+running under a live lease, removed) is acknowledged and does nothing, so duplicated
+or late messages never change a result. Failures are recorded in Mongo and retried
+through the pool's ``attempt``/``max_attempts`` (never Celery's retry), so the task
+function never raises out of ``execute`` and the chord is not broken by it.
+
+``celery -A qcelery.worker worker`` finds the module-level ``app`` (settings from the
+environment); ``qcelery worker --pool P`` does the same with the pool's options.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+from typing import Any, Callable
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+from . import batch as batches
+from . import status as st
+from .errors import ConfigError
+from .manage import Heartbeat, TaskManager, format_exception, to_object_id, worker_name
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXECUTE = "qcelery.execute"
+AGGREGATE = "qcelery.aggregate"
+
+_MANAGERS: dict[tuple[int, str], TaskManager] = {}
+
+
+def manager(app: Celery, pool: str) -> TaskManager:
+    """This worker's ``TaskManager`` for ``pool`` (one per app and pool)."""
+    key = (id(app), pool)
+    tm = _MANAGERS.get(key)
+    if tm is None:
+        tm = _MANAGERS[key] = TaskManager(pool, app.qcelery_settings)
+    return tm
+
+
+@functools.lru_cache(maxsize=64)
+def resolve(path: str) -> Callable:
+    """The callable named ``module.attr`` (or ``module:attr``)."""
+    module, sep, attr = path.replace(":", ".").rpartition(".")
+    if not sep or not module:
+        raise ConfigError(f"task function {path!r} must be a dotted path like 'package.module.function'")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"task function {path!r} cannot be imported: {exc}") from None
+    if not callable(obj):
+        raise ConfigError(f"task function {path!r} is not callable")
+    return obj
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts(func: Callable) -> frozenset[str]:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return frozenset({"*"})
+    return frozenset(p.name for p in params)
+
+
+def call_task_function(func: Callable, param: Any, kwargs: dict, context: dict) -> Any:
+    """``func(param, **kwargs)`` plus ``settings``/``tags`` when ``func`` takes them."""
+    accepted = _accepts(func)
+    extra = {k: v for k, v in context.items() if k in accepted and k not in kwargs}
+    return func(param, **kwargs, **extra)
+
+
+_BATCHES: dict[tuple[int, Any], dict] = {}
+
+
+def _batch_spec(app: Celery, tm: TaskManager, batch_id: Any) -> dict:
+    """The immutable part of a batch (function, kwargs, statuses), cached per process."""
+    key = (id(app), batch_id)
+    if key not in _BATCHES:
+        doc = batches.load(tm.db, batch_id)
+        _BATCHES[key] = {k: doc.get(k) for k in ("task_func", "task_kwargs", "before_status", "after_status")}
+    return _BATCHES[key]
+
+
+def execute_task(app: Celery, pool: str, task_id: str, batch_id: str | None = None,
+                 before_status: str = st.WAITING, after_status: str = st.DONE) -> dict:
+    settings: Settings = app.qcelery_settings
+    tm = manager(app, pool)
+    spec = _batch_spec(app, tm, batch_id) if batch_id else {}
+    before_status = spec.get("before_status") or before_status
+    after_status = spec.get("after_status") or after_status
+    task = tm.claim(task_id, worker=worker_name(), before_status=before_status, decode=False)
+    if task is None:
+        logger.info("task %s of pool %s not claimable from %s; message ignored", task_id, pool, before_status)
+        return {"task_id": str(task_id), "status": "skipped"}
+    try:
+        task = tm._decode_task(task)
+        func = resolve(spec.get("task_func") or settings.task_func)
+        param = task["def"] if before_status == st.WAITING else task["res"]
+        context = {
+            "settings": settings,
+            "tags": {"pool": pool, "task_id": str(task["_id"]), "batch_id": str(batch_id or ""), "attempt": str(task["attempt"])},
+        }
+        with Heartbeat(tm, task) as hb:
+            res = call_task_function(func, param, dict(spec.get("task_kwargs") or {}), context)
+    except (Exception, SoftTimeLimitExceeded) as exc:
+        new = tm.fail(task, format_exception(exc))
+        logger.warning("task %s of pool %s raised %s (attempt %s): now %s", task_id, pool, type(exc).__name__, task["attempt"], new)
+        if new not in (None, st.FAILED):
+            from .producer import publish
+
+            publish(app, pool, [task["_id"]], batch_id=batch_id, queue=None)
+        return {"task_id": str(task_id), "status": new or "lease-lost"}
+    if hb.lost.is_set() or not tm.commit(task, res, after_status):
+        logger.warning("task %s of pool %s: lease lost during the run; result dropped", task_id, pool)
+        return {"task_id": str(task_id), "status": "lease-lost"}
+    return {"task_id": str(task_id), "status": after_status}
+
+
+def aggregate_batch(app: Celery, pool: str, batch_id: str) -> dict:
+    """Run the batch's aggregation once every task is final; else check again later."""
+    settings: Settings = app.qcelery_settings
+    tm = manager(app, pool)
+    bid = to_object_id(batch_id)
+    doc = batches.load(tm.db, bid)
+    if doc["state"] != batches.OPEN:
+        return {"batch_id": str(bid), "state": doc["state"]}
+    left = batches.outstanding(tm, doc)
+    if left:
+        if batches.schedule_check(tm.db, bid, settings.aggregate_countdown):
+            app.send_task(AGGREGATE, args=(pool, str(bid)), queue=_control_queue(), countdown=settings.aggregate_countdown)
+        return {"batch_id": str(bid), "state": "waiting", "outstanding": left}
+    me = worker_name()
+    doc = batches.begin_aggregation(tm.db, bid, me)
+    if doc is None:
+        return {"batch_id": str(bid), "state": "taken"}
+    try:
+        summary = run_aggregation(tm, doc)
+    except Exception:
+        batches.abandon_aggregation(tm.db, bid, me)
+        raise
+    batches.finish_aggregation(tm.db, bid, me, summary)
+    return {"batch_id": str(bid), "state": batches.AGGREGATED}
+
+
+def run_aggregation(tm: TaskManager, batch: dict) -> dict:
+    """The batch's collector: the one named in its ``aggregate`` spec, else a summary of
+    counts, durations and failures."""
+    spec = batch.get("aggregate") or {}
+    base = default_summary(tm, batch)
+    if spec.get("func"):
+        func = resolve(spec["func"])
+        extra = call_task_function(func, tm, dict(spec.get("kwargs") or {}),
+                                   {"settings": tm.settings, "batch": batch, "summary": base})
+        if isinstance(extra, dict):
+            base.update(extra)
+    return base
+
+
+def default_summary(tm: TaskManager, batch: dict) -> dict:
+    """Counts by status, run durations and the first line of each failure."""
+    stat = batches.progress(tm, batch)
+    durations, failures = [], []
+    for d in tm.task_pool.find({"batch_ids": batch["_id"]}, {"status": 1, "started_at": 1, "finished_at": 1, "error": 1}):
+        if d.get("started_at") and d.get("finished_at") and d["finished_at"] >= d["started_at"]:
+            durations.append((d["finished_at"] - d["started_at"]).total_seconds())
+        if d["status"] == st.FAILED:
+            err = (d.get("error") or "").strip().splitlines()
+            failures.append({"task_id": str(d["_id"]), "error": err[-1] if err else ""})
+    durations.sort()
+    return {
+        "counts": stat,
+        "n_tasks": batch["n_tasks"],
+        "duration_s": {
+            "total": round(sum(durations), 3),
+            "median": round(durations[len(durations) // 2], 3) if durations else None,
+            "max": round(durations[-1], 3) if durations else None,
+        },
+        "failures": failures,
+    }
+
+
+def _control_queue() -> str:
+    from .celery_app import CONTROL_QUEUE
+
+    return CONTROL_QUEUE
+
+
+def register(app: Celery) -> None:
+    """Register ``execute`` and ``aggregate`` on ``app``."""
+
+    @app.task(name=EXECUTE, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def execute(self, pool: str, task_id: str, batch_id: str | None = None,
+                before_status: str = st.WAITING, after_status: str = st.DONE) -> dict:
+        return execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
+
+    @app.task(name=AGGREGATE, bind=True, acks_late=True)
+    def aggregate(self, pool: str, batch_id: str) -> dict:
+        return aggregate_batch(self.app, pool, batch_id)
+
+
+def _module_app() -> Celery:
+    from .celery_app import make_app
+    from .settings import load_settings
+
+    return make_app(load_settings())
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A qcelery.worker` asks for `app`; build it (from the environment) only then
+    if name in ("app", "celery"):
+        globals()["app"] = globals()["celery"] = _module_app()
+        return globals()["app"]
+    raise AttributeError(name)
