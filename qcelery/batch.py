@@ -35,25 +35,30 @@ def ensure_indexes(db: Database) -> None:
     c.create_index([("state", 1), ("created_at", 1)], name="state")
 
 
-def create(manager: TaskManager, task_ids: list[ObjectId], *, queue: str, task_func: str,
+def create(manager: TaskManager, task_defs: list[dict], *, queue: str, task_func: str,
            task_kwargs: dict | None, before_status: str, after_status: str,
-           aggregate: dict | None, priority: int = 0) -> dict:
-    """Insert a batch for ``task_ids`` and tag those tasks with its id."""
-    now = utcnow()
-    unique_ids = list(dict.fromkeys(task_ids))
+           aggregate: dict | None, priority: int = 0) -> tuple[dict, set[ObjectId]]:
+    """Create the tasks (new ones born tagged with the batch) and the batch document;
+    returns the batch and the ids that were inserted now."""
+    bid = ObjectId()
+    ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
+    unique_ids = list(dict.fromkeys(ids))
+    old = [i for i in unique_ids if i not in inserted]
+    for start in range(0, len(old), _TAG_CHUNK):
+        manager.task_pool.update_many({"_id": {"$in": old[start:start + _TAG_CHUNK]}}, {"$addToSet": {"batch_ids": bid}})
+    if priority:
+        for start in range(0, len(unique_ids), _TAG_CHUNK):
+            manager.task_pool.update_many({"_id": {"$in": unique_ids[start:start + _TAG_CHUNK]}}, {"$max": {"priority": priority}})
     doc = {
-        "pool": manager.name, "queue": queue, "task_ids": unique_ids, "n_tasks": len(unique_ids),
+        "_id": bid, "pool": manager.name, "queue": queue, "task_ids": unique_ids, "n_tasks": len(unique_ids),
         "task_func": task_func, "task_kwargs": task_kwargs or {}, "before_status": before_status,
         "after_status": after_status, "aggregate": aggregate, "priority": priority, "state": OPEN,
-        "created_at": now, "next_check_at": None, "aggregator": None, "aggregating_since": None,
+        "created_at": utcnow(), "next_check_at": None, "aggregator": None, "aggregating_since": None,
         "aggregated_at": None, "aggregate_runs": 0, "summary": None,
     }
     ensure_indexes(manager.db)
-    doc["_id"] = manager.db[COLLECTION].insert_one(doc).inserted_id
-    for start in range(0, len(unique_ids), _TAG_CHUNK):
-        part = unique_ids[start:start + _TAG_CHUNK]
-        manager.task_pool.update_many({"_id": {"$in": part}}, {"$addToSet": {"batch_ids": doc["_id"]}})
-    return doc
+    manager.db[COLLECTION].insert_one(doc)
+    return doc, inserted
 
 
 def load(db: Database, batch_id: Any) -> dict:

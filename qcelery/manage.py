@@ -54,7 +54,7 @@ from .errors import (
 )
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
-from .store import INTERNAL_PREFIX, database, result_fs
+from .store import INTERNAL_PREFIX, database, result_fs, scans_find_and_modify
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class TaskManager:
         self.name = task_pool
         self.db = database(self.settings, ping=True)
         self.task_pool: pymongo.collection.Collection = self.db[task_pool]
+        self._claim_in_two_steps = scans_find_and_modify(self.settings)
         self._ensure_indexes()
 
     def _ensure_indexes(self) -> None:
@@ -276,6 +277,12 @@ class TaskManager:
         first write, so bad input leaves the pool untouched. Work is a few round trips per
         thousand tasks, and concurrent producers of the same tasks end with one document each.
         """
+        return self.create_tasks(task_def_l, dry_run=dry_run, print_nt=print_nt)[0]
+
+    def create_tasks(self, task_def_l: list[dict], dry_run: bool = False, print_nt: bool = False,
+                     batch_id: ObjectId | None = None) -> tuple[list[ObjectId], set[ObjectId]]:
+        """``create_task`` that also returns the set of ids it inserted; new tasks are born
+        tagged with ``batch_id`` and marked published (the producer publishes them next)."""
         if isinstance(task_def_l, dict) or not isinstance(task_def_l, (list, tuple)):
             raise TaskTypeError(f"task_def_l must be a list of task definitions, got {type(task_def_l).__name__}")
         encoded = [self._encode_def(t, i) for i, t in enumerate(task_def_l)]
@@ -292,10 +299,13 @@ class TaskManager:
             for i in new_idx.values():
                 sys.stdout.write(pprint.pformat(task_def_l[i]) + "\n")
         if dry_run:
-            return []
+            return [], set()
 
         now = utcnow()
         docs = [self._new_doc(task_def_l[i], encoded[i], filters[i], h, now) for h, i in new_idx.items()]
+        if batch_id is not None:
+            for d in docs:
+                d["batch_ids"], d["published_at"] = [batch_id], now
         lost: list[str] = []
         for start in range(0, len(docs), _INSERT_CHUNK):
             chunk = docs[start:start + _INSERT_CHUNK]
@@ -313,9 +323,10 @@ class TaskManager:
             for d in chunk:
                 if "_id" in d and d["filter_hash"] not in lost:
                     ids[d["filter_hash"]] = d["_id"]
+        inserted = {d["_id"] for d in docs if "_id" in d and d["filter_hash"] not in lost}
         if lost:
             ids.update(self._ids_by_hash(set(lost)))
-        return [ids[h] for h in hashes]
+        return [ids[h] for h in hashes], inserted
 
     def plan(self, task_def_l: list[dict]) -> tuple[list[dict], list[dict]]:
         """Split ``task_def_l`` into (new, existing) definitions without writing anything;
@@ -376,12 +387,24 @@ class TaskManager:
         ``None`` when the task is not claimable (done, running elsewhere, removed)."""
         if before_status not in st.CLAIMABLE:
             raise TaskDefinitionError(f"cannot claim from status {before_status!r}; expected one of {st.CLAIMABLE}")
-        doc = self.task_pool.find_one_and_update(
-            {"_id": to_object_id(task_id), "status": before_status},
-            self._claim_update(worker or worker_name(), lease_seconds, before_status),
-            return_document=ReturnDocument.AFTER,
-        )
+        flt = {"_id": to_object_id(task_id), "status": before_status}
+        update = self._claim_update(worker or worker_name(), lease_seconds, before_status)
+        if self._claim_in_two_steps:
+            doc = self._claim_two_steps(flt, update)
+        else:
+            doc = self.task_pool.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
         return self._decode_task(doc) if decode else doc
+
+    def _claim_two_steps(self, flt: dict, update: dict) -> dict | None:
+        """The claim as a conditional ``update_one`` stamped with a fresh token, then a read
+        of the document carrying that token. Used where the server scans the collection
+        for findAndModify (SecantusDB) but answers ``update_one`` by ``_id`` from the index;
+        equally atomic: only the update that matched ``flt`` wrote the token."""
+        token = ObjectId()
+        update = {**update, "$set": {**update["$set"], "claim_token": token}}
+        if self.task_pool.update_one(flt, update).modified_count != 1:
+            return None
+        return self.task_pool.find_one({"_id": flt["_id"], "claim_token": token})
 
     def fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> dict | None:
         """Take the highest-priority task in ``status`` matching ``query`` (Qlib's pull-loop
@@ -392,13 +415,21 @@ class TaskManager:
         q = self._decode_query(query)
         q["status"] = status
         try:
-            doc = self.task_pool.find_one_and_update(
-                q, self._claim_update(worker_name(), None, status),
-                sort=[("priority", pymongo.DESCENDING)], return_document=ReturnDocument.AFTER,
-            )
+            if not self._claim_in_two_steps:
+                doc = self.task_pool.find_one_and_update(
+                    q, self._claim_update(worker_name(), None, status),
+                    sort=[("priority", pymongo.DESCENDING)], return_document=ReturnDocument.AFTER,
+                )
+                return self._decode_task(doc)
+            while True:  # pick the best candidate, claim it by id; another worker may win it
+                cand = self.task_pool.find_one(q, {"_id": 1}, sort=[("priority", pymongo.DESCENDING)])
+                if cand is None:
+                    return None
+                doc = self.claim(cand["_id"], before_status=status)
+                if doc is not None:
+                    return doc
         except OperationFailure as exc:
             raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc}") from None
-        return self._decode_task(doc)
 
     @contextlib.contextmanager
     def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> Iterator[dict | None]:

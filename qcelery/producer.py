@@ -72,22 +72,21 @@ def enqueue(
         resolve(aggregate["func"])
 
     tm = TaskManager(pool, settings)
-    ids = tm.create_task(task_defs)
-    if priority:
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), 100):
-            tm.task_pool.update_many({"_id": {"$in": unique[start:start + 100]}}, {"$max": {"priority": priority}})
-    doc = batches.create(tm, ids, queue=queue, task_func=func, task_kwargs=task_kwargs,
-                         before_status=before_status, after_status=after_status, aggregate=aggregate, priority=priority)
+    doc, inserted = batches.create(tm, task_defs, queue=queue, task_func=func, task_kwargs=task_kwargs,
+                                   before_status=before_status, after_status=after_status,
+                                   aggregate=aggregate, priority=priority)
     app = app or app_for(settings)
-    todo = [d["_id"] for d in tm.task_pool.find({"batch_ids": doc["_id"], "status": before_status}, {"_id": 1})]
+    if before_status == st.WAITING and len(inserted) == doc["n_tasks"]:
+        todo = doc["task_ids"]  # all new: no need to ask Mongo which are waiting
+    else:
+        todo = [d["_id"] for d in tm.task_pool.find({"batch_ids": doc["_id"], "status": before_status}, {"_id": 1})]
     header = [_execute_sig(app, pool, i, doc["_id"], queue, priority) for i in todo]
     body = app.signature(AGGREGATE, args=(pool, str(doc["_id"])), queue=CONTROL_QUEUE, immutable=True)
     if header:
         chord(header)(body)
     else:
         body.apply_async()
-    tm.mark_published(todo)
+    tm.mark_published([i for i in todo if i not in inserted])
     logger.info("batch %s: %d tasks (%d to run) published to queue %s", doc["_id"], doc["n_tasks"], len(todo), queue)
     return str(doc["_id"])
 

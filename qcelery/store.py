@@ -69,6 +69,18 @@ def database(settings: Settings, ping: bool = False) -> Database:
     return db
 
 
+_SCANS: dict[str, bool] = {}
+
+
+def scans_find_and_modify(settings: Settings) -> bool:
+    """Whether the server is SecantusDB, whose findAndModify scans the collection
+    (DESIGN.md: a known limit of the embedded store); real MongoDB uses the index."""
+    if settings.mongo_url not in _SCANS:
+        info = database(settings).client.admin.command("buildInfo")
+        _SCANS[settings.mongo_url] = "secantusVersion" in info
+    return _SCANS[settings.mongo_url]
+
+
 def result_fs(db: Database) -> gridfs.GridFS:
     return gridfs.GridFS(db, collection=RESULT_BUCKET)
 
