@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def _execute_sig(app: Celery, pool: str, task_id: Any, batch_id: Any, queue: str, priority: int) -> Signature:
     return app.signature(EXECUTE, args=(pool, str(task_id), str(batch_id) if batch_id else None),
-                         queue=queue, priority=priority, immutable=True)
+                         queue=queue, priority=priority, immutable=True, ignore_result=True)
 
 
 def enqueue(
