@@ -113,12 +113,6 @@ def finish_aggregation(db: Database, batch_id: ObjectId, worker: str, summary: d
     return r.modified_count == 1
 
 
-def abandon_aggregation(db: Database, batch_id: ObjectId, worker: str) -> None:
-    """Give an aggregation back (it raised), so a later check can try again."""
-    db[COLLECTION].update_one({"_id": batch_id, "state": AGGREGATING, "aggregator": worker},
-                              {"$set": {"state": OPEN, "aggregator": None, "aggregating_since": None}})
-
-
 def stalled(db: Database, older_than: float) -> list[dict]:
     """Open batches (any pool) and aggregations whose aggregator vanished longer ago than
     ``older_than`` seconds: beat re-checks them, since a lost or failed chord never fires."""

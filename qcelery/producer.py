@@ -81,7 +81,8 @@ def enqueue(
     else:
         todo = [d["_id"] for d in tm.task_pool.find({"batch_ids": doc["_id"], "status": before_status}, {"_id": 1})]
     header = [_execute_sig(app, pool, i, doc["_id"], queue, priority) for i in todo]
-    body = app.signature(AGGREGATE, args=(pool, str(doc["_id"])), queue=CONTROL_QUEUE, immutable=True)
+    body = app.signature(AGGREGATE, args=(pool, str(doc["_id"])), queue=CONTROL_QUEUE, immutable=True,
+                         ignore_result=True)
     if header:
         chord(header)(body)
     else:

@@ -145,9 +145,10 @@ def aggregate_batch(app: Celery, pool: str, batch_id: str) -> dict:
         return {"batch_id": str(bid), "state": "taken"}
     try:
         summary = run_aggregation(tm, doc)
-    except Exception:
-        batches.abandon_aggregation(tm.db, bid, me)
-        raise
+    except Exception as exc:
+        # a collector that raises would raise again: record it once rather than loop
+        logger.exception("batch %s: aggregation raised", bid)
+        summary = {**default_summary(tm, doc), "aggregate_error": format_exception(exc)}
     batches.finish_aggregation(tm.db, bid, me, summary)
     return {"batch_id": str(bid), "state": batches.AGGREGATED}
 
