@@ -116,6 +116,20 @@ class _Server:
             self._log = None
         _LIVE.discard(self)
 
+    def detach(self) -> int:
+        """Leave the running server alive after this process exits (``qcelery up``):
+        it is no longer stopped at exit or by ``stop()``; returns its pid, which is also
+        its process group, for whoever stops it later (``qcelery down``)."""
+        if not self.running:
+            raise EmbeddedServerError(f"{self.name} is not running; nothing to detach")
+        _LIVE.discard(self)
+        pid = self.proc.pid
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return pid
+
     def kill(self) -> None:
         """Stop abruptly (SIGKILL), as a crash would."""
         if self.proc is not None and self.proc.poll() is None:
