@@ -241,13 +241,19 @@ def _read_days(path: Path) -> list[pd.Timestamp]:
     return days
 
 
-@functools.lru_cache(maxsize=8)
 def default_calendar(code: str = DEFAULT_EXCHANGE) -> TradingCalendar:
     """The calendar generators use when given ``calendar=None``: exchange ``code``'s
     sessions from :meth:`TradingCalendar.from_exchange`, built once per process.
 
     Pass ``settings.calendar`` as ``code`` to follow the settings.
     """
+    if not isinstance(code, str) or not code:
+        raise TaskTypeError(f"exchange code must be a non-empty string such as 'XSHG', got {code!r}")
+    return _cached_exchange_calendar(code.upper())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_exchange_calendar(code: str) -> TradingCalendar:
     return TradingCalendar.from_exchange(code)
 
 
