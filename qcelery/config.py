@@ -183,7 +183,9 @@ def _check_template(tpl: Mapping[str, Any], name: str, path: Path, needs_model: 
         for i, rec in enumerate(records):
             if not isinstance(rec, Mapping) or "class" not in rec:
                 raise ConfigError(f"{path}: {name}.record[{i}] must be a mapping with a 'class', got {rec!r}")
-    for test_key in test_keys:
+    has_segments = isinstance(tpl.get("dataset"), Mapping) and "segments" in (tpl["dataset"].get("kwargs") or {})
+    # segments are checked whenever present; the test segment only if a generator needs it
+    for test_key in test_keys or ([None] if has_segments else []):
         try:
             validate_template(tpl, test_key)
         except QceleryError as exc:

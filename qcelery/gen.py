@@ -82,12 +82,13 @@ def _segments_of(task: Mapping[str, Any]) -> Any:
         ) from None
 
 
-def validate_template(task: Any, test_key: str = "test") -> None:
+def validate_template(task: Any, test_key: str | None = "test") -> None:
     """Check what generators rely on; raise naming the offending key or value.
 
-    ``dataset.kwargs.segments`` must be a mapping holding ``test_key``; every segment
-    a ``[start, end]`` pair of dates or ``None`` (open bound) with start <= end; the test
-    segment needs a start. Qlib checks none of this and fails later (or not at all).
+    ``dataset.kwargs.segments`` must be a mapping holding ``test_key`` (not checked when
+    ``test_key`` is None); every segment a ``[start, end]`` pair of dates or ``None``
+    (open bound) with start <= end; the test segment needs a start. Qlib checks none of
+    this and fails later (or not at all).
     """
     if not isinstance(task, Mapping):
         raise TaskTypeError(f"a task template must be a dict, got {type(task).__name__}")
@@ -96,7 +97,7 @@ def validate_template(task: Any, test_key: str = "test") -> None:
         raise TaskDefinitionError(
             f"dataset.kwargs.segments must map names to [start, end], got {type(segments).__name__}"
         )
-    if test_key not in segments:
+    if test_key is not None and test_key not in segments:
         raise TaskDefinitionError(
             f"dataset.kwargs.segments has no {test_key!r} segment (keys: {', '.join(map(str, segments)) or 'none'}); "
             f"add it or pass test_key="
@@ -118,7 +119,7 @@ def validate_template(task: Any, test_key: str = "test") -> None:
                 raise TaskDefinitionError(f"{where}: {bound!r} is not a date")
         if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
             raise TaskDefinitionError(f"{where}: start {format_day(seg[0])} is after end {format_day(seg[1])}")
-    if segments[test_key][0] is None:
+    if test_key is not None and segments[test_key][0] is None:
         raise TaskDefinitionError(f"dataset.kwargs.segments.{test_key} needs a start date, got None")
 
 
