@@ -252,6 +252,11 @@ def default_calendar(code: str = DEFAULT_EXCHANGE) -> TradingCalendar:
     return _cached_exchange_calendar(code.upper())
 
 
+def settings_calendar(settings: Any) -> TradingCalendar:
+    """The default calendar named by ``settings.calendar`` (an exchange code, default XSHG)."""
+    return default_calendar(settings.calendar)
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_exchange_calendar(code: str) -> TradingCalendar:
     return TradingCalendar.from_exchange(code)

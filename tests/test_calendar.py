@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qcelery.calendar import OutOfCalendarError, TimeAdjuster, TradingCalendar, default_calendar
+from qcelery.calendar import OutOfCalendarError, TimeAdjuster, TradingCalendar, default_calendar, settings_calendar
 from qcelery.errors import ConfigError, QceleryError, TaskDefinitionError, TaskTypeError
+from qcelery.settings import Settings
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "conformance" / "qlib_taskgen_xshg.json"
 
@@ -113,6 +114,8 @@ def test_from_exchange_errors() -> None:
 def test_default_calendar_is_built_once_and_reaches_into_the_future() -> None:
     cal = default_calendar()
     assert default_calendar("XSHG") is cal and default_calendar("xshg") is cal
+    assert settings_calendar(Settings(calendar="xshg")) is cal
+    assert TimeAdjuster().calendar is cal  # calendar=None: the default
     assert cal.end <= pd.Timestamp(dt.date.today()) and cal.end <= cal.future_dates[-1]
     assert cal.start == T("2005-01-04")
 
