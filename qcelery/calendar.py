@@ -159,6 +159,7 @@ class TradingCalendar:
         plain = sessions[sessions <= end_ts]
         if len(plain) == 0:
             raise ConfigError(f"no {code} session between start {start_ts.date()} and end {end_ts.date()}")
+        log.debug("%s calendar: %s..%s, future to %s", code, plain[0].date(), plain[-1].date(), sessions[-1].date())
         return cls(plain, sessions, name=code.upper())
 
     @classmethod

@@ -283,6 +283,8 @@ class RollingGen(TaskGen):
         # (non-future) trading day
         last = self.ta.calendar.end
         if aligned_end is None or aligned_end > last:
+            log.info("test segment ends at %s: rolling up to the last known trading day %s",
+                     format_day(aligned_end), last.date())
             return last
         return aligned_end
 
