@@ -1,0 +1,165 @@
+"""A workflow file as the CLI uses it: tasks generated, every class checked, and the
+few top-level keys the CLI reads (``experiment_name``, ``pool``, ``queue``).
+
+Everything here runs before any server is contacted, so a typo in a class name or
+a YAML error is reported (naming the class, or the file and line) with nothing
+enqueued.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ..errors import ConfigError, TaskDefinitionError
+from ..settings import Settings
+
+#: the task sections whose ``class`` / ``module_path`` entries must import
+CLASS_SECTIONS = ("model", "dataset", "record")
+TRAINER = "qcelery.trainer.task_train"
+COLLECTOR = "qcelery.collect.summarize_batch"
+
+
+@dataclass
+class Workflow:
+    path: Path
+    tasks: list[dict]
+    experiment_name: str | None
+    pool: str | None
+    queue: str | None
+
+    @property
+    def default_pool(self) -> str:
+        """The task pool: the file's ``pool:``, else its ``experiment_name:``, else its stem."""
+        return self.pool or self.experiment_name or self.path.stem
+
+
+def _optional_str(doc: Mapping[str, Any], key: str, path: Path) -> str | None:
+    value = doc.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{path}: {key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def load(path: Path, settings: Settings) -> Workflow:
+    """Read ``path``, generate its tasks (deduplicated, as the pool would) and check
+    that every model / dataset / record class imports."""
+    from ..config import load_workflow, read_yaml
+    from ..gen import dry_run
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"workflow file {path} is a directory; give a .yaml file")
+    doc = read_yaml(path)  # YAML errors name the file and line
+    templates, generators = load_workflow(path, settings=settings)
+    tasks = dry_run(templates, generators)
+    if not tasks:
+        raise ConfigError(f"{path}: the generators produced no task")
+    check_classes(tasks, path)
+    return Workflow(path, tasks, _optional_str(doc, "experiment_name", path), _optional_str(doc, "pool", path),
+                    _optional_str(doc, "queue", path))
+
+
+def _class_configs(task: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(where, config)`` for every ``{class: ...}`` mapping in the task's sections,
+    nested ones (a dataset's handler) included."""
+
+    def walk(node: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        if isinstance(node, Mapping):
+            if isinstance(node.get("class"), str):
+                yield where, node
+            for key, value in node.items():
+                if key != "class":
+                    yield from walk(value, f"{where}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                yield from walk(value, f"{where}[{i}]")
+
+    for section in CLASS_SECTIONS:
+        if section in task:
+            yield from walk(task[section], section)
+
+
+def _import_class(cfg: Mapping[str, Any]) -> Any:
+    """The object a Qlib-style ``{class, module_path}`` config names (``ImportError`` /
+    ``AttributeError`` when it does not exist)."""
+    name = cfg["class"]
+    module_path = cfg.get("module_path")
+    if module_path is None:
+        module_path, _, name = name.rpartition(".")
+        if not module_path:
+            raise ImportError("no module_path, and the class is not a dotted path")
+    if not isinstance(module_path, str):
+        raise ImportError(f"module_path must be a module name, got {module_path!r}")
+    return getattr(importlib.import_module(module_path), name)
+
+
+def check_classes(tasks: list[dict], path: Path | str = "workflow") -> None:
+    """Raise :class:`TaskDefinitionError` naming the first class that does not import."""
+    seen: dict[tuple[str, Any], None] = {}
+    for i, task in enumerate(tasks):
+        for where, cfg in _class_configs(task):
+            key = (cfg["class"], cfg.get("module_path"))
+            if not isinstance(key[1], (str, type(None))) or key in seen:
+                continue
+            try:
+                _import_class(cfg)
+            except (ImportError, AttributeError) as exc:
+                module = cfg.get("module_path") or cfg["class"].rpartition(".")[0] or "?"
+                raise TaskDefinitionError(
+                    f"{path}: task #{i} {where}: class {cfg['class']!r} from module {module!r} cannot be "
+                    f"imported ({type(exc).__name__}: {exc}); nothing was enqueued"
+                ) from None
+            seen[key] = None
+
+
+def accepts(func_path: str, name: str) -> bool:
+    """Whether the function at ``func_path`` takes keyword ``name``."""
+    from ..worker import resolve
+
+    try:
+        params = inspect.signature(resolve(func_path)).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def aggregate_spec(task_func: str, experiment_name: str) -> dict | None:
+    """The batch collector: qcelery.collect's summary of the trainer's recorders when
+    the tasks are trainings; the built-in counts-and-failures summary otherwise."""
+    if task_func != TRAINER:
+        return None
+    try:
+        importlib.import_module(COLLECTOR.rpartition(".")[0])
+    except ImportError:
+        return None
+    kwargs = {"experiment_name": experiment_name} if accepts(COLLECTOR, "experiment_name") else {}
+    return {"func": COLLECTOR, "kwargs": kwargs}
+
+
+def describe(task: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(model, train segment, test segment) of a task, for tables."""
+    model = task.get("model") if isinstance(task.get("model"), Mapping) else {}
+    label = str(model.get("name") or model.get("class") or "?")
+    try:
+        segments = task["dataset"]["kwargs"]["segments"]
+    except (KeyError, TypeError):
+        segments = {}
+
+    def seg(key: str) -> str:
+        value = segments.get(key) if isinstance(segments, Mapping) else None
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            return ""
+        return " .. ".join(_day(v) for v in value)
+
+    return label, seg("train"), seg("test")
+
+
+def _day(value: Any) -> str:
+    if value is None:
+        return "open"
+    text = str(value)
+    return text[:10] if len(text) >= 10 and text[4] == "-" else text
