@@ -350,21 +350,20 @@ class SerializableConfigError(ConfigError, KeyError):
 
 
 def _attr_names(value: Any, option: str) -> list[str] | None:
+    """``include``/``exclude`` as a list of names (``None`` stays ``None``: use the class list)."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not all(isinstance(v, str) for v in _iter_or_none(value, option)):
-        raise TaskTypeError(
-            f"Serializable.config({option}=...) takes a list of attribute names, got {value!r} "
-            f"(write {option}=[{value!r}] for one name)"
-        )
-    return list(value)
-
-
-def _iter_or_none(value: Any, option: str) -> Iterable[Any]:
+    problem = f"Serializable.config({option}=...) takes a list of attribute names, got {value!r}"
+    if isinstance(value, (str, bytes)):
+        # a string would match by substring ("a" in "_data"): refuse it rather than guess
+        raise TaskTypeError(f"{problem} (write {option}=[{value!r}] for one name)")
     try:
-        return iter(value)
+        names = list(value)
     except TypeError:
-        raise TaskTypeError(f"Serializable.config({option}=...) takes a list of attribute names, got {value!r}") from None
+        raise TaskTypeError(problem) from None
+    if not all(isinstance(n, str) for n in names):
+        raise TaskTypeError(problem)
+    return names
 
 
 class Serializable:
@@ -463,9 +462,10 @@ class Serializable:
         if not recursive:
             return
         seen = _CONFIGURING.get()
-        token = _CONFIGURING.set(set()) if seen is None else None
-        seen = _CONFIGURING.get()
-        assert seen is not None
+        token = None
+        if seen is None:  # the outermost call of this recursion
+            seen = set()
+            token = _CONFIGURING.set(seen)
         seen.add(id(self))
         try:
             for value in list(self.__dict__.values()):
