@@ -15,12 +15,22 @@ import enum
 import hashlib
 import json
 import math
+import pickle
+import re
+import types
 from pathlib import PurePath
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 from bson import ObjectId
+
+from .errors import TaskDefinitionError
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# "<function f at 0x7f...>": the address differs in every process
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_PLAIN_CALLABLES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, np.ufunc)
 
 
 def _iso(value: _dt.datetime | _dt.date | pd.Timestamp) -> str:
@@ -33,51 +43,87 @@ def _iso(value: _dt.datetime | _dt.date | pd.Timestamp) -> str:
     return value.isoformat()
 
 
-def normalize(value: Any) -> Any:
-    """Return a JSON- and BSON-safe copy of ``value``.
+def _dotted(value: Any) -> str:
+    module = getattr(value, "__module__", None) or ""
+    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or repr(value)
+    return f"{module}.{name}" if module else name
 
-    tuples and sets become lists (sets sorted), dates and timestamps ISO strings
-    (a midnight timestamp is just its day, so ``"2020-01-02"``, ``date(2020, 1, 2)``
-    and ``pd.Timestamp("2020-01-02")`` are one filter), numpy scalars and arrays
-    Python numbers and lists, classes and functions their dotted path, dict keys strings.
-    """
+
+def _key(key: Any) -> str:
+    return str(key).replace("\x00", "\\x00")  # BSON keys are NUL-terminated
+
+
+def _by_content(value: Any) -> str:
+    """``module.Class#sha256:...`` of the pickled object: an identity that holds across
+    processes, for objects whose repr carries a memory address or leaves data out."""
+    try:
+        data = pickle.dumps(value, protocol=4)
+    except Exception:  # noqa: BLE001 - not picklable: the definition itself will be refused
+        return _ADDRESS.sub("", repr(value))
+    return f"{_dotted(type(value))}#sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def _normalize(value: Any) -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return int(value)
+        n = int(value)
+        return n if _INT64_MIN <= n <= _INT64_MAX else str(n)  # BSON stops at 64 bits
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, (float, np.floating)):
         f = float(value)
         return f if math.isfinite(f) else repr(f)
-    if isinstance(value, (pd.Timestamp, _dt.datetime, _dt.date)):
+    if isinstance(value, (pd.Timestamp, _dt.datetime, _dt.date, np.datetime64)):
+        value = pd.Timestamp(value) if isinstance(value, np.datetime64) else value
         if value is pd.NaT:
             return None
         return _iso(value)
-    if isinstance(value, (np.datetime64,)):
-        return _iso(pd.Timestamp(value))
     if isinstance(value, Mapping):
-        return {str(k): normalize(v) for k, v in value.items()}
+        out = {(k if type(k) is str and "\x00" not in k else _key(k)): _normalize(v) for k, v in value.items()}
+        if len(out) < len(value):  # e.g. 1 and "1": keep both, tagging the non-strings
+            out = {(_key(k) if isinstance(k, str) else f"{type(k).__name__}:{k!r}"): _normalize(v) for k, v in value.items()}
+        return out
     if isinstance(value, (list, tuple)):
-        return [normalize(v) for v in value]
+        return [_normalize(v) for v in value]
     if isinstance(value, (set, frozenset)):
-        items = [normalize(v) for v in value]
+        items = [_normalize(v) for v in value]
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
     if isinstance(value, np.ndarray):
-        return [normalize(v) for v in value.tolist()]
+        return [_normalize(v) for v in value.tolist()]
     if isinstance(value, ObjectId):
         return str(value)
     if isinstance(value, enum.Enum):
-        return normalize(value.value)
+        return _normalize(value.value)
     if isinstance(value, decimal.Decimal):
         return str(value)
     if isinstance(value, PurePath):
         return str(value)
-    if isinstance(value, type) or callable(value):
-        module = getattr(value, "__module__", None) or ""
-        name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or repr(value)
-        return f"{module}.{name}" if module else name
-    return repr(value)
+    if isinstance(value, _PLAIN_CALLABLES) or (callable(value) and isinstance(getattr(value, "__qualname__", None), str)):
+        return _dotted(value)  # functions, classes, numpy's dispatchers; not partials or instances
+    if isinstance(value, (pd.Series, pd.DataFrame, pd.Index)):
+        return _by_content(value)  # their repr truncates long data
+    text = repr(value)
+    return _by_content(value) if _ADDRESS.search(text) else text
+
+
+def normalize(value: Any) -> Any:
+    """Return a JSON- and BSON-safe copy of ``value``, the same in every process.
+
+    tuples and sets become lists (sets sorted), dates and timestamps ISO strings
+    (a midnight timestamp is just its day, so ``"2020-01-02"``, ``date(2020, 1, 2)``
+    and ``pd.Timestamp("2020-01-02")`` are one filter), numpy scalars and arrays
+    Python numbers and lists (integers beyond 64 bits strings), classes and functions
+    their dotted path, dict keys strings. Other objects become their repr, unless it
+    holds a memory address or truncates data (pandas objects, plain instances,
+    ``functools.partial``): those are named by class and a digest of their pickle.
+    """
+    try:
+        return _normalize(value)
+    except RecursionError:
+        raise TaskDefinitionError(
+            "task definition is nested too deeply or contains a reference cycle; task definitions must be trees"
+        ) from None
 
 
 def filter_hash(filt: Any) -> str:
