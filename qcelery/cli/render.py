@@ -93,7 +93,7 @@ def running_table(docs: Iterable[Mapping[str, Any]]) -> Table:
     now = _dt.datetime.now(_dt.timezone.utc)
     t = Table(title="running tasks", title_justify="left")
     for col in ("task", "pool", "worker", "attempt", "running for", "lease left"):
-        t.add_column(col, no_wrap=True)
+        t.add_column(col, no_wrap=True, min_width=24 if col == "task" else None)
     for d in docs:
         lease = d.get("lease_until")
         if lease is not None and lease.tzinfo is None:
@@ -107,11 +107,13 @@ def running_table(docs: Iterable[Mapping[str, Any]]) -> Table:
 
 
 def failures_table(docs: Iterable[Mapping[str, Any]]) -> Table:
+    docs = list(docs)
     t = Table(title="failed tasks", title_justify="left")
-    t.add_column("task", no_wrap=True)
-    t.add_column("pool", no_wrap=True)
-    t.add_column("attempts", justify="right")
-    t.add_column("error", overflow="ellipsis", no_wrap=True)
+    # ids, pools and attempts stay whole; a long error line is what gets cut
+    t.add_column("task", no_wrap=True, min_width=24)
+    t.add_column("pool", no_wrap=True, min_width=max([4, *(len(str(d.get("_pool", ""))) for d in docs)]))
+    t.add_column("attempts", justify="right", min_width=8)
+    t.add_column("error", overflow="ellipsis", no_wrap=True, max_width=110)
     for d in docs:
         t.add_row(str(d.get("_id") or d.get("task_id")), d.get("_pool", ""), str(d.get("attempt", "")),
                   error_line(d.get("error")), )
