@@ -20,7 +20,7 @@ import pytest
 from bson import ObjectId
 
 from cli_support import (
-    PROBE, QCELERY, alive_groups, batch_id_from, cli_env, probe_workflow, qcelery, state_pids, table_rows, wait_until,
+    PROBE, QCELERY, alive_groups, batch_id_from, cli_env, probe_workflow, qcelery, qcelery_many, state_pids, table_rows, wait_until,
 )
 from qcelery.probes import RUNS
 
@@ -38,6 +38,9 @@ class Up:
 
     def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return qcelery(*args, cwd=self.cwd, env={**self.env, **env})
+
+    def many(self, *commands: list[str]) -> list[subprocess.CompletedProcess]:
+        return qcelery_many(list(commands), cwd=self.cwd, env=self.env)
 
     @property
     def live(self) -> dict:
@@ -87,15 +90,13 @@ def test_enqueue_wait_status_collect(up):
     assert waited.returncode == 0, waited.stderr
     assert f"batch {bid}: 3 done, 0 failed" in waited.stdout
 
-    status = up("status")
+    status, collected, as_json, pools = up.many(["status"], ["collect", "--batch", bid],
+                                                ["collect", "--batch", bid, "--json"], ["pools"])
     row = next(line for line in status.stdout.splitlines() if bid in line)
     assert "probes" in row and "aggregated" in row
-    collected = up("collect", "--batch", bid)
     assert collected.returncode == 0, collected.stderr
     assert f"batch {bid} (pool 'probes'): 3 tasks, 3 done" in collected.stdout
-    summary = json.loads(up("collect", "--batch", bid, "--json").stdout)
-    assert summary["counts"] == {"done": 3}
-    pools = up("pools")
+    assert json.loads(as_json.stdout)["counts"] == {"done": 3}
     assert ["probes", "3", "0", "0", "0", "3", "0"] in table_rows(pools.stdout)
 
     # the same workflow again: nothing new, nothing runs twice
@@ -140,17 +141,18 @@ def test_reset_waiting_runs_a_running_task_again_and_the_first_run_cannot_commit
 def test_prioritize_and_remove(up):
     wf = probe_workflow(up.cwd / "prio.yaml", windows=2, experiment="prio")
     bid = batch_id_from(up("enqueue", str(wf), "-q"))
-    assert up("wait", "--batch", bid).returncode == 0
     db = up.db()
+    assert wait_until(lambda: db["prio"].count_documents({"status": "done"}) == 2, timeout=60)
     one = str(db["prio"].find_one()["_id"])
-    by_id = up("prioritize", "7", one, "--pool", "prio")
+    by_id, recovered, refused = up.many(["prioritize", "7", one, "--pool", "prio"], ["recover"],
+                                        ["remove", "--batch", bid])  # no terminal to confirm on
     assert by_id.returncode == 0, by_id.stderr
     assert db["prio"].find_one({"_id": ObjectId(one)})["priority"] == 7
+    assert "recovered 0 task(s) with an expired lease" in recovered.stdout
+    assert refused.returncode == 2 and "--yes" in refused.stderr
     by_batch = up("prioritize", "3", "--batch", bid)
     assert "2 task(s) of pool 'prio' at priority 3" in by_batch.stdout
-    assert "recovered 0 task(s) with an expired lease" in up("recover").stdout
-    refused = up("remove", "--batch", bid)  # no terminal to confirm on
-    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert sorted(d["priority"] for d in db["prio"].find()) == [3, 3]
     removed = up("remove", "--batch", bid, "--yes")
     assert "removed 2 task(s)" in removed.stdout
     assert db["prio"].count_documents({}) == 0
