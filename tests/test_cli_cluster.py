@@ -24,10 +24,7 @@ from cli_support import (
 )
 from qcelery.probes import RUNS
 
-FAST = {  # short leases and beat intervals for the workers `up` starts
-    "QCELERY_LEASE_SECONDS": "6", "QCELERY_HEARTBEAT_SECONDS": "1", "QCELERY_RECOVER_INTERVAL": "1",
-    "QCELERY_SWEEP_INTERVAL": "2", "QCELERY_SWEEP_AFTER": "4", "QCELERY_AGGREGATE_COUNTDOWN": "0.5",
-}
+FAST = {"QCELERY_AGGREGATE_COUNTDOWN": "0.5"}  # summaries written soon after the last task
 
 
 class Up:
@@ -86,7 +83,7 @@ def test_enqueue_wait_status_collect(up):
     bid = batch_id_from(first)
     assert "3 tasks in pool 'probes', queue 'cpu': 3 new, 0 already done" in first.stdout
 
-    waited = up("wait", "--batch", bid)
+    waited = up("wait", "--batch", bid, "--poll", "0.2")
     assert waited.returncode == 0, waited.stderr
     assert f"batch {bid}: 3 done, 0 failed" in waited.stdout
 
@@ -102,14 +99,14 @@ def test_enqueue_wait_status_collect(up):
     # the same workflow again: nothing new, nothing runs twice
     second = up("enqueue", str(wf))
     assert "0 new, 3 already done" in second.stdout
-    assert up("wait", "--batch", batch_id_from(second)).returncode == 0
+    assert up("wait", "--batch", batch_id_from(second), "--poll", "0.2").returncode == 0
     assert up.db()[RUNS].count_documents({"event": "done"}) == 3
 
 
 def test_failed_tasks_make_wait_exit_1_and_status_shows_the_error(up):
     wf = probe_workflow(up.cwd / "failing.yaml", windows=2, fail=True, experiment="failing")
     bid = batch_id_from(up("enqueue", str(wf), "-q", QCELERY_MAX_ATTEMPTS="1"))
-    waited = up("wait", "--batch", bid)
+    waited = up("wait", "--batch", bid, "--poll", "0.2")
     assert waited.returncode == 1, waited.stderr
     assert "0 done, 2 failed" in waited.stdout
 
@@ -120,19 +117,19 @@ def test_failed_tasks_make_wait_exit_1_and_status_shows_the_error(up):
 
     retried = up("retry-failed", "--batch", bid)
     assert "2 failed task(s) back to waiting and re-published" in retried.stdout
-    assert up("wait", "--batch", bid).returncode == 1  # they fail again, on their fresh attempt
+    assert up("wait", "--batch", bid, "--poll", "0.2").returncode == 1  # they fail again, on their fresh attempt
     db = up.db()
     assert db["failing"].count_documents({"status": "failed", "attempt": 2}) == 2
 
 
 def test_reset_waiting_runs_a_running_task_again_and_the_first_run_cannot_commit(up):
-    wf = probe_workflow(up.cwd / "slow.yaml", windows=1, sleep=4.0, experiment="slow")
+    wf = probe_workflow(up.cwd / "slow.yaml", windows=1, sleep=3.0, experiment="slow")
     bid = batch_id_from(up("enqueue", str(wf), "-q"))
     db = up.db()
     assert wait_until(lambda: db["slow"].count_documents({"status": "running"}) == 1, timeout=30)
     reset = up("reset-waiting", "--batch", bid)
     assert "1 running task(s) reset to waiting" in reset.stdout
-    assert up("wait", "--batch", bid).returncode == 0
+    assert up("wait", "--batch", bid, "--poll", "0.2").returncode == 0
     task = db["slow"].find_one()
     assert task["status"] == "done" and task["attempt"] == 2
     assert db[RUNS].count_documents({"tags.pool": "slow", "event": "start"}) == 2
@@ -163,7 +160,7 @@ def test_prioritize_and_remove(up):
 def test_down_cleans_up_after_a_crashed_up(tmp_path):
     env = cli_env(**FAST)
     run_dir = tmp_path / ".qcelery"
-    proc = subprocess.Popen([*QCELERY, "up", "--workers", "1"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([*QCELERY, "up", "--workers", "1", "--no-beat"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         state = run_dir / "state.json"
@@ -182,7 +179,7 @@ def test_down_cleans_up_after_a_crashed_up(tmp_path):
 
 def test_up_in_the_foreground_stops_everything_on_sigterm(tmp_path):
     env = cli_env(**FAST)
-    proc = subprocess.Popen([*QCELERY, "up", "--workers", "0", "--foreground"], cwd=tmp_path, env=env, text=True,
+    proc = subprocess.Popen([*QCELERY, "up", "--workers", "0", "--no-beat", "--foreground"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         lines = []

@@ -8,13 +8,15 @@ import json
 import subprocess
 
 from cli_support import PROBE, QCELERY, alive_groups, cli_env, probe_workflow, qcelery, wait_until
+from qcelery.cli.demo import prepare_run_dir
 
 
 def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
     wf = probe_workflow(tmp_path / "small.yaml", windows=3, sleep=0.2, experiment="demo_small")
     run_dir = tmp_path / "demo"
     env = cli_env(QCELERY_TASK_FUNC=PROBE)
-    proc = subprocess.Popen([*QCELERY, "--run-dir", str(run_dir), "demo", "--config", str(wf), "--workers", "1"],
+    proc = subprocess.Popen([*QCELERY, "--run-dir", str(run_dir), "demo", "--config", str(wf), "--workers", "1",
+                             "--poll", "0.2"],
                             cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # while it runs, the run directory names every process it started
     state = run_dir / "state.json"
@@ -39,11 +41,16 @@ def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
     assert wait_until(lambda: not alive_groups(seen), timeout=10), f"left running: {alive_groups(seen)}"
     assert not state.exists() and (run_dir / ".qcelery-demo").exists()
 
-    # a second demo starts from a clean directory: the same tasks are new again
-    again = qcelery("--run-dir", str(run_dir), "demo", "--config", str(wf), "--workers", "1", cwd=tmp_path, env=env,
-                    timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert "3 new, 0 already done" in again.stdout
+    assert (run_dir / "logs" / "worker-cpu-1.log").exists()  # kept for a look afterwards
+
+
+def test_each_demo_starts_from_a_clean_directory(tmp_path):
+    run_dir = tmp_path / "demo"
+    prepare_run_dir(run_dir)
+    (run_dir / "mongo").mkdir()
+    (run_dir / "mongo" / "collection-1.wt").write_text("last demo's data")
+    prepare_run_dir(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".qcelery-demo"]
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path):
