@@ -1,0 +1,190 @@
+"""The handler cache: a handler built once per configuration, for every worker.
+
+Qlib's ``replace_task_handler_with_cache`` pickles a built handler to a local
+directory and points the task at the file; that only helps workers sharing that
+disk. Here a built handler is stored in GridFS (bucket ``handler_cache`` of the
+settings' Mongo database), keyed by a hash of its class and configuration, so any
+worker of the cluster loads it instead of building it again; each process also keeps
+the last few handlers in memory. Handlers are decoded through
+:func:`qcelery.serial.restricted_loads` (plus ``settings.allowed_modules``).
+
+Two workers that miss the cache at the same moment both build and both store: the
+copies are identical and either is used. Change :data:`DATA_VERSION` when the data a
+handler produces changes, so old entries are no longer found.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from typing import Any, Mapping
+
+import pandas as pd
+
+from ..canonical import filter_hash, normalize
+from ..errors import ConfigError
+from ..instance import get_callable_kwargs, init_instance_by_config
+from ..serial import dumps, restricted_loads
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HandlerCache", "handler_key", "replace_task_handler_with_cache", "DATA_VERSION", "BUCKET"]
+
+#: GridFS bucket of the cached handlers
+BUCKET = "handler_cache"
+#: part of every key: bump when handlers built from the same config produce other data
+DATA_VERSION = 1
+_LRU_SIZE = 4
+
+_lru: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+_lru_lock = threading.Lock()
+
+
+def _canonical_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(key, str) and key.endswith("_time") and value is not None:
+            try:  # "2020-01-02", date(2020, 1, 2) and Timestamp("2020-01-02") are one config
+                value = pd.Timestamp(value).isoformat()
+            except (TypeError, ValueError):
+                pass
+        elif hasattr(value, "dates") and hasattr(value, "future_dates"):  # a TradingCalendar
+            value = {"dates": [d.isoformat() for d in value.future_dates]}
+        out[key] = value
+    return out
+
+
+def handler_key(config: Mapping[str, Any]) -> str:
+    """``<class>.<hash>`` of a handler config: same class, module and kwargs, same key."""
+    klass, kwargs = get_callable_kwargs(config)
+    ident = {
+        "class": f"{klass.__module__}.{klass.__qualname__}",
+        "kwargs": _canonical_kwargs(kwargs),
+        "version": DATA_VERSION,
+    }
+    return f"{klass.__qualname__}.{filter_hash(normalize(ident))[:20]}"
+
+
+def _remember(key: str, handler: Any) -> None:
+    with _lru_lock:
+        _lru[key] = handler
+        _lru.move_to_end(key)
+        while len(_lru) > _LRU_SIZE:
+            _lru.popitem(last=False)
+
+
+def _recall(key: str) -> Any:
+    with _lru_lock:
+        handler = _lru.get(key)
+        if handler is not None:
+            _lru.move_to_end(key)
+        return handler
+
+
+def clear_memory() -> None:
+    """Forget the handlers kept in this process (the GridFS copies stay)."""
+    with _lru_lock:
+        _lru.clear()
+
+
+class HandlerCache:
+    """Handlers by configuration: this process' memory, then GridFS, else built and stored.
+
+    ``settings`` names the Mongo database; without it only the in-process memory is used.
+    ``stats`` counts ``memory`` / ``store`` hits and ``built`` handlers.
+    """
+
+    def __init__(self, settings: Any = None):
+        self.settings = settings
+        self.stats = collections.Counter()
+
+    def _fs(self) -> Any:
+        import gridfs
+
+        from ..store import database
+
+        return gridfs.GridFS(database(self.settings), collection=BUCKET)
+
+    def get(self, config: Mapping[str, Any]) -> Any:
+        """The handler ``config`` describes (``class`` / ``module_path`` / ``kwargs``)."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"a handler config must be a mapping with 'class', got {type(config).__name__}")
+        key = handler_key(config)
+        handler = _recall(key)
+        if handler is not None:
+            self.stats["memory"] += 1
+            return handler
+        if self.settings is not None:
+            handler = self._load(key)
+            if handler is not None:
+                self.stats["store"] += 1
+                _remember(key, handler)
+                return handler
+        t0 = time.monotonic()
+        handler = init_instance_by_config(copy.deepcopy(dict(config)))
+        log.info("built handler %s in %.2fs", key, time.monotonic() - t0)
+        self.stats["built"] += 1
+        if self.settings is not None:
+            self._store(key, handler)
+        _remember(key, handler)
+        return handler
+
+    def _load(self, key: str) -> Any:
+        fs = self._fs()
+        found = fs.find_one({"filename": key})
+        if found is None:
+            return None
+        data = found.read()
+        return restricted_loads(data, self.settings.allowed_modules, context=f"handler cache entry {key!r}")
+
+    def _store(self, key: str, handler: Any) -> None:
+        fs = self._fs()
+        if fs.exists({"filename": key}):
+            return
+        configure = getattr(handler, "config", None)
+        if callable(configure):  # a Serializable: keep its data in this pickle
+            configure(dump_all=True)
+        try:
+            data = dumps(handler)
+        finally:
+            if callable(configure):
+                configure(dump_all=False)
+        fs.put(data, filename=key, handler_class=type(handler).__qualname__, data_version=DATA_VERSION)
+        log.info("stored handler %s in GridFS bucket %r (%.1f MB)", key, BUCKET, len(data) / 1e6)
+
+    def remove(self, config: Mapping[str, Any] | None = None) -> int:
+        """Delete the stored copies of ``config``'s handler (all handlers when ``None``)."""
+        if self.settings is None:
+            return 0
+        fs = self._fs()
+        query = {} if config is None else {"filename": handler_key(config)}
+        ids = [f._id for f in fs.find(query)]
+        for fid in ids:
+            fs.delete(fid)
+        clear_memory()
+        return len(ids)
+
+
+def replace_task_handler_with_cache(task: Mapping[str, Any], cache: HandlerCache | Any = None) -> dict:
+    """A copy of ``task`` whose ``dataset.kwargs.handler`` config is replaced by the
+    built handler, taken from ``cache`` (a :class:`HandlerCache`, or settings to make
+    one; ``None``: this process' memory only).
+
+    Unlike Qlib, the handler is not replaced by a local file path but by the object,
+    loaded from (or stored in) GridFS; a task whose handler is not a config is returned
+    unchanged (copied).
+    """
+    if not isinstance(cache, HandlerCache):
+        cache = HandlerCache(cache)
+    new = dict(task)
+    dataset = task.get("dataset")
+    if not isinstance(dataset, Mapping) or not isinstance(dataset.get("kwargs"), Mapping):
+        return new
+    handler = dataset["kwargs"].get("handler")
+    if not isinstance(handler, Mapping):
+        return new
+    new["dataset"] = {**dataset, "kwargs": {**dataset["kwargs"], "handler": cache.get(handler)}}
+    return new
