@@ -136,7 +136,7 @@ def date_ints(values: Any, what: str) -> np.ndarray:
         if bad.any():
             first = int(np.argmax(bad))
             raise PITQueryError(
-                f"{what}: {s.iloc[first]!r} (row {first}) is not a day; give YYYYMMDD integers "
+                f"{what}: {plain_value(s.iloc[first])!r} (row {first}) is not a day; give YYYYMMDD integers "
                 f"such as 20190713, datetimes or ISO strings"
             )
         return ints
@@ -155,6 +155,11 @@ def date_ints(values: Any, what: str) -> np.ndarray:
         first = int(np.argmax(bad))
         raise PITQueryError(f"{what}: {stamps[first]} (row {first}) is outside years {MIN_YEAR}-{MAX_YEAR}")
     return ints
+
+
+def plain_value(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (for messages)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def observation_days(days: Any) -> tuple[pd.DatetimeIndex, np.ndarray]:

@@ -33,7 +33,16 @@ from .errors import PITDataNotFoundError, PITFormatError, PITQueryError
 from .expr import PITCall, p_call, pref_call
 from .fileformat import PITFile, decode, encode, write_pair
 from .operators import on_days, p_by_prefix, pref_by_prefix
-from .periods import Field, check_period, date_ints, describe_period_rule, observation_days, parse_field, period_ordinals
+from .periods import (
+    Field,
+    check_period,
+    date_ints,
+    describe_period_rule,
+    observation_days,
+    parse_field,
+    period_ordinals,
+    plain_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +264,7 @@ def _statement_arrays(statements: Any, f: Field) -> tuple[np.ndarray, np.ndarray
     if len(bad):
         i = int(bad[0])
         raise PITQueryError(
-            f"statements: period {statements['period'].iloc[i]!r} (row {i}) does not exist; {describe_period_rule(f)}"
+            f"statements: period {plain_value(statements['period'].iloc[i])!r} (row {i}) does not exist; {describe_period_rule(f)}"
         )
     return dates, periods, values
 
