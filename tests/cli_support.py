@@ -63,6 +63,7 @@ def probe_workflow(path: Path, *, windows: int = 3, sleep: float = 0.0, fail: bo
     test_days = 20 * windows
     doc = {
         "experiment_name": experiment,
+        "pool": experiment,
         "calendar": "XSHG",
         "task": {
             "model": {"class": "OrderedDict", "module_path": "collections"},

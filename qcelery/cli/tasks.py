@@ -139,7 +139,7 @@ def _release_pending_results(settings: Settings) -> None:
 def enqueue(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="Workflow YAML (Qlib's task: section plus generators:)."),
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Task pool (Mongo collection). Default: the file's pool:, experiment_name: or name."),
+    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Task pool (Mongo collection). Default: the file's pool:, else the file's name (demo.yaml: demo)."),
     queue: Optional[str] = typer.Option(None, "--queue", "-Q", help="Worker pool (queue) to run on. Default: the file's queue: or settings.default_queue (cpu)."),
     priority: int = typer.Option(0, "--priority", min=0, max=MAX_PRIORITY, help=f"Message priority 0..{MAX_PRIORITY}, higher first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the tasks that would run (new / existing); write nothing."),

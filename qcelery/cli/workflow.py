@@ -33,8 +33,8 @@ class Workflow:
 
     @property
     def default_pool(self) -> str:
-        """The task pool: the file's ``pool:``, else its ``experiment_name:``, else its stem."""
-        return self.pool or self.experiment_name or self.path.stem
+        """The task pool: the file's ``pool:``, else the file's name without extension."""
+        return self.pool or self.path.stem
 
 
 def _optional_str(doc: Mapping[str, Any], key: str, path: Path) -> str | None:
@@ -84,8 +84,14 @@ def _class_configs(task: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, 
 
 
 def _import_class(cfg: Mapping[str, Any]) -> Any:
-    """The object a Qlib-style ``{class, module_path}`` config names (``ImportError`` /
-    ``AttributeError`` when it does not exist)."""
+    """The object a Qlib-style ``{class, module_path}`` config names; ``ImportError`` /
+    ``AttributeError`` / ``ConfigError`` when it does not exist."""
+    try:
+        from ..instance import get_callable_kwargs
+    except ImportError:  # the instance module is optional here: plain importlib then
+        get_callable_kwargs = None
+    if get_callable_kwargs is not None:
+        return get_callable_kwargs(cfg)[0]
     name = cfg["class"]
     module_path = cfg.get("module_path")
     if module_path is None:
@@ -107,11 +113,12 @@ def check_classes(tasks: list[dict], path: Path | str = "workflow") -> None:
                 continue
             try:
                 _import_class(cfg)
-            except (ImportError, AttributeError) as exc:
+            except (ImportError, AttributeError, ConfigError) as exc:
                 module = cfg.get("module_path") or cfg["class"].rpartition(".")[0] or "?"
+                reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
                 raise TaskDefinitionError(
                     f"{path}: task #{i} {where}: class {cfg['class']!r} from module {module!r} cannot be "
-                    f"imported ({type(exc).__name__}: {exc}); nothing was enqueued"
+                    f"imported ({reason}); nothing was enqueued"
                 ) from None
             seen[key] = None
 
