@@ -511,3 +511,12 @@ class DelayTrainerRM(TrainerRM):
         experiment_name = experiment_name or self.experiment_name
         return work_on_pool(end_train_func or self.end_train_func, self.manager(experiment_name),
                             before_status=st.PART_DONE, experiment_name=experiment_name)
+
+
+def __getattr__(name: str) -> Any:
+    # the Celery trainers live in trainer_celery (it imports Celery); DESIGN.md names them here
+    if name in ("TrainerCelery", "DelayTrainerCelery"):
+        from . import trainer_celery
+
+        return getattr(trainer_celery, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

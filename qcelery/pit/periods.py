@@ -144,17 +144,25 @@ def date_ints(values: Any, what: str) -> np.ndarray:
         stamps = pd.DatetimeIndex(pd.to_datetime(s))
     except (ValueError, TypeError) as exc:
         raise PITQueryError(f"{what}: cannot read the values as days ({exc}); give datetimes or ISO strings") from exc
-    if stamps.tz is not None:
-        stamps = stamps.tz_localize(None)
     if stamps.isna().any():
         first = int(np.argmax(stamps.isna()))
         raise PITQueryError(f"{what}: row {first} is missing (NaT); every statement needs a publication day")
-    ints = (stamps.year * 10000 + stamps.month * 100 + stamps.day).to_numpy(dtype=np.int64)
+    ints = _yyyymmdd(stamps)
     bad = ~valid_yyyymmdd(ints)
     if bad.any():
         first = int(np.argmax(bad))
         raise PITQueryError(f"{what}: {stamps[first]} (row {first}) is outside years {MIN_YEAR}-{MAX_YEAR}")
     return ints
+
+
+def _yyyymmdd(stamps: pd.DatetimeIndex) -> np.ndarray:
+    """``YYYYMMDD`` integers of the (local) calendar days of ``stamps`` (no NaT)."""
+    if stamps.tz is not None:
+        stamps = stamps.tz_localize(None)
+    day = stamps.to_numpy().astype("datetime64[D]")
+    month = day.astype("datetime64[M]")
+    year = month.astype("datetime64[Y]").astype(np.int64) + 1970
+    return year * 10000 + (month.astype(np.int64) % 12 + 1) * 100 + (day - month).astype(np.int64) + 1
 
 
 def plain_value(value: Any) -> Any:
@@ -177,5 +185,4 @@ def observation_days(days: Any) -> tuple[pd.DatetimeIndex, np.ndarray]:
         index = index.tz_localize(None)
     if index.isna().any():
         raise PITQueryError("days: contains NaT; every observation day must be a date")
-    ints = (index.year * 10000 + index.month * 100 + index.day).to_numpy(dtype=np.int64)
-    return index.rename("datetime"), ints
+    return index.rename("datetime"), _yyyymmdd(index)

@@ -273,12 +273,18 @@ def _not_yet_stored(
     dates: np.ndarray, periods: np.ndarray, values: np.ndarray, existing: PITFile | None
 ) -> np.ndarray:
     """Mask of the rows that are neither repeated in the batch nor already stored."""
-    keys = pd.MultiIndex.from_arrays([dates, periods, np.ascontiguousarray(values).view(np.int64)])
-    fresh = ~keys.duplicated()
-    if existing is not None and len(existing):
+    seen: set[tuple[int, int, int]] = set()
+    if existing is not None:
         old = existing.records
-        stored = pd.MultiIndex.from_arrays(
-            [old["date"].astype(np.int64), old["period"].astype(np.int64), np.ascontiguousarray(old["value"]).view(np.int64)]
-        )
-        fresh &= ~keys.isin(stored)
-    return np.asarray(fresh)
+        seen.update(zip(old["date"].tolist(), old["period"].tolist(), _bits(old["value"]).tolist()))
+    fresh = np.zeros(len(dates), dtype=bool)
+    for i, key in enumerate(zip(dates.tolist(), periods.tolist(), _bits(values).tolist())):
+        if key not in seen:
+            seen.add(key)
+            fresh[i] = True
+    return fresh
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    """The float64 values as integers, so that NaN equals NaN when comparing statements."""
+    return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)

@@ -91,11 +91,12 @@ def write_synthetic_statements(
     fields: Sequence[str],
     seed: int,
     revision_rate: float = 0.2,
-) -> None:
-    """Write :func:`synthetic_statements` of each field into ``store`` (replacing what is there)."""
+) -> PITStore:
+    """Write :func:`synthetic_statements` of each field into ``store`` (replacing what is there); return it."""
     if isinstance(fields, str):
         fields = [fields]
     for field in fields:
         statements = synthetic_statements(instruments, start_year, end_year, field, seed, revision_rate)
         for instrument, frame in statements.items():
             store.write(instrument, field, frame, overwrite=True)
+    return store
