@@ -12,8 +12,8 @@
 
 Differences from Qlib: :class:`PortAnaRecord` does not run Qlib's backtest engine
 (exchange, costs, positions); it scores the signal as a cost-free long-short book,
-which needs nothing but the labels. Its ``strategy`` / ``backtest`` / ``config``
-arguments are refused with a clear error rather than ignored. Records run inside
+which needs nothing but the labels. Qlib's backtest ``config`` is refused with a
+clear error rather than ignored. Records run inside
 :func:`qcelery.trainer.task_train`, which names the record that raised.
 """
 
@@ -246,12 +246,12 @@ class PortAnaRecord(_Analysis):
     METRIC_PREFIX = "long_short"
 
     def __init__(self, recorder: Recorder | None = None, topk: int = 10, ann_scaler: int = 252, label_col: int = 0,
-                 skip_existing: bool = False, **kwargs: Any):
+                 skip_existing: bool = False, config: Any = None):
         super().__init__(recorder, skip_existing, label_col)
-        if kwargs:  # Qlib's config / strategy / backtest / executor ...
+        if config is not None:
             raise ConfigError(
-                f"PortAnaRecord got {sorted(kwargs)}: qcelery's PortAnaRecord scores a long-short book from the labels "
-                "and takes topk, ann_scaler, label_col and skip_existing only (Qlib's backtest config is not supported)"
+                "PortAnaRecord config=...: qcelery's PortAnaRecord scores a long-short book from the labels and takes "
+                "topk, ann_scaler, label_col and skip_existing; Qlib's strategy/backtest config is not supported"
             )
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ConfigError(f"PortAnaRecord topk must be an int >= 1, got {topk!r}")
