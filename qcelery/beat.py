@@ -92,11 +92,11 @@ def register(app: Celery) -> None:
     app.conf.beat_schedule = schedule(app.qcelery_settings)
     app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
 
-    @app.task(name=RECOVER, bind=True, acks_late=True)
+    @app.task(name=RECOVER, bind=True, shared=False, acks_late=True)
     def recover_task(self, beat: str | None = None) -> dict:
         return recover(self.app, beat)
 
-    @app.task(name=SWEEP, bind=True, acks_late=True)
+    @app.task(name=SWEEP, bind=True, shared=False, acks_late=True)
     def sweep_task(self, beat: str | None = None) -> dict:
         return sweep(self.app, beat)
 

@@ -199,12 +199,12 @@ def _control_queue() -> str:
 def register(app: Celery) -> None:
     """Register ``execute`` and ``aggregate`` on ``app``."""
 
-    @app.task(name=EXECUTE, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=EXECUTE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
     def execute(self, pool: str, task_id: str, batch_id: str | None = None,
                 before_status: str = st.WAITING, after_status: str = st.DONE) -> dict:
         return execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
 
-    @app.task(name=AGGREGATE, bind=True, acks_late=True)
+    @app.task(name=AGGREGATE, bind=True, shared=False, acks_late=True)
     def aggregate(self, pool: str, batch_id: str) -> dict:
         return aggregate_batch(self.app, pool, batch_id)
 
