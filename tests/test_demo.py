@@ -1,23 +1,41 @@
-"""``qcelery demo`` (what ``make demo`` runs) end to end with a small workflow: servers,
-workers and beat start, the batch runs with a progress bar, the summary is printed,
-and nothing is left running afterwards."""
+"""``qcelery demo`` (what ``make demo`` runs) end to end, on a smaller copy of
+``config/demo.yaml`` (the same two models, two rolling windows instead of eight): the
+servers, a worker and beat start, the trainings run, the model comparison and the HTML
+report are printed, and nothing is left running afterwards."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
-from cli_support import PROBE, QCELERY, alive_groups, cli_env, probe_workflow, qcelery, wait_until
+import yaml
+
+from cli_support import QCELERY, alive_groups, cli_env, probe_workflow, qcelery, wait_until
+from qcelery.calendar import default_calendar
 from qcelery.cli.demo import prepare_run_dir
+
+DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+
+
+def small_demo(path: Path, windows: int = 2) -> Path:
+    """config/demo.yaml with its test span cut to ``windows`` rolling steps."""
+    doc = yaml.safe_load(DEMO.read_text())
+    segments = doc["task"]["dataset"]["kwargs"]["segments"]
+    step = doc["generators"][0]["rolling"]["step"]
+    start = str(segments["test"][0])[:10]
+    days = [str(d)[:10] for d in default_calendar(doc.get("calendar", "XSHG")).dates if str(d)[:10] >= start]
+    segments["test"] = [start, days[step * windows - 1]]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
-    wf = probe_workflow(tmp_path / "small.yaml", windows=3, sleep=0.2, experiment="demo_small")
+    wf = small_demo(tmp_path / "small_demo.yaml")
     run_dir = tmp_path / "demo"
-    env = cli_env(QCELERY_TASK_FUNC=PROBE)
     proc = subprocess.Popen([*QCELERY, "--run-dir", str(run_dir), "demo", "--config", str(wf), "--workers", "1",
                              "--poll", "0.2"],
-                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=cli_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # while it runs, the run directory names every process it started
     state = run_dir / "state.json"
     seen: set[int] = set()
@@ -26,22 +44,29 @@ def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
         if state.exists():
             try:
                 seen.update(p["pid"] for p in json.loads(state.read_text())["processes"])
-            except ValueError:
+            except ValueError:  # caught mid-write
                 pass
         return proc.poll() is not None
 
     wait_until(record, timeout=300, interval=0.2)
     out, errout = proc.communicate(timeout=60)
     assert proc.returncode == 0, errout
-    assert "3 tasks (1 model(s) x 3 rolling window(s)) on 1 worker(s); 3 new, 0 already done" in out
-    assert "(pool 'demo_small'): 3 tasks, 3 done" in out
-    assert "demo finished in" in out
-    assert "3/3" in errout  # the progress bar reached the end
+    assert "4 tasks (2 model(s) x 2 rolling window(s)) on 1 worker(s); 4 new, 0 already done" in out
+    assert "(pool 'small_demo'): 4 tasks, 4 done" in out
+    assert "4/4" in errout  # the progress bar reached the end
+
+    table = out[out.index("model comparison"):]
+    for model in ("linear_alpha_0.1", "linear_alpha_10"):
+        row = next(line for line in table.splitlines() if model in line)
+        assert "│" in row and len(row.split("│")) > 5  # a row of metrics
+    report = Path(next(line for line in out.splitlines() if line.startswith("report: ")).split(": ", 1)[1])
+    assert report.is_file() and report.suffix == ".html" and run_dir in report.parents
+    assert "<table" in report.read_text() and any(report.parent.glob("*.png"))
+    assert "summary run: " in out and "demo finished in" in out
+
     assert len(seen) >= 4  # secantusdb, redis, a worker, beat
     assert wait_until(lambda: not alive_groups(seen), timeout=10), f"left running: {alive_groups(seen)}"
     assert not state.exists() and (run_dir / ".qcelery-demo").exists()
-
-    assert (run_dir / "logs" / "worker-cpu-1.log").exists()  # kept for a look afterwards
 
 
 def test_each_demo_starts_from_a_clean_directory(tmp_path):

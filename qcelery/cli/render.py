@@ -12,6 +12,9 @@ from rich.table import Table
 from .. import status as st
 
 STATUS_COLUMNS = (st.WAITING, st.RUNNING, st.PART_DONE, st.DONE, st.FAILED)
+#: the model table's columns in a terminal (the HTML report and `collect --json` have them all)
+MODEL_COLUMNS = ("model", "name", "n_tasks", "IC", "ICIR", "Rank IC", "Rank ICIR", "annualized_return",
+                 "information_ratio", "max_drawdown")
 _STYLE = {st.DONE: "green", st.FAILED: "red", st.RUNNING: "cyan", st.WAITING: "yellow", st.PART_DONE: "blue"}
 
 
@@ -150,7 +153,10 @@ def summary_lines(doc: Mapping[str, Any]) -> tuple[list[str], list[Table]]:
     tables: list[Table] = []
     models = summary.get("models")
     if models:
-        tables.append(records_table("model comparison", list(models), first=("model", "name", "n_tasks", "windows")))
+        rows = [{k: v for k, v in m.items() if k in MODEL_COLUMNS} for m in models]
+        if not any(len(r) > 1 for r in rows):  # a collector with other metrics: show them all
+            rows = list(models)
+        tables.append(records_table("model comparison", rows, first=MODEL_COLUMNS))
     failures = summary.get("failures") or []
     if failures:
         tables.append(failures_table(failures))

@@ -22,16 +22,16 @@ from ..settings import Settings, load_settings
 from .rundir import CONFIG_FILE
 
 
-def _pipe_width() -> int | None:
+def _pipe_width(stream) -> int | None:
     """Piped output is not cut to 80 columns (rich's default off a terminal)."""
-    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+    if stream.isatty() or os.environ.get("COLUMNS"):
         return None
     return 200
 
 
 #: tables and results; errors and progress go to stderr so stdout stays parseable
-out = Console(highlight=False, soft_wrap=True, width=_pipe_width())
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True, width=_pipe_width(sys.stdout))
+err = Console(stderr=True, highlight=False, width=_pipe_width(sys.stderr))
 
 
 @dataclass
