@@ -24,14 +24,17 @@ def noop(task_def: dict) -> dict:
 
 
 def counted(task_def: dict, settings: Settings, tags: dict | None = None) -> dict:
-    """Sleep ``task_def['sleep']`` seconds, raise if ``task_def['fail']`` is set (or while
+    """Sleep ``task_def['sleep']`` seconds (``task_def['slow_sleep']`` instead while fewer
+    than ``task_def['slow_times']`` runs started before: a run that overruns a time limit
+    only the first times), raise if ``task_def['fail']`` is set (or while
     ``task_def['fail_times']`` earlier runs have failed), recording each start and each
     completion in Mongo."""
     runs = database(settings)[RUNS]
     key = str(task_def.get("key", task_def))
     started = runs.count_documents({"key": key, "event": "start"})
     runs.insert_one({"key": key, "event": "start", "pid": os.getpid(), "tags": tags or {}})
-    time.sleep(float(task_def.get("sleep", 0)))
+    slow = started < int(task_def.get("slow_times", 0))
+    time.sleep(float(task_def.get("slow_sleep" if slow else "sleep", 0)))
     if task_def.get("fail") or started < int(task_def.get("fail_times", 0)):
         raise RuntimeError(f"probe {key} failed on purpose (run {started + 1})")
     runs.insert_one({"key": key, "event": "done", "pid": os.getpid(), "tags": tags or {}})
