@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import pickle
 import struct
 
 import numpy as np
@@ -194,6 +195,13 @@ def test_a_rewrite_is_seen_by_the_same_store(tmp_path):
     assert len(store.read("SH600000", "roe_q")) == 1
 
 
+def test_store_pickles_as_its_folder(stored):
+    stored.read("SH600000", "roe_q")
+    clone = pickle.loads(pickle.dumps(stored))
+    assert clone.root == stored.root and not clone._cache
+    assert clone.read("SH600000", "roe_q").equals(stored.read("SH600000", "roe_q"))
+
+
 def test_instruments_are_lower_case_folders_and_device_names_are_prefixed_as_qlib_reads_them(tmp_path):
     store = PITStore(tmp_path)
     store.write("SH600000", "ROE_Q", table(BATCH_1))
@@ -247,7 +255,8 @@ def test_truncated_index_file(stored):
 def test_broken_revision_chain(stored):
     data, _ = files(stored)
     damage(stored, data=patch(data, 3 * 20 + 16, "I", 0xFFFFFFFF))  # 201804's first record loses its link
-    with pytest.raises(PITFormatError, match=r"record 3 \(byte 60\): _next is 0xffffffff, expected 0x50 .*period 201804"):
+    expected = r"record 3 \(byte 60\): _next is 0xffffffff, expected 0x50 .*period 201804"
+    with pytest.raises(PITFormatError, match=expected):
         stored.P("SH600000", "roe_q", ["2020-01-02"])
 
 

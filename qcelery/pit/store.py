@@ -14,6 +14,14 @@ Different from Qlib:
   which Qlib's ``dump_pit`` drops);
 * files are checked when read and cached per process until they change on disk.
 
+About appending with Qlib: ``dump_pit``'s update mode (``overwrite=False`` on an
+existing folder) in Qlib 0.9.7 writes the new records over the *start* of the
+``.data`` file (it opens it ``rb+`` and never seeks to the end), and skips (with a
+warning) a batch whose periods all fall in years the index already covers. Files damaged that
+way are reported by :meth:`PITStore.load` instead of read; re-dump with
+``overwrite=True`` or append with :meth:`PITStore.write`, whose result is the file
+``dump_pit`` writes from all statements at once.
+
 Not safe for two processes writing the same field at the same time (neither is
 ``dump_pit``); any number of readers is fine, since files are replaced by rename.
 """
@@ -80,6 +88,10 @@ class PITStore:
 
     def __repr__(self) -> str:
         return f"PITStore({str(self.root)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled (e.g. inside a task definition) as its folder, without the parsed-file cache
+        return (PITStore, (str(self.root), self._cache_size))
 
     # -- files -----------------------------------------------------------------
 
@@ -264,7 +276,8 @@ def _statement_arrays(statements: Any, f: Field) -> tuple[np.ndarray, np.ndarray
     if len(bad):
         i = int(bad[0])
         raise PITQueryError(
-            f"statements: period {plain_value(statements['period'].iloc[i])!r} (row {i}) does not exist; {describe_period_rule(f)}"
+            f"statements: period {plain_value(statements['period'].iloc[i])!r} (row {i}) does not exist; "
+            f"{describe_period_rule(f)}"
         )
     return dates, periods, values
 

@@ -39,7 +39,9 @@ def synthetic_statements(
     f = parse_field(field)
     for name, year in (("start_year", start_year), ("end_year", end_year)):
         if isinstance(year, bool) or not isinstance(year, (int, np.integer)) or not MIN_YEAR <= year <= MAX_YEAR:
-            raise PITQueryError(f"synthetic_statements: {name}={year!r} must be a year between {MIN_YEAR} and {MAX_YEAR}")
+            raise PITQueryError(
+                f"synthetic_statements: {name}={year!r} must be a year between {MIN_YEAR} and {MAX_YEAR}"
+            )
     if start_year > end_year:
         raise PITQueryError(f"synthetic_statements: start_year={start_year} is after end_year={end_year}")
     if not 0.0 <= revision_rate <= 1.0:
