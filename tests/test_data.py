@@ -161,3 +161,24 @@ def test_a_pickled_dataset_keeps_the_handler_config_not_its_data(handler):
     assert back.handler.init_kwargs == handler.init_kwargs
     with pytest.raises(ConfigError, match="unpickled without its data"):
         back.prepare("test")
+
+
+def test_pit_columns_join_as_features_known_on_each_day(tmp_path):
+    from qcelery.pit import PITStore, pit_panel, write_synthetic_statements
+
+    names = [f"SYN{i:04d}" for i in range(4)]
+    store = write_synthetic_statements(PITStore(tmp_path / "pit"), names, 2018, 2020, ["roewa_q"], seed=1)
+    spec = {"roe": "P($$roewa_q)", "roe_4q": "P(Mean($$roewa_q, 4))"}
+    h = SyntheticAlphaHandler(**{**KW, "instruments": 4, "pit": {"fields": spec, "store": str(tmp_path / "pit")}})
+    raw = h.fetch(data_key="raw")["feature"]
+    days = raw.index.get_level_values("datetime").unique()
+    expected = pit_panel(store, names, days, spec)
+    np.testing.assert_allclose(raw[["roe", "roe_4q"]].to_numpy(), expected.to_numpy(), rtol=1e-6)
+    assert "roe" in h.fetch(col_set="feature").columns  # normalised like the other features
+
+    synthetic = SyntheticAlphaHandler(**{**KW, "instruments": 4, "pit": {"fields": {"roe": "P($$roewa_q)"}}})
+    assert synthetic.fetch(data_key="raw")["feature"]["roe"].notna().mean() > 0.9
+    with pytest.raises(ConfigError, match="pit must look like"):
+        SyntheticAlphaHandler(**{**KW, "pit": {"roe": "P($$roewa_q)"}})
+    with pytest.raises(ConfigError, match="SyntheticAlphaHandler pit:"):
+        SyntheticAlphaHandler(**{**KW, "pit": {"fields": {"roe": "Q($$roewa_q)"}}})

@@ -17,6 +17,11 @@ The simulation, per instrument ``i`` and day ``t``:
   with ``signal_strength=0`` there is nothing to find;
 * open / high / low around the close path.
 
+``pit={"fields": {"roe": "P($$roewa_q)", ...}, "store": <folder>}`` adds point-in-time
+columns as features (:mod:`qcelery.pit`): what was published on or before each day,
+from the PIT store at ``store`` (Qlib's ``dump_pit`` layout) or, without ``store``,
+from seeded synthetic statements published late and revised.
+
 Random numbers are drawn per day in calendar order from ``numpy.random.default_rng(seed)``
 after the per-instrument constants, so extending ``end_time`` leaves every earlier
 value unchanged. 80 trading days before ``start_time`` are simulated as warm-up for
@@ -203,16 +208,46 @@ class SyntheticAlphaHandler(Serializable):
         columns = pd.MultiIndex.from_tuples([("feature", f) for f in feats], names=[None, None])
         frame = pd.DataFrame(fvals.astype(np.float32), index=index, columns=columns)
         frame[("label", self.LABEL_NAME)] = label.to_numpy()[warmup:].reshape(-1)
-        if self.pit:
+        if self.pit is not None:
             frame = self._join_pit(frame, kept, names)
         log.debug("SyntheticAlphaHandler built %d rows x %d features", len(frame), len(feats))
         return frame
 
     def _join_pit(self, frame: pd.DataFrame, days: pd.DatetimeIndex, names: list[str]) -> pd.DataFrame:
-        raise ConfigError(
-            "SyntheticAlphaHandler pit=...: point-in-time features need qcelery.pit, which this version "
-            "does not have yet; remove the 'pit' key"
-        )
+        """Join point-in-time columns (``pit: {fields: {column: call}, store: path}``)
+        as features: from the PIT store at ``store`` when given (Qlib's ``dump_pit``
+        layout), else from seeded synthetic statements (late publication, revisions)."""
+        import tempfile
+
+        from ..pit import PITStore, pit_panel, write_synthetic_statements
+        from ..pit.errors import PITDataNotFoundError, PITFormatError, PITQueryError
+        from ..pit.panel import parse_spec
+
+        unknown = sorted(set(self.pit) - {"fields", "store", "seed"})
+        if unknown or not isinstance(self.pit.get("fields"), Mapping):
+            raise ConfigError(
+                "SyntheticAlphaHandler pit must look like {fields: {column: 'P($$roewa_q)', ...}, store: <PIT folder, "
+                f"optional>, seed: <int, optional>}}, got {self.pit!r}"
+            )
+        clash = sorted(set(self.pit["fields"]) & set(frame["feature"].columns))
+        if clash:
+            raise ConfigError(f"SyntheticAlphaHandler pit column {clash[0]!r} is also a price/volume feature; rename it")
+        try:
+            calls = parse_spec(self.pit["fields"])
+            if self.pit.get("store"):
+                panel = pit_panel(self.pit["store"], names, days, self.pit["fields"], missing="raise")
+            else:
+                fields = sorted({c.field.name for c in calls.values()})
+                with tempfile.TemporaryDirectory(prefix="qcelery-pit-") as tmp:
+                    store = write_synthetic_statements(PITStore(tmp), names, days[0].year - 2, days[-1].year, fields,
+                                                       seed=int(self.pit.get("seed", self.seed)))
+                    panel = pit_panel(store, names, days, self.pit["fields"])
+        except (PITQueryError, PITDataNotFoundError, PITFormatError) as exc:
+            raise ConfigError(f"SyntheticAlphaHandler pit: {exc}") from exc
+        for column in panel.columns:
+            frame.insert(len(frame["feature"].columns), ("feature", column),
+                         panel[column].to_numpy(dtype=np.float32))
+        return frame
 
     def _fit(self) -> pd.DataFrame:
         """Median and scaled MAD of every feature over the fit period."""
