@@ -40,6 +40,12 @@ def spec_for(name: str, **overrides: object) -> PoolSpec:
         given["concurrency"] = None
     if "concurrency" in given and "autoscale" not in given:
         given["autoscale"] = None
+    hard = given.get("time_limit", base.time_limit)
+    soft = given.get("soft_time_limit", base.soft_time_limit)
+    if "soft_time_limit" not in given and hard and soft and soft >= hard:
+        # a pool's default soft limit above a smaller hard limit given here would disable
+        # the hard one: the prefork pool arms the hard timer only when the soft one fires
+        given["soft_time_limit"] = None
     return replace(base, **given)
 
 
