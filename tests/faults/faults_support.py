@@ -1,0 +1,112 @@
+"""Helpers of the fault tests: fault settings, probe batches, waiting on Mongo and the
+exactly-once check. Imported by the tests as ``faults_support`` (like ``cli_support``).
+
+Every scenario runs batches of the ``qcelery.probes.counted`` probe, which records
+each start and each completed run in the ``qcelery_probe_runs`` collection, so
+"ran to completion exactly once" is checked in Mongo, not in a worker's memory.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+from qcelery import batch as batches
+from qcelery.manage import TaskManager
+from qcelery.probes import RUNS
+from qcelery.settings import Settings
+from qcelery.store import database
+
+PROBE = "qcelery.probes.counted"
+POOL = "probes"
+
+#: the issue's short settings: a dead worker's task is back within lease + recover interval
+FAULT_SETTINGS = dict(
+    lease_seconds=5.0,
+    heartbeat_seconds=1.0,
+    recover_interval=1.0,
+    sweep_interval=2.0,
+    sweep_after=3.0,
+    aggregate_countdown=0.5,
+    max_attempts=3,
+    task_func=PROBE,
+)
+
+
+def fault_settings(base: Settings, **overrides: Any) -> Settings:
+    """``base`` (the per-test database and run dir) with the fault settings, a queue of
+    its own (a message left over by one test never reaches the next test's workers)
+    and ``overrides``; validated like any settings object."""
+    data = base.model_dump()
+    data.update(FAULT_SETTINGS)
+    data["default_queue"] = f"faults-{uuid.uuid4().hex[:8]}"
+    data.update(overrides)
+    return Settings(**data)
+
+
+def probe_defs(n: int, prefix: str = "t", **knobs: Any) -> list[dict]:
+    """``n`` distinct probe task definitions keyed ``prefix0..``; ``knobs`` (sleep, fail,
+    fail_times) go into every definition."""
+    return [{"key": f"{prefix}{i}", **knobs} for i in range(n)]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, poll: float = 0.1, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def wait_batch(tm: TaskManager, batch_id: Any, timeout: float = 90.0, poll: float = 0.2) -> dict:
+    """Poll Mongo until the batch is aggregated; return its document. On timeout the
+    assertion says where the batch stood."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = batches.load(tm.db, batch_id)
+        if doc["state"] == batches.AGGREGATED:
+            return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"batch {batch_id} not aggregated after {timeout:.0f}s: state {doc['state']}, "
+                f"tasks {tm.task_stat({'batch_ids': doc['_id']})}"
+            )
+        time.sleep(poll)
+
+
+def probe_runs(settings: Settings) -> dict[str, Counter]:
+    """Per event (``start``/``done``), how many times each probe key ran."""
+    out: dict[str, Counter] = {"start": Counter(), "done": Counter()}
+    for d in database(settings)[RUNS].find({}, {"key": 1, "event": 1}):
+        out[d["event"]][d["key"]] += 1
+    return out
+
+
+def task_statuses(tm: TaskManager, batch_id: Any) -> dict[str, str]:
+    """Probe key -> status of every task of the batch."""
+    return {t["def"]["key"]: t["status"] for t in tm.query({"batch_ids": batches.load(tm.db, batch_id)["_id"]})}
+
+
+def assert_exactly_once(settings: Settings, tm: TaskManager, batch: dict, *, failed: Iterable[str] = ()) -> None:
+    """The issue's end condition: every task of ``batch`` done (or failed, for the keys in
+    ``failed``), each done task's function completed exactly once (counted in Mongo),
+    and the aggregation ran exactly once, its summary listing the failures."""
+    failed = set(failed)
+    assert batch["state"] == batches.AGGREGATED
+    assert batch["aggregate_runs"] == 1
+    statuses = task_statuses(tm, batch["_id"])
+    assert len(statuses) == batch["n_tasks"]
+    assert statuses == {k: ("failed" if k in failed else "done") for k in statuses}
+    runs = probe_runs(settings)
+    done_keys = sorted(k for k in statuses if k not in failed)
+    assert {k: runs["done"][k] for k in done_keys} == {k: 1 for k in done_keys}
+    assert {k: runs["done"][k] for k in failed} == {k: 0 for k in failed}
+    assert batch["summary"]["counts"] == {s: n for s, n in Counter(statuses.values()).items()}
+    failed_ids = {str(t["_id"]) for t in tm.query({"batch_ids": batch["_id"], "status": "failed"}, decode=False)}
+    assert {f["task_id"] for f in batch["summary"]["failures"]} == failed_ids

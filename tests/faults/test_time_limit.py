@@ -1,0 +1,49 @@
+"""A task that exceeds the worker's hard time limit: Celery kills its pool process,
+the lease expires and beat hands the task out again. A task that overran only on
+its first run is ``done`` on the second; one that always overruns is ``failed``
+once its attempts are used up. Either way the batch aggregates once."""
+
+from __future__ import annotations
+
+import pytest
+
+from qcelery.celery_app import app_for
+from qcelery.cluster import Cluster
+from qcelery.manage import TaskManager
+from qcelery.producer import enqueue
+
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, probe_runs, wait_batch
+
+TIME_LIMIT = 2.0
+
+
+@pytest.fixture
+def limited(settings):
+    # two attempts and a short lease: each overrun costs the time limit plus one lease
+    fs = fault_settings(settings, max_attempts=2, lease_seconds=4.0)
+    with Cluster(fs) as c:
+        c.start_worker(fs.default_queue, concurrency=2, time_limit=TIME_LIMIT)
+        c.start_beat()
+        c.wait_ready(app_for(fs))
+        yield fs, c
+
+
+def test_task_over_the_hard_time_limit_is_recovered_and_then_done_or_failed(limited):
+    fs, cluster = limited
+    tm = TaskManager(POOL, fs)
+    defs = probe_defs(6, sleep=0.05) + [
+        {"key": "overran-once", "sleep": 0.1, "slow_times": 1, "slow_sleep": 30},
+        {"key": "always-over", "sleep": 30},
+    ]
+    bid = enqueue(defs, POOL, settings=fs)
+
+    batch = wait_batch(tm, bid, timeout=120)
+
+    assert_exactly_once(fs, tm, batch, failed={"always-over"})
+    runs = probe_runs(fs)
+    assert runs["start"]["overran-once"] == 2 and runs["done"]["overran-once"] == 1
+    assert runs["start"]["always-over"] == 2 and runs["done"]["always-over"] == 0
+    hung = next(tm.query({"filter.key": "always-over"}))
+    assert hung["attempt"] == 2
+    assert "attempts exhausted" in hung["error"]
+    assert cluster.procs[0].alive()

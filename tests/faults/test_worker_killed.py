@@ -1,0 +1,53 @@
+"""kill -9 of a worker's pool process in the middle of a task: beat recovers the task
+once its lease expires (the Redis visibility timeout is 7 days, so any recovery at
+all comes from the lease), another process runs it, and it completes exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from qcelery.beat import BEAT_LOG
+from qcelery.celery_app import VISIBILITY_TIMEOUT
+from qcelery.manage import TaskManager
+from qcelery.producer import enqueue
+
+from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wait_batch, wait_for
+
+
+def test_task_of_a_killed_worker_process_is_recovered_by_beat_and_runs_once(fsettings, cluster):
+    tm = TaskManager(POOL, fsettings)
+    bid = enqueue(probe_defs(10, sleep=1.5), POOL, settings=fsettings)
+    worker = cluster.procs[0]
+
+    def running_in_a_child():
+        # a task some pool process has been running for a while (its function has started)
+        started = probe_runs(fsettings)["start"]
+        for t in tm.query({"status": "running"}, decode=False):
+            pid = int(t["worker"].rsplit(":", 1)[1])
+            key = tm.re_query(t["_id"])["def"]["key"]
+            if pid in worker.children() and started[key] == 1:
+                return t, pid, key
+        return None
+
+    victim, pid, key = wait_for(running_in_a_child, what="a task running in a pool process")
+    os.kill(pid, signal.SIGKILL)  # the process dies mid-task: no commit, no fail, no heartbeat
+    killed_at = time.monotonic()
+
+    back = wait_for(lambda: tm.get_raw(victim["_id"], ["status", "attempt"])["attempt"] == 2, timeout=60,
+                    what=f"task {key} claimed again")
+    recovered_after = time.monotonic() - killed_at
+    batch = wait_batch(tm, bid)
+
+    assert back
+    assert_exactly_once(fsettings, tm, batch)
+    runs = probe_runs(fsettings)
+    assert runs["start"][key] == 2 and runs["done"][key] == 1  # the killed run never completed
+    assert tm.get_raw(victim["_id"], ["attempt"])["attempt"] == 2
+    # beat's recover job put it back (not Redis): a recover run re-published at least one task
+    recovered = list(tm.db[BEAT_LOG].find({"job": "recover", "requeued": {"$gte": 1}}))
+    assert recovered
+    # behavioural check only: far inside the visibility timeout, i.e. not a broker redelivery
+    assert recovered_after < VISIBILITY_TIMEOUT
+    assert worker.alive()  # the worker replaced its pool process and went on
