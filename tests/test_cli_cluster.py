@@ -22,7 +22,9 @@ from bson import ObjectId
 from cli_support import (
     PROBE, QCELERY, alive_groups, batch_id_from, cli_env, probe_workflow, qcelery, qcelery_many, state_pids, table_rows, wait_until,
 )
+from qcelery.manage import TaskManager
 from qcelery.probes import RUNS
+from qcelery.settings import Settings
 
 FAST = {"QCELERY_AGGREGATE_COUNTDOWN": "0.5"}  # summaries written soon after the last task
 
@@ -52,7 +54,7 @@ class Up:
 def up(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("up")
     u = Up(cwd)
-    proc = u("up", "--workers", "1")
+    proc = u("up", "--workers", "1", "--concurrency", "2")
     assert proc.returncode == 0, proc.stderr
     pids = state_pids(u.run_dir)
     try:
@@ -122,17 +124,41 @@ def test_failed_tasks_make_wait_exit_1_and_status_shows_the_error(up):
     assert db["failing"].count_documents({"status": "failed", "attempt": 2}) == 2
 
 
+GATED = """
+import os, time
+from pathlib import Path
+
+def gated(task_def, tags):
+    # runs until the test opens the gate, so the test decides when a run ends
+    gate = Path(task_def["gate"])
+    (gate.parent / f"started-{tags['attempt']}").touch()
+    deadline = time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"attempt": tags["attempt"], "pid": os.getpid()}
+"""
+
+
 def test_reset_waiting_runs_a_running_task_again_and_the_first_run_cannot_commit(up):
-    wf = probe_workflow(up.cwd / "slow.yaml", windows=1, sleep=3.0, experiment="slow")
-    bid = batch_id_from(up("enqueue", str(wf), "-q"))
-    db = up.db()
-    assert wait_until(lambda: db["slow"].count_documents({"status": "running"}) == 1, timeout=30)
+    # a task function of the user's own, importable from the directory `up` ran in
+    (up.cwd / "gated_probe.py").write_text(GATED)
+    gate = up.cwd / "gate" / "open"
+    gate.parent.mkdir()
+    wf = probe_workflow(up.cwd / "gated.yaml", windows=1, experiment="gated", extra={"gate": str(gate)})
+    env = {"QCELERY_TASK_FUNC": "gated_probe.gated", "PYTHONPATH": str(up.cwd)}
+    bid = batch_id_from(up("enqueue", str(wf), "-q", **env))
+    assert wait_until((gate.parent / "started-1").exists, timeout=60)
     reset = up("reset-waiting", "--batch", bid)
     assert "1 running task(s) reset to waiting" in reset.stdout
+    # the second process of the worker takes the re-published task while the first still runs
+    assert wait_until((gate.parent / "started-2").exists, timeout=60)
+    gate.touch()
     assert up("wait", "--batch", bid, "--poll", "0.2").returncode == 0
-    task = db["slow"].find_one()
+    task = up.db()["gated"].find_one()
     assert task["status"] == "done" and task["attempt"] == 2
-    assert db[RUNS].count_documents({"tags.pool": "slow", "event": "start"}) == 2
+    live = up.live
+    tm = TaskManager("gated", Settings(mongo_url=live["mongo_url"], mongo_db=live["mongo_db"]))
+    assert tm.re_query(task["_id"])["res"]["attempt"] == "2"  # the first run's commit was refused
 
 
 def test_prioritize_and_remove(up):

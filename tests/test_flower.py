@@ -88,12 +88,17 @@ def test_flower_shows_the_worker_and_the_tasks_of_a_running_batch(flower_up):
 
     done = qcelery("wait", "--batch", bid, "--timeout", "120", cwd=cwd, env=env, timeout=150)
     assert done.returncode == 0, done.stderr
+    # Prometheus' view: the executed tasks are counted (events reach Flower asynchronously)
+    assert wait_until(lambda: succeeded_executions(get(base + "/metrics")) >= 4, timeout=30)
+
     tasks = browse(authed + "/tasks", cwd / "profile-tasks", "--dump-dom")
     assert tasks.stdout.count("qcelery.execute") >= 4, tasks.stdout[-3000:]
     assert "SUCCESS" in tasks.stdout
 
-    status, metrics = get(base + "/metrics")
+
+def succeeded_executions(response: tuple[int, str]) -> float:
+    status, metrics = response
     assert status == 200
-    succeeded = [line for line in metrics.splitlines()
-                 if line.startswith("flower_events_total{") and 'task="qcelery.execute"' in line and 'type="task-succeeded"' in line]
-    assert succeeded and sum(float(line.rsplit(" ", 1)[1]) for line in succeeded) >= 4
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("flower_events_total{") and 'task="qcelery.execute"' in line
+               and 'type="task-succeeded"' in line)

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 from ..errors import BrokerUnavailableError, ConfigError, QceleryError
 from ..settings import Settings, mask_url
-from ..store import unreachable
 
 #: seconds each check may take (the whole preflight stays under five seconds per server)
 TIMEOUT = 2.5
@@ -30,6 +29,8 @@ def check_mongo(settings: Settings) -> None:
     :data:`TIMEOUT` seconds, or ``mongo_timeout_ms`` when that is shorter)."""
     import pymongo
     from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+
+    from ..store import unreachable
 
     timeout_ms = int(min(settings.mongo_timeout_ms, TIMEOUT * 1000))
     try:

@@ -20,7 +20,6 @@ from ..errors import ConfigError
 from ..settings import mask_url
 from . import workflow as wfl
 from .rundir import RunState
-from .stack import Stack, StackOptions
 from .state import CliState, err, out
 from .tasks import EXIT_FAILED, follow, print_summary, submit
 
@@ -57,6 +56,7 @@ def demo(
     path; stop everything. Uses <run_dir> = .qcelery/demo unless --run-dir is given."""
     from .. import batch as batches
     from ..store import database
+    from .stack import Stack, StackOptions
 
     state: CliState = ctx.obj
     base = state.settings(use_run_config=False)

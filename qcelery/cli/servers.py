@@ -5,15 +5,17 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import ConfigError
 from ..settings import Settings, mask_url
 from .rundir import RunState, stop_groups
-from .stack import Stack, StackOptions
 from .state import CliState, err, out
+
+if TYPE_CHECKING:
+    from .stack import Stack
 
 app = typer.Typer()
 PANEL = "Servers"
@@ -28,7 +30,7 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def print_stack(stack: Stack, settings: Settings, *, detached: bool) -> None:
+def print_stack(stack: "Stack", settings: Settings, *, detached: bool) -> None:
     state = stack.state
     out.print(f"qcelery is up in {stack.run_dir}")
     rows = [
@@ -67,6 +69,8 @@ def up(
     Their data, logs and state live in the run directory; the servers' URLs are
     written to `<run_dir>/qcelery.toml`, which the other commands read, so
     `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it."""
+    from .stack import Stack, StackOptions
+
     state: CliState = ctx.obj
     if autoscale is not None and not _valid_autoscale(autoscale):
         raise ConfigError(f"--autoscale takes MAX,MIN (e.g. 4,1), got {autoscale!r}")
