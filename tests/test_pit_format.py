@@ -162,6 +162,15 @@ def test_equal_dates_keep_the_order_given(tmp_path):
     assert store.PRef("SH600000", "roe_q", 201804, ["2019-04-30"]).iloc[0] == 3.0
 
 
+def test_repeated_same_day_statements_in_one_batch_are_all_kept(tmp_path):
+    # found by hypothesis: dropping the repeated 0.0 would leave NaN as the day's revision
+    store = PITStore(tmp_path)
+    rows = pd.DataFrame({"date": [20150101] * 3, "period": [2015] * 3, "value": [0.0, np.nan, 0.0]})
+    assert store.write("SH600000", "roe_a", rows) == 3
+    assert store.P("SH600000", "roe_a", ["2015-01-01"]).iloc[0] == 0.0
+    assert store.write("SH600000", "roe_a", rows) == 0
+
+
 def test_annual_field_has_one_index_entry_per_year(tmp_path):
     store = PITStore(tmp_path)
     rows = pd.DataFrame(

@@ -15,6 +15,7 @@ from qcelery.pit import (
     PITQueryError,
     PITStore,
     pit_panel,
+    synthetic_pit_panel,
     synthetic_statements,
     write_synthetic_statements,
 )
@@ -110,16 +111,31 @@ def test_synthetic_statements_publish_late_and_revise_later():
     assert 0.15 < revisions / (40 * 40) < 0.4  # about 20% revised, a third of them twice
 
 
-def test_synthetic_statements_are_deterministic_and_independent_per_instrument():
+def test_synthetic_statements_are_deterministic_and_independent_per_instrument_and_year():
     a = synthetic_statements(["X", "Y"], 2015, 2016, "eps_a", seed=1)
     b = synthetic_statements(["Y"], 2015, 2016, "eps_a", seed=1)
     pd.testing.assert_frame_equal(a["Y"], b["Y"])
+    longer = synthetic_statements(["X"], 2010, 2020, "roewa_q", seed=1)["X"]
+    shorter = synthetic_statements(["X"], 2010, 2016, "roewa_q", seed=1)["X"]
+    pd.testing.assert_frame_equal(longer[longer["period"] < 201700].reset_index(drop=True), shorter)
     assert a["Y"]["period"].min() == 2015
     assert not a["X"]["value"].equals(synthetic_statements(["X"], 2015, 2016, "eps_a", seed=2)["X"]["value"])
     with pytest.raises(PITQueryError, match="start_year=2017 is after end_year=2016"):
         synthetic_statements(["X"], 2017, 2016, "eps_a", seed=1)
     with pytest.raises(PITQueryError, match="must end in '_q'"):
         synthetic_statements(["X"], 2015, 2016, "eps", seed=1)
+
+
+def test_synthetic_pit_panel_is_pit_panel_over_synthetic_statements(tmp_path):
+    days = pd.bdate_range("2018-01-01", "2019-06-30")
+    spec = {"roe": "P($$roewa_q)", "eps_2y": "P(Sum($$eps_a, 2))"}
+    names = ["SYN0000", "SYN0001"]
+    panel = synthetic_pit_panel(names, days, spec, seed=4)
+    store = write_synthetic_statements(PITStore(tmp_path), names, 2000, 2019, ["roewa_q", "eps_a"], seed=4)
+    pd.testing.assert_frame_equal(panel, pit_panel(store, names, days, spec))
+    assert panel.notna().all().all()
+    later = synthetic_pit_panel(names, pd.bdate_range("2018-01-01", "2020-06-30"), spec, seed=4)
+    pd.testing.assert_frame_equal(later.loc[: pd.Timestamp("2019-06-28")], panel.loc[: pd.Timestamp("2019-06-28")])
 
 
 # -- no look-ahead across the rolling tasks of an experiment ----------------------------

@@ -11,7 +11,8 @@ revision with its publication day and answers "what was known on day t":
 * :mod:`~qcelery.pit.expr` - calls by name, ``"P(Mean($$roewa_q, 4))"`` or
   ``("P", "roewa_q", {"window": 4, "how": "mean"})``;
 * :func:`pit_panel` - PIT columns on a ``(datetime, instrument)`` panel for a data handler;
-* :func:`synthetic_statements` - statements with late publication and revisions.
+* :func:`synthetic_statements` - statements with late publication and revisions, and
+  :func:`synthetic_pit_panel` - PIT columns over them, for a synthetic data handler.
 """
 
 from .errors import PITDataNotFoundError, PITFormatError, PITQueryError
@@ -19,7 +20,7 @@ from .expr import PITCall, parse_call
 from .fileformat import NO_RECORD, RECORD_DTYPE, PITFile
 from .panel import pit_panel
 from .store import PITStore
-from .synthetic import synthetic_statements, write_synthetic_statements
+from .synthetic import synthetic_pit_panel, synthetic_statements, write_synthetic_statements
 
 __all__ = [
     "NO_RECORD",
@@ -32,6 +33,7 @@ __all__ = [
     "PITStore",
     "parse_call",
     "pit_panel",
+    "synthetic_pit_panel",
     "synthetic_statements",
     "write_synthetic_statements",
 ]

@@ -172,12 +172,14 @@ class PITStore:
         their order in ``statements``.
 
         A later write appends: the new records go at the end and the last revision
-        of each period they revise is linked to them, as ``dump_pit``'s update mode
-        does, and the index grows (also backwards) to cover new periods. Rows equal
-        to a stored record (same date, period and value) are skipped, so writing the
-        same table twice changes nothing. Unlike ``dump_pit``, which drops statements
-        dated before the last stored one, such statements are merged into date order;
-        the file is then rewritten and byte offsets of later records move.
+        of each period they revise is linked to them (what ``dump_pit``'s update mode
+        intends; see the module doc for what Qlib 0.9.7's does), and the index grows
+        (also backwards) to cover new periods. Rows equal
+        to a stored record (same date, period and value) are taken as already stored
+        and skipped, so writing the same table twice changes nothing. Unlike ``dump_pit``, which drops statements
+        dated before the last stored one, such statements are merged into date order
+        (after the stored ones of the same day); the file is then rewritten and byte
+        offsets of later records move.
 
         ``overwrite=True`` replaces whatever is stored (also a damaged pair).
         """
@@ -285,17 +287,18 @@ def _statement_arrays(statements: Any, f: Field) -> tuple[np.ndarray, np.ndarray
 def _not_yet_stored(
     dates: np.ndarray, periods: np.ndarray, values: np.ndarray, existing: PITFile | None
 ) -> np.ndarray:
-    """Mask of the rows that are neither repeated in the batch nor already stored."""
-    seen: set[tuple[int, int, int]] = set()
-    if existing is not None:
-        old = existing.records
-        seen.update(zip(old["date"].tolist(), old["period"].tolist(), _bits(old["value"]).tolist()))
-    fresh = np.zeros(len(dates), dtype=bool)
-    for i, key in enumerate(zip(dates.tolist(), periods.tolist(), _bits(values).tolist())):
-        if key not in seen:
-            seen.add(key)
-            fresh[i] = True
-    return fresh
+    """Mask of the rows not already stored.
+
+    Repeats *within* one batch are kept: with several same-day statements of a period
+    their order decides which is the revision known that day, and dropping a repeat
+    could change it.
+    """
+    if existing is None or not len(existing):
+        return np.ones(len(dates), dtype=bool)
+    old = existing.records
+    stored = set(zip(old["date"].tolist(), old["period"].tolist(), _bits(old["value"]).tolist()))
+    keys = zip(dates.tolist(), periods.tolist(), _bits(values).tolist())
+    return np.fromiter((key not in stored for key in keys), dtype=bool, count=len(dates))
 
 
 def _bits(values: np.ndarray) -> np.ndarray:
