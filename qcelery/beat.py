@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 from celery.beat import PersistentScheduler
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from . import batch as batches
 from .manage import TaskManager, utcnow
@@ -136,7 +136,14 @@ class LockedScheduler(PersistentScheduler):
         self._held = False
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        held = self.lock.acquire()
+        try:
+            held = self.lock.acquire()
+        except ConnectionFailure as exc:
+            # Mongo is away (restart, failover): the lock cannot be confirmed, so send
+            # nothing and ask again; every job needs Mongo anyway. Raising here would end beat.
+            logger.warning("beat %s: lock store unreachable (%s); sending nothing until it answers",
+                           self.lock.owner, type(exc).__name__)
+            held = False
         if held != self._held:
             logger.info("beat %s %s the lock", self.lock.owner, "holds" if held else "lost")
             self._held = held
@@ -150,5 +157,8 @@ class LockedScheduler(PersistentScheduler):
 
     def close(self) -> None:
         if self._held:
-            self.lock.release()
+            try:
+                self.lock.release()
+            except ConnectionFailure:  # the lock expires on its own; stopping must not fail
+                logger.warning("beat %s: could not release the lock (store unreachable)", self.lock.owner)
         super().close()
