@@ -18,10 +18,12 @@ import functools
 import importlib
 import inspect
 import logging
+import time
 from typing import Any, Callable
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from pymongo.errors import ConnectionFailure
 
 from . import batch as batches
 from . import status as st
@@ -113,17 +115,45 @@ def execute_task(app: Celery, pool: str, task_id: str, batch_id: str | None = No
         with Heartbeat(tm, task) as hb:
             res = call_task_function(func, param, dict(spec.get("task_kwargs") or {}), context)
     except (Exception, SoftTimeLimitExceeded) as exc:
-        new = tm.fail(task, format_exception(exc))
+        error = format_exception(exc)
+        new, _ = _outlast_outage(lambda: tm.fail(task, error), settings, f"task {task_id}: recording the failure")
         logger.warning("task %s of pool %s raised %s (attempt %s): now %s", task_id, pool, type(exc).__name__, task["attempt"], new)
         if new not in (None, st.FAILED):
             from .producer import publish
 
             publish(app, pool, [task["_id"]], batch_id=batch_id, queue=None)
         return {"task_id": str(task_id), "status": new or "lease-lost"}
-    if hb.lost.is_set() or not tm.commit(task, res, after_status):
+    if hb.lost.is_set() or not _commit(tm, task, res, after_status, settings):
         logger.warning("task %s of pool %s: lease lost during the run; result dropped", task_id, pool)
         return {"task_id": str(task_id), "status": "lease-lost"}
     return {"task_id": str(task_id), "status": after_status}
+
+
+def _outlast_outage(op: Callable[[], Any], settings: Settings, what: str) -> tuple[Any, bool]:
+    """``op()`` retried while Mongo is unreachable, for up to one lease; returns its value
+    and whether it had to be retried. A result computed across a short outage (a restart,
+    a failover) is kept instead of run again; the writes are fenced on the attempt, so
+    repeating one is safe, and past the lease beat may have handed the task out again."""
+    deadline = time.monotonic() + settings.lease_seconds
+    retried = False
+    while True:
+        try:
+            return op(), retried
+        except ConnectionFailure as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("%s: store unreachable (%s); retrying", what, type(exc).__name__)
+            retried = True
+            time.sleep(min(0.5, settings.heartbeat_seconds))
+
+
+def _commit(tm: TaskManager, task: dict, res: Any, status: str, settings: Settings) -> bool:
+    ok, retried = _outlast_outage(lambda: tm.commit(task, res, status), settings, f"task {task['_id']}: commit")
+    if not ok and retried:
+        # the write may have landed with its reply lost: then the task is ours and final
+        doc = _outlast_outage(lambda: tm.get_raw(task["_id"], ["status", "attempt"]), settings, "commit check")[0]
+        ok = bool(doc) and doc["status"] == status and doc["attempt"] == task["attempt"]
+    return ok
 
 
 def aggregate_batch(app: Celery, pool: str, batch_id: str) -> dict:
