@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
+
+from bson import ObjectId
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from .settings import Settings
 from .store import database
@@ -31,14 +34,36 @@ def counted(task_def: dict, settings: Settings, tags: dict | None = None) -> dic
     completion in Mongo."""
     runs = database(settings)[RUNS]
     key = str(task_def.get("key", task_def))
-    started = runs.count_documents({"key": key, "event": "start"})
-    runs.insert_one({"key": key, "event": "start", "pid": os.getpid(), "tags": tags or {}})
+
+    def record(event: str) -> None:
+        # a fixed _id makes a retried insert idempotent (the first may have landed)
+        doc = {"_id": ObjectId(), "key": key, "event": event, "pid": os.getpid(), "tags": tags or {}}
+        try:
+            _patiently(lambda: runs.insert_one(doc))
+        except DuplicateKeyError:
+            pass
+
+    started = _patiently(lambda: runs.count_documents({"key": key, "event": "start"}))
+    record("start")
     slow = started < int(task_def.get("slow_times", 0))
     time.sleep(float(task_def.get("slow_sleep" if slow else "sleep", 0)))
     if task_def.get("fail") or started < int(task_def.get("fail_times", 0)):
         raise RuntimeError(f"probe {key} failed on purpose (run {started + 1})")
-    runs.insert_one({"key": key, "event": "done", "pid": os.getpid(), "tags": tags or {}})
+    record("done")
     return {"key": key, "value": task_def.get("value"), "pid": os.getpid()}
+
+
+def _patiently(op: Callable[[], Any], patience: float = 60.0) -> Any:
+    """``op()``, waiting out a Mongo outage (fault tests restart the server): the probe's
+    records must survive it, or the tests would measure the probe instead of qcelery."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return op()
+        except ConnectionFailure:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def busy(task_def: dict) -> dict:
