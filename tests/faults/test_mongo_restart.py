@@ -1,0 +1,84 @@
+"""The Mongo server restarted in the middle of a batch (on-disk storage, same port):
+workers, beat and the aggregation reconnect; no task, result or batch is lost, and
+every task still runs to completion exactly once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from qcelery.celery_app import app_for
+from qcelery.cluster import Cluster
+from qcelery.embedded import EmbeddedMongo, free_port
+from qcelery.manage import TaskManager
+from qcelery.producer import enqueue
+from qcelery.worker import execute_task
+
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, wait_batch, wait_for
+
+
+#: longer than the client's server-selection timeout, so operations in flight fail
+#: instead of waiting for the server to come back
+DOWNTIME = 4.5
+
+
+@pytest.fixture
+def own_mongo(tmp_path):
+    server = EmbeddedMongo(tmp_path / "mongo", port=free_port()).start()
+    yield server
+    server.stop()
+
+
+def test_mongo_restart_mid_batch_loses_nothing(settings, own_mongo):
+    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0)
+    tm = TaskManager(POOL, fs)
+    with Cluster(fs) as cluster:
+        cluster.start_worker(fs.default_queue, concurrency=2)
+        cluster.start_beat()
+        cluster.wait_ready(app_for(fs))
+        bid = enqueue(probe_defs(20, sleep=0.3), POOL, settings=fs)
+        wait_for(lambda: tm.task_stat().get("done", 0) >= 4, what="4 tasks done")
+
+        own_mongo.stop()
+        time.sleep(DOWNTIME)
+        own_mongo.start()
+
+        batch = wait_batch(tm, bid, timeout=90)
+
+        assert_exactly_once(fs, tm, batch)
+        assert all(p.alive() for p in cluster.procs)
+
+
+_OUTAGE: dict = {}
+
+
+def stop_store_then_return(task_def: dict) -> dict:
+    """Task function of the commit test: the work is done, then the store goes away for
+    ``DOWNTIME`` seconds, just before the worker commits."""
+    server = _OUTAGE["server"]
+    server.stop()
+    _OUTAGE["restart"] = threading.Timer(DOWNTIME, server.start)
+    _OUTAGE["restart"].start()
+    _OUTAGE["runs"] += 1
+    return {"key": task_def["key"]}
+
+
+def test_a_commit_during_a_mongo_restart_waits_it_out_and_keeps_the_result(settings, own_mongo):
+    # in-process execute, so the outage falls exactly between the run and its commit
+    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0,
+                        task_func=f"{__name__}.stop_store_then_return")
+    tm = TaskManager(POOL, fs)
+    [task_id] = tm.create_task([{"key": "k"}])
+    _OUTAGE.update(server=own_mongo, runs=0)
+    try:
+        out = execute_task(app_for(fs), POOL, str(task_id))
+    finally:
+        if "restart" in _OUTAGE:
+            _OUTAGE.pop("restart").join()
+
+    assert out == {"task_id": str(task_id), "status": "done"}
+    task = tm.re_query(task_id)
+    assert (task["status"], task["attempt"], task["res"]) == ("done", 1, {"key": "k"})
+    assert _OUTAGE["runs"] == 1

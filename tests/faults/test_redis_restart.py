@@ -1,0 +1,51 @@
+"""Redis stopped in the middle of a batch (its queue and the chord's counter are lost)
+and started again on the same port: workers and beat reconnect, the sweep re-publishes
+the tasks whose messages were lost, the batch is re-checked by beat (its chord can no
+longer fire), and every task still runs to completion exactly once."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis as redis_client
+
+from qcelery.beat import BEAT_LOG
+from qcelery.celery_app import app_for
+from qcelery.cluster import Cluster
+from qcelery.embedded import EmbeddedRedis, free_port
+from qcelery.manage import TaskManager
+from qcelery.producer import enqueue
+
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, wait_batch, wait_for
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    yield server
+    server.stop()
+
+
+def test_redis_restart_mid_batch_loses_the_queue_and_the_sweep_republishes(settings, own_redis, tmp_path):
+    fs = fault_settings(settings, broker_url=own_redis.url)
+    tm = TaskManager(POOL, fs)
+    with Cluster(fs) as cluster:
+        cluster.start_worker(fs.default_queue, concurrency=2)
+        cluster.start_beat()
+        cluster.wait_ready(app_for(fs))
+        bid = enqueue(probe_defs(20, sleep=0.3), POOL, settings=fs)
+        wait_for(lambda: tm.task_stat().get("done", 0) >= 4, what="4 tasks done")
+
+        own_redis.stop()  # no persistence: the queued messages and the chord counter are gone
+        waiting_when_stopped = tm.task_stat().get("waiting", 0)
+        time.sleep(1.0)
+        own_redis.start()
+        assert redis_client.Redis.from_url(own_redis.url).llen(fs.default_queue) == 0
+
+        batch = wait_batch(tm, bid, timeout=90)
+
+        assert waiting_when_stopped > 0
+        assert_exactly_once(fs, tm, batch)
+        assert tm.db[BEAT_LOG].count_documents({"job": "sweep", "republished": {"$gte": 1}}) >= 1
+        assert all(p.alive() for p in cluster.procs)  # reconnected, not restarted
