@@ -71,17 +71,9 @@ def test_unknown_model_class_is_named_and_nothing_is_enqueued(tmp_path, settings
     wf.write_text(wf.read_text().replace("class: OrderedDict", "class: LinearModle", 1))
     proc = qcelery("enqueue", str(wf), cwd=tmp_path, env=cli_env(settings, QCELERY_TASK_FUNC=PROBE))
     _assert_one_line_error(proc, "LinearModle", "collections", "nothing was enqueued")
-    assert mongo_db.list_collection_names() == []
-
-
-def test_unknown_dataset_module_is_named(tmp_path, settings, mongo_db):
-    wf = probe_workflow(tmp_path / "typo.yaml")
-    text = wf.read_text()
-    # the second module_path is the dataset's
-    first = text.index("module_path: collections")
-    wf.write_text(text[:first + 5] + text[first + 5:].replace("module_path: collections", "module_path: qcelery.no_such_data", 1))
-    proc = qcelery("enqueue", str(wf), cwd=tmp_path, env=cli_env(settings))
-    _assert_one_line_error(proc, "dataset", "qcelery.no_such_data")
+    wf.write_text(wf.read_text().replace("module_path: collections", "module_path: qcelery.no_such_data"))
+    proc = qcelery("enqueue", str(wf), cwd=tmp_path, env=cli_env(settings, QCELERY_TASK_FUNC=PROBE))
+    _assert_one_line_error(proc, "qcelery.no_such_data", "nothing was enqueued")
     assert mongo_db.list_collection_names() == []
 
 
@@ -134,14 +126,14 @@ def test_an_invalid_setting_names_its_variable(tmp_path):
 
 
 def test_flower_refuses_to_start_without_credentials(tmp_path, settings):
-    proc = qcelery("flower", cwd=tmp_path, env=cli_env(settings))
-    _assert_one_line_error(proc, "FLOWER_BASIC_AUTH")
-    proc = qcelery("flower", "--no-auth", "--address", "0.0.0.0", cwd=tmp_path, env=cli_env(settings))
-    _assert_one_line_error(proc, "loopback")
-    proc = qcelery("flower", cwd=tmp_path, env=cli_env(settings, FLOWER_BASIC_AUTH="admin"))
-    _assert_one_line_error(proc, "user:password")
-    proc = qcelery("up", "--flower", cwd=tmp_path, env=cli_env())
-    _assert_one_line_error(proc, "FLOWER_BASIC_AUTH")
+    no_auth, open_to_all = qcelery_many([["flower"], ["flower", "--no-auth", "--address", "0.0.0.0"]],
+                                        cwd=tmp_path, env=cli_env(settings))
+    _assert_one_line_error(no_auth, "FLOWER_BASIC_AUTH")
+    _assert_one_line_error(open_to_all, "loopback")
+    half = qcelery("flower", cwd=tmp_path, env=cli_env(settings, FLOWER_BASIC_AUTH="admin"))
+    _assert_one_line_error(half, "user:password")
+    up = qcelery("up", "--flower", cwd=tmp_path, env=cli_env())
+    _assert_one_line_error(up, "FLOWER_BASIC_AUTH")
     assert not (tmp_path / ".qcelery" / "state.json").exists()
 
 
