@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 from .errors import PITQueryError
 from .operators import check_window
 from .periods import Field, check_period, parse_field
 
-_TOKEN_RE = re.compile(r"\s*(?:(\$\$[A-Za-z0-9_]+)|([A-Za-z_][A-Za-z0-9_]*)|(-?\d+)|([(),]))")
+_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<field>\$\$[A-Za-z0-9_]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>-?\d+)|(?P<punct>[(),]))"
+)
 _AGGREGATES = {"Mean": "mean", "Sum": "sum"}
 _P_OPTIONS = ("window", "how", "offset")
 
@@ -60,11 +62,13 @@ class PITCall:
 
 
 def p_call(field: Any, window: Any = 1, how: Any = "last", offset: Any = 0) -> PITCall:
+    """A validated ``P`` call (see :meth:`qcelery.pit.PITStore.P` for the arguments)."""
     window, how, offset = check_window(window, how, offset)
     return PITCall("P", parse_field(field), window=window, how=how, offset=offset)
 
 
 def pref_call(field: Any, period: Any) -> PITCall:
+    """A validated ``PRef`` call: ``period`` must exist for the field's frequency."""
     f = parse_field(field)
     check_period(period, f)
     return PITCall("PRef", f, period=int(period))
@@ -111,12 +115,12 @@ class _Parser:
             m = _TOKEN_RE.match(stripped, pos)
             if not m:
                 self.fail(f"unexpected character {stripped[pos:].lstrip()[:1]!r}", pos)
-            kind = ("field", "name", "int", "punct")[[g is not None for g in m.groups()].index(True)]
-            self.tokens.append((kind, m.group(m.lastindex), m.start(m.lastindex)))
+            kind = m.lastgroup or ""
+            self.tokens.append((kind, m.group(kind), m.start(kind)))
             pos = m.end()
         self.i = 0
 
-    def fail(self, what: str, pos: int | None = None) -> None:
+    def fail(self, what: str, pos: int | None = None) -> NoReturn:
         at = f" at character {pos}" if pos is not None else ""
         raise PITQueryError(
             f"{self.name}: cannot parse {self.text!r}{at}: {what}; supported: P($$f), P(Mean($$f, k)), "
