@@ -8,6 +8,8 @@ lease: Redis never redelivers a message on its own within a run.
 from __future__ import annotations
 
 from celery import Celery
+from celery.worker import state as worker_state
+from celery.worker.autoscale import Autoscaler
 from kombu import Exchange, Queue
 
 from .settings import Settings
@@ -24,6 +26,31 @@ def queue(name: str) -> Queue:
     """A durable direct queue for a worker pool, with message priorities enabled."""
     return Queue(name, Exchange(name, type="direct"), routing_key=name,
                  queue_arguments={"x-max-priority": MAX_PRIORITY})
+
+
+def _is_control(request) -> bool:
+    return (request.delivery_info or {}).get("routing_key") == CONTROL_QUEUE
+
+
+class PoolAutoscaler(Autoscaler):
+    """Celery's autoscaler, counting only the pool's own tasks as load and activity.
+
+    Every worker also runs the short control tasks (beat jobs every few seconds,
+    aggregation checks). Celery's autoscaler shrinks only after ``keepalive`` seconds
+    (``AUTOSCALE_KEEPALIVE``, 30) without any task received and grows whenever more
+    tasks are reserved than processes run, so with it a recover job every 5 s kept an
+    idle worker at its maximum forever. Control tasks still get a process when the
+    minimum is 0."""
+
+    def on_task_received(self, req) -> None:
+        if not _is_control(req):
+            super().on_task_received(req)
+
+    @property
+    def qty(self) -> int:
+        reserved = list(worker_state.reserved_requests)
+        work = sum(1 for r in reserved if not _is_control(r))
+        return max(work, 1 if len(reserved) > work else 0)
 
 
 def make_app(settings: Settings, main: str = "qcelery") -> Celery:
@@ -59,6 +86,7 @@ def make_app(settings: Settings, main: str = "qcelery") -> Celery:
         # no task-sent events: they double the messages a 10,000-task enqueue publishes
         task_send_sent_event=False,
         task_track_started=True,
+        worker_autoscaler="qcelery.celery_app:PoolAutoscaler",
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_soft_time_limit=settings.soft_time_limit,
