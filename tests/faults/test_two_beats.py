@@ -1,0 +1,59 @@
+"""Two beats running: only the one holding the Mongo lock sends jobs (the beat log
+records which beat sent every job run); when the holder stops, the other takes
+over and its sweep publishes a batch whose messages were never sent."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from qcelery import batch as batches
+from qcelery.beat import BEAT_LOG
+from qcelery.manage import TaskManager, utcnow
+from faults_support import POOL, PROBE, assert_exactly_once, probe_defs, wait_batch, wait_for
+
+
+def _beat_pid(owner: str) -> int:
+    return int(owner.split(":")[1])  # host:pid:token
+
+
+def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsettings, cluster):
+    cluster.start_beat()  # the fixture started one; now there are two
+    beats = {p.pid: p for p in cluster.procs if p.name.startswith("beat")}
+    assert len(beats) == 2
+    tm = TaskManager(POOL, fsettings)
+    log = tm.db[BEAT_LOG]
+
+    def ours(since: _dt.datetime | None = None) -> list[dict]:
+        # jobs sent by this test's beats (a job message left in the shared control queue
+        # by an earlier test may run here, naming a beat of that test)
+        q = {"at": {"$gt": since}} if since else {}
+        return [d for d in log.find(q).sort("at", 1) if d["beat"] and _beat_pid(d["beat"]) in beats]
+
+    # a window of several recover (every 1 s) and sweep (every 2 s) runs: one sender
+    wait_for(lambda: len(ours()) >= 8, timeout=60, what="8 beat job runs")
+    senders = {d["beat"] for d in ours()}
+    assert len(senders) == 1
+    holder = senders.pop()
+    assert {d["job"] for d in ours()} == {"recover", "sweep"}
+
+    stopped_at = utcnow()
+    beats[_beat_pid(holder)].stop()
+    other = wait_for(lambda: next((d["beat"] for d in ours(stopped_at) if d["beat"] != holder), None),
+                     timeout=60, what="the second beat taking over")
+    assert _beat_pid(other) in beats and other != holder
+
+    # the new holder does the work: a batch written to Mongo whose messages were never
+    # published (a producer that died) is swept, and aggregated, by it alone
+    doc, _ = batches.create(tm, probe_defs(10, sleep=0.05), queue=fsettings.default_queue, task_func=PROBE,
+                            task_kwargs=None, before_status="waiting", after_status="done", aggregate=None)
+    batch = wait_batch(tm, doc["_id"])
+    assert_exactly_once(fsettings, tm, batch)
+
+    grace = _dt.timedelta(seconds=2)  # jobs the old holder sent just before it stopped
+    before = {d["beat"] for d in ours() if d["at"] < stopped_at}
+    after = {d["beat"] for d in ours(stopped_at + grace)}
+    assert before == {holder}
+    assert after == {other}
+    republished = sum(d["republished"] for d in ours(stopped_at) if d["job"] == "sweep")
+    assert republished >= 10
+    assert sum(d["batches_rechecked"] for d in ours(stopped_at) if d["job"] == "sweep") >= 1
