@@ -8,7 +8,6 @@ enqueued.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,23 +83,11 @@ def _class_configs(task: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, 
 
 
 def _import_class(cfg: Mapping[str, Any]) -> Any:
-    """The object a Qlib-style ``{class, module_path}`` config names; ``ImportError`` /
-    ``AttributeError`` / ``ConfigError`` when it does not exist."""
-    try:
-        from ..instance import get_callable_kwargs
-    except ImportError:  # the instance module is optional here: plain importlib then
-        get_callable_kwargs = None
-    if get_callable_kwargs is not None:
-        return get_callable_kwargs(cfg)[0]
-    name = cfg["class"]
-    module_path = cfg.get("module_path")
-    if module_path is None:
-        module_path, _, name = name.rpartition(".")
-        if not module_path:
-            raise ImportError("no module_path, and the class is not a dotted path")
-    if not isinstance(module_path, str):
-        raise ImportError(f"module_path must be a module name, got {module_path!r}")
-    return getattr(importlib.import_module(module_path), name)
+    """The object a Qlib-style ``{class, module_path}`` config names (``ConfigError``
+    naming the module and what it offers when it does not exist)."""
+    from ..instance import get_callable_kwargs
+
+    return get_callable_kwargs(cfg)[0]
 
 
 def check_classes(tasks: list[dict], path: Path | str = "workflow") -> None:
@@ -113,9 +100,9 @@ def check_classes(tasks: list[dict], path: Path | str = "workflow") -> None:
                 continue
             try:
                 _import_class(cfg)
-            except (ImportError, AttributeError, ConfigError) as exc:
+            except ConfigError as exc:
                 module = cfg.get("module_path") or cfg["class"].rpartition(".")[0] or "?"
-                reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+                reason = str(exc)
                 raise TaskDefinitionError(
                     f"{path}: task #{i} {where}: class {cfg['class']!r} from module {module!r} cannot be "
                     f"imported ({reason}); nothing was enqueued"
@@ -138,10 +125,6 @@ def aggregate_spec(task_func: str, experiment_name: str) -> dict | None:
     """The batch collector: qcelery.collect's summary of the trainer's recorders when
     the tasks are trainings; the built-in counts-and-failures summary otherwise."""
     if task_func != TRAINER:
-        return None
-    try:
-        importlib.import_module(COLLECTOR.rpartition(".")[0])
-    except ImportError:
         return None
     kwargs = {"experiment_name": experiment_name} if accepts(COLLECTOR, "experiment_name") else {}
     return {"func": COLLECTOR, "kwargs": kwargs}
