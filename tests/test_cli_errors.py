@@ -145,3 +145,10 @@ def test_dry_run_lists_the_tasks_and_writes_nothing(tmp_path, settings, mongo_db
     assert "3 tasks, 3 new" in proc.stdout and "nothing was written" in proc.stdout
     assert "2020-07-01 .. 2020-07-28" in proc.stdout
     assert mongo_db.list_collection_names() == []
+
+
+def test_the_cli_priority_bound_is_the_broker_s():
+    from qcelery.celery_app import MAX_PRIORITY
+    from qcelery.cli import tasks
+
+    assert tasks.MAX_PRIORITY == MAX_PRIORITY

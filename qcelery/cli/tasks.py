@@ -82,15 +82,24 @@ class Submitted:
     existing: dict[str, int]  # status -> count of tasks that were already in the pool
 
 
-def existing_statuses(tm: TaskManager, tasks: list[dict]) -> dict[str, int]:
-    """Status counts of the tasks of ``tasks`` already in the pool (dedup by filter)."""
+def statuses_by_hash(tm: TaskManager, tasks: list[dict]) -> dict[str, str]:
+    """``filter_hash -> status`` of the tasks of ``tasks`` already in the pool (the
+    pool deduplicates on that hash)."""
     from ..canonical import filter_hash, normalize
 
     hashes = list(dict.fromkeys(filter_hash(normalize(t)) for t in tasks))
-    counts: dict[str, int] = {}
+    found: dict[str, str] = {}
     for start in range(0, len(hashes), _CHUNK):
-        for d in tm.task_pool.find({"filter_hash": {"$in": hashes[start:start + _CHUNK]}}, {"status": 1}):
-            counts[d["status"]] = counts.get(d["status"], 0) + 1
+        for d in tm.task_pool.find({"filter_hash": {"$in": hashes[start:start + _CHUNK]}}, {"filter_hash": 1, "status": 1}):
+            found[d["filter_hash"]] = d["status"]
+    return found
+
+
+def existing_statuses(tm: TaskManager, tasks: list[dict]) -> dict[str, int]:
+    """Status counts of the tasks of ``tasks`` already in the pool."""
+    counts: dict[str, int] = {}
+    for s in statuses_by_hash(tm, tasks).values():
+        counts[s] = counts.get(s, 0) + 1
     return counts
 
 
@@ -171,18 +180,14 @@ def enqueue(
 
 
 def _dry_run(wf: wfl.Workflow, settings: Settings, pool: str | None) -> None:
-    from ..manage import TaskManager
-    from ..canonical import filter_hash, normalize
     from rich.table import Table
 
+    from ..canonical import filter_hash, normalize
+    from ..manage import TaskManager
+
     pool = pool or wf.default_pool
-    status_of: dict[str, str] = {}
-    if pool in TaskManager.list(settings):
-        tm = TaskManager(pool, settings)
-        hashes = [filter_hash(normalize(t)) for t in wf.tasks]
-        for start in range(0, len(hashes), _CHUNK):
-            for d in tm.task_pool.find({"filter_hash": {"$in": hashes[start:start + _CHUNK]}}, {"filter_hash": 1, "status": 1}):
-                status_of[d["filter_hash"]] = d["status"]
+    # an unknown pool is not created by a dry run
+    status_of = statuses_by_hash(TaskManager(pool, settings), wf.tasks) if pool in TaskManager.list(settings) else {}
     t = Table(title=f"{wf.path}: tasks for pool {pool!r} (dry run)", title_justify="left")
     for col in ("#", "model", "train", "test", "in pool"):
         t.add_column(col, no_wrap=True)
