@@ -31,6 +31,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # "<function f at 0x7f...>": the address differs in every process
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PLAIN_CALLABLES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, np.ufunc)
+# the same few dates recur in thousands of rolling tasks; isoformat is the slow part
+_ISO_CACHE: dict[pd.Timestamp, str] = {}
 
 
 def _iso(value: _dt.datetime | _dt.date | pd.Timestamp) -> str:
@@ -64,7 +66,40 @@ def _by_content(value: Any) -> str:
 
 
 def _normalize(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, str)):
+    # exact-type fast paths first: task definitions are mostly dicts, lists, strings,
+    # numbers and timestamps, and abc/typing isinstance checks are slow
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return value
+    if t is dict:
+        return _normalize_mapping(value)
+    if t is list or t is tuple:
+        return [_normalize(v) for v in value]
+    if t is int:
+        return value if _INT64_MIN <= value <= _INT64_MAX else str(value)  # BSON stops at 64 bits
+    if t is float:
+        return value if math.isfinite(value) else repr(value)
+    if t is pd.Timestamp:
+        iso = _ISO_CACHE.get(value)
+        if iso is None:
+            if value is pd.NaT:
+                return None
+            if len(_ISO_CACHE) > 4096:
+                _ISO_CACHE.clear()
+            iso = _ISO_CACHE[value] = _iso(value)
+        return iso
+    return _normalize_other(value)
+
+
+def _normalize_mapping(value: Mapping) -> dict:
+    out = {(k if type(k) is str and "\x00" not in k else _key(k)): _normalize(v) for k, v in value.items()}
+    if len(out) < len(value):  # e.g. 1 and "1": keep both, tagging the non-strings
+        out = {(_key(k) if isinstance(k, str) else f"{type(k).__name__}:{k!r}"): _normalize(v) for k, v in value.items()}
+    return out
+
+
+def _normalize_other(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         n = int(value)
@@ -80,10 +115,7 @@ def _normalize(value: Any) -> Any:
             return None
         return _iso(value)
     if isinstance(value, Mapping):
-        out = {(k if type(k) is str and "\x00" not in k else _key(k)): _normalize(v) for k, v in value.items()}
-        if len(out) < len(value):  # e.g. 1 and "1": keep both, tagging the non-strings
-            out = {(_key(k) if isinstance(k, str) else f"{type(k).__name__}:{k!r}"): _normalize(v) for k, v in value.items()}
-        return out
+        return _normalize_mapping(value)
     if isinstance(value, (list, tuple)):
         return [_normalize(v) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -126,7 +158,16 @@ def normalize(value: Any) -> Any:
         ) from None
 
 
+def canonical_json(filt: Any) -> str:
+    """The canonical JSON text of an already normalised filter (keys sorted, no spaces)."""
+    return json.dumps(filt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def hash_text(text: str) -> str:
+    """SHA-256 (hex) of a canonical JSON text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def filter_hash(filt: Any) -> str:
     """SHA-256 of the canonical JSON of an already normalised filter (key order ignored)."""
-    text = json.dumps(filt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hash_text(canonical_json(filt))
