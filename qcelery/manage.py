@@ -22,12 +22,14 @@ What differs from Qlib:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import datetime as _dt
 import logging
 import os
 import pprint
+import random
 import socket
 import sys
 import threading
@@ -35,6 +37,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import bson
 import pymongo
 from bson import Binary, ObjectId
 from bson.errors import InvalidDocument, InvalidId
@@ -42,7 +45,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import status as st
-from .canonical import filter_hash, normalize
+from .canonical import canonical_json, filter_hash, hash_text, normalize
 from .errors import (
     DecodeError,
     LeaseLostError,
@@ -59,8 +62,23 @@ from .store import INTERNAL_PREFIX, database, result_fs, scans_find_and_modify
 logger = logging.getLogger(__name__)
 
 _INSERT_CHUNK = 1000
+_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+_BSON_PER_JSON_CHAR = 8
+_INDEXES = [
+    pymongo.IndexModel("filter_hash", unique=True, name="dedup"),
+    pymongo.IndexModel([("status", 1), ("priority", -1)], name="fetch"),
+    pymongo.IndexModel([("status", 1), ("lease_until", 1)], name="recover"),
+    pymongo.IndexModel([("status", 1), ("published_at", 1)], name="sweep"),
+    pymongo.IndexModel([("batch_ids", 1), ("status", 1)], name="batch_status"),
+]
 # SecantusDB answers a large $in in quadratic time; small chunks keep lookups linear
 _LOOKUP_CHUNK = 100
+# fetch_task on SecantusDB: how many candidates one query yields, and for how long
+_FETCH_CANDIDATES = 32
+_FETCH_CACHE_SECONDS = 1.0
+# server codes meaning "this query is malformed": BadValue, FailedToParse, TypeMismatch,
+# invalid regex, $where without a script engine
+_QUERY_ERROR_CODES = frozenset({2, 9, 14, 51091, 6108304})
 
 
 def utcnow() -> _dt.datetime:
@@ -78,6 +96,8 @@ def to_object_id(value: Any) -> ObjectId:
         value = value.get("_id")
     if isinstance(value, ObjectId):
         return value
+    if value is None:  # ObjectId(None) would make up a new id
+        raise TaskDefinitionError("a task id is required, got None (expected an ObjectId or a 24-character hex string)")
     try:
         return ObjectId(value)
     except (InvalidId, TypeError):
@@ -100,8 +120,6 @@ class TaskManager:
 
     ENCODE_FIELDS_PREFIX = ["def", "res"]
 
-    _indexed: set[tuple[str, str, str]] = set()
-
     def __init__(self, task_pool: str, settings: Settings | None = None):
         if not isinstance(task_pool, str) or not task_pool or task_pool.startswith(("system.", INTERNAL_PREFIX)) or "$" in task_pool:
             raise TaskDefinitionError(f"invalid task pool name {task_pool!r}: use a non-empty collection name without '$'")
@@ -110,19 +128,15 @@ class TaskManager:
         self.db = database(self.settings, ping=True)
         self.task_pool: pymongo.collection.Collection = self.db[task_pool]
         self._claim_in_two_steps = scans_find_and_modify(self.settings)
+        # SecantusDB answers a large $in in quadratic time; MongoDB takes big ones at once
+        self._lookup_chunk = _LOOKUP_CHUNK if self._claim_in_two_steps else _INSERT_CHUNK
+        self._fetch_cache: tuple[dict, float, collections.deque] | None = None
         self._ensure_indexes()
 
     def _ensure_indexes(self) -> None:
-        key = (self.settings.mongo_url, self.settings.mongo_db, self.name)
-        if key in TaskManager._indexed:
-            return
-        c = self.task_pool
-        c.create_index("filter_hash", unique=True, name="dedup")
-        c.create_index([("status", 1), ("priority", -1)], name="fetch")
-        c.create_index([("status", 1), ("lease_until", 1)], name="recover")
-        c.create_index([("status", 1), ("published_at", 1)], name="sweep")
-        c.create_index([("batch_ids", 1), ("status", 1)], name="batch_status")
-        TaskManager._indexed.add(key)
+        # one round trip, on every construction: a pool dropped and re-created in the
+        # same process must get its unique index back, or producers could race in twins
+        self.task_pool.create_indexes(_INDEXES)
 
     def __str__(self) -> str:
         return f"TaskManager({self.settings.mongo_db}.{self.name})"
@@ -195,38 +209,47 @@ class TaskManager:
 
     # ------------------------------------------------------------------ queries
     def _decode_query(self, query: Any) -> dict:
+        """The query as sent to the server: ids as ``ObjectId``, ``filter...`` operands
+        normalised like stored filters, statuses and operators checked here (so every
+        server, and every method, refuses a malformed query the same way)."""
         if query is None:
             return {}
         if not isinstance(query, Mapping):
             raise TaskTypeError(f"query must be a dict, got {type(query).__name__}: {query!r}")
-        out: dict = {}
-        for key, value in query.items():
-            if not isinstance(key, str):
-                raise TaskDefinitionError(f"query key {key!r} must be a string")
-            if key == "_id":
-                if isinstance(value, Mapping):
-                    value = {op: ([to_object_id(i) for i in v] if isinstance(v, (list, tuple, set)) else to_object_id(v)) for op, v in value.items()}
-                else:
-                    value = to_object_id(value)
-            elif key == "status" and isinstance(value, str):
-                st.check(value)
-            elif key.startswith("filter"):
-                value = _normalize_query_value(value)
-            out[key] = value
-        return out
+        try:
+            return _decode_query_doc(query)
+        except _MalformedQuery as exc:
+            raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc}") from None
 
     def _find(self, query: dict, **kwargs: Any) -> pymongo.cursor.Cursor:
         return self.task_pool.find(query, **kwargs)
 
-    def query(self, query: dict | None = None, decode: bool = True) -> Iterator[dict]:
-        """Yield the tasks matching ``query`` (decoded unless ``decode=False``)."""
-        q = self._decode_query(query)
-        cursor = self._find(q)
+    @contextlib.contextmanager
+    def _server_checks(self, query: Any) -> Iterator[None]:
+        """Turn the server's refusal of a query (``{"$foo": 1}``) into a clear error."""
         try:
+            yield
+        except OperationFailure as exc:
+            if exc.code in _QUERY_ERROR_CODES:
+                raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc.details.get('errmsg', exc) if exc.details else exc}") from None
+            raise
+
+    def query(self, query: dict | None = None, decode: bool = True) -> Iterator[dict]:
+        """Iterate over the tasks matching ``query`` (decoded unless ``decode=False``).
+        Unlike Qlib, a malformed query raises here, not at the first ``next()``."""
+        q = self._decode_query(query)
+        with self._server_checks(query):
+            cursor = self._find(q)
+            first = next(cursor, None)
+        return self._iter_query(query, cursor, first, decode)
+
+    def _iter_query(self, query: Any, cursor: pymongo.cursor.Cursor, first: dict | None, decode: bool) -> Iterator[dict]:
+        if first is None:
+            return
+        yield self._decode_task(first) if decode else first
+        with self._server_checks(query):
             for t in cursor:
                 yield self._decode_task(t) if decode else t
-        except OperationFailure as exc:
-            raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc}") from None
 
     def re_query(self, _id: Any) -> dict:
         """The task with id ``_id`` (decoded); :class:`TaskNotFoundError` if none."""
@@ -250,32 +273,69 @@ class TaskManager:
         }
 
     def insert_task(self, task: dict) -> pymongo.results.InsertOneResult:
-        """Insert an already encoded task document as it is (Qlib's low-level insert)."""
+        """Insert an already encoded task document (Qlib's low-level insert).
+
+        Unlike Qlib, its ``filter`` is normalised and hashed (so ``create_task`` finds it
+        and an identical task is refused); a document without ``filter`` gets a hash of
+        its own. As with pymongo, ``task`` receives the new ``_id``."""
         if not isinstance(task, dict):
             raise TaskTypeError(f"task must be a dict, got {type(task).__name__}")
+        doc = dict(task)
+        if "filter_hash" not in doc:
+            if "filter" in doc:
+                doc["filter"] = normalize(doc["filter"])
+                doc["filter_hash"] = filter_hash(doc["filter"])
+            else:  # nothing to deduplicate on; a null hash would collide in the unique index
+                doc["filter_hash"] = f"unfiltered:{ObjectId()}"
         try:
-            return self.task_pool.insert_one(task)
+            result = self.task_pool.insert_one(doc)
         except InvalidDocument as exc:
             raise TaskDefinitionError(f"task document is not valid BSON: {exc}") from None
+        except DuplicateKeyError:
+            raise TaskDefinitionError(f"a task with the same filter already exists in pool {self.name!r}") from None
+        task["_id"] = result.inserted_id
+        return result
 
     def insert_task_def(self, task_def: dict) -> pymongo.results.InsertOneResult:
         """Insert one task definition as a new ``waiting`` task (no dedup check, as in Qlib,
         but the unique filter hash still refuses an exact duplicate)."""
         encoded = self._encode_def(task_def)
         filt = normalize(task_def)
+        text = canonical_json(filt)
+        doc = self._new_doc(task_def, encoded, filt, hash_text(text), utcnow())
+        self._check_doc_size(doc, text, None)
         try:
-            return self.task_pool.insert_one(self._new_doc(task_def, encoded, filt, filter_hash(filt), utcnow()))
+            return self.task_pool.insert_one(doc)
         except DuplicateKeyError:
             raise TaskDefinitionError(f"an identical task already exists in pool {self.name!r}; use create_task to reuse it") from None
+
+    @staticmethod
+    def _check_doc_size(doc: dict, filter_text: str, index: int | None) -> None:
+        """Refuse, before any write, a task whose document would exceed MongoDB's limit:
+        ``def`` is stored pickled *and* normalised as ``filter``."""
+        # a BSON filter takes at most ~6.5 bytes per character of its JSON text (one-digit
+        # list items); below that bound the exact (costly) encoding is not needed
+        if len(doc["def"]) + _BSON_PER_JSON_CHAR * len(filter_text) + 4096 <= _MAX_DOCUMENT_BYTES:
+            return
+        size = len(bson.encode(doc))
+        if size > _MAX_DOCUMENT_BYTES:
+            where = "task definition" if index is None else f"task definition #{index}"
+            raise TaskDefinitionError(
+                f"{where} makes a task document of {size:,} bytes, above the 16 MB a MongoDB document holds "
+                f"(it is stored twice: pickled as 'def' and normalised as 'filter', {len(doc['def']):,} bytes "
+                "pickled): keep data out of the definition and load it in the task"
+            )
 
     def create_task(self, task_def_l: list[dict], dry_run: bool = False, print_nt: bool = False) -> list[ObjectId]:
         """Insert the new tasks of ``task_def_l`` and return every task's id, in input order.
 
         As in Qlib, a task whose filter already exists is not inserted again and its
         existing id is returned; with ``dry_run`` nothing is written and ``[]`` is returned
-        (use :meth:`plan` to see what is new). Every definition is validated before the
-        first write, so bad input leaves the pool untouched. Work is a few round trips per
-        thousand tasks, and concurrent producers of the same tasks end with one document each.
+        (use :meth:`plan` to see what is new). Every definition is type-checked, and every
+        new one encoded and size-checked, before the first write, so bad input leaves the
+        pool untouched (a duplicate is not pickled again: the pool has it). Work is a few
+        round trips per thousand tasks (Qlib: two per task, one of them a collection scan),
+        and concurrent producers of the same tasks end with one document each.
         """
         return self.create_tasks(task_def_l, dry_run=dry_run, print_nt=print_nt)[0]
 
@@ -285,28 +345,38 @@ class TaskManager:
         tagged with ``batch_id`` and marked published (the producer publishes them next)."""
         if isinstance(task_def_l, dict) or not isinstance(task_def_l, (list, tuple)):
             raise TaskTypeError(f"task_def_l must be a list of task definitions, got {type(task_def_l).__name__}")
-        encoded = [self._encode_def(t, i) for i, t in enumerate(task_def_l)]
+        for i, t in enumerate(task_def_l):
+            if not isinstance(t, dict):
+                self._encode_def(t, i)  # raises the type error naming the position
         filters = [normalize(t) for t in task_def_l]
-        hashes = [filter_hash(f) for f in filters]
-
-        ids = self._ids_by_hash(set(hashes))
-        new_idx: dict[str, int] = {}
+        texts = [canonical_json(f) for f in filters]
+        hashes = [hash_text(x) for x in texts]
+        first: dict[str, int] = {}
         for i, h in enumerate(hashes):
-            if h not in ids and h not in new_idx:
-                new_idx[h] = i
+            first.setdefault(h, i)
+
+        # which exist already; an empty pool needs no look-up (a concurrent producer's
+        # inserts are caught by the unique index below either way)
+        ids = self._ids_by_hash(first) if self.task_pool.find_one({}, {"_id": 1}) is not None else {}
+        new_idx = {h: i for h, i in first.items() if h not in ids}
         logger.info("pool %s: %d tasks, %d new", self.name, len(task_def_l), len(new_idx))
+        now = utcnow()
+        docs = []
+        for h, i in new_idx.items():  # validate every new task before the first write
+            doc = self._new_doc(task_def_l[i], self._encode_def(task_def_l[i], i), filters[i], h, now)
+            self._check_doc_size(doc, texts[i], i)
+            docs.append(doc)
         if print_nt:
             for i in new_idx.values():
                 sys.stdout.write(pprint.pformat(task_def_l[i]) + "\n")
         if dry_run:
             return [], set()
 
-        now = utcnow()
-        docs = [self._new_doc(task_def_l[i], encoded[i], filters[i], h, now) for h, i in new_idx.items()]
         if batch_id is not None:
             for d in docs:
                 d["batch_ids"], d["published_at"] = [batch_id], now
-        lost: list[str] = []
+        self._fetch_cache = None
+        lost: set[str] = set()
         for start in range(0, len(docs), _INSERT_CHUNK):
             chunk = docs[start:start + _INSERT_CHUNK]
             try:
@@ -317,15 +387,16 @@ class TaskManager:
                 other = [e for e in errors if e.get("code") != 11000]
                 if other:
                     raise TaskDefinitionError(f"insert into pool {self.name!r} failed: {other[0].get('errmsg')}") from None
-                lost.extend(chunk[e["index"]]["filter_hash"] for e in errors)
+                lost.update(chunk[e["index"]]["filter_hash"] for e in errors)
             except InvalidDocument as exc:
                 raise TaskDefinitionError(f"task document is not valid BSON: {exc}") from None
-            for d in chunk:
-                if "_id" in d and d["filter_hash"] not in lost:
-                    ids[d["filter_hash"]] = d["_id"]
-        inserted = {d["_id"] for d in docs if "_id" in d and d["filter_hash"] not in lost}
+        inserted = set()
+        for d in docs:
+            if d["filter_hash"] not in lost:
+                ids[d["filter_hash"]] = d["_id"]
+                inserted.add(d["_id"])
         if lost:
-            ids.update(self._ids_by_hash(set(lost)))
+            ids.update(self._ids_by_hash(lost))
         return [ids[h] for h in hashes], inserted
 
     def plan(self, task_def_l: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -343,30 +414,43 @@ class TaskManager:
             (old if h in existing else new).append(t)
         return new, old
 
-    def _ids_by_hash(self, hashes: set[str]) -> dict[str, ObjectId]:
+    def _ids_by_hash(self, hashes: Iterable[str]) -> dict[str, ObjectId]:
         out: dict[str, ObjectId] = {}
         hl = list(hashes)
-        for start in range(0, len(hl), _LOOKUP_CHUNK):
-            part = hl[start:start + _LOOKUP_CHUNK]
+        for start in range(0, len(hl), self._lookup_chunk):
+            part = hl[start:start + self._lookup_chunk]
             for d in self.task_pool.find({"filter_hash": {"$in": part}}, {"filter_hash": 1}):
                 out[d["filter_hash"]] = d["_id"]
         return out
 
     def replace_task(self, task: dict, new_task: dict) -> None:
-        """Replace the task ``task`` by the task document ``new_task`` (``def``/``res`` encoded here)."""
+        """Replace the task ``task`` by the task document ``new_task`` (``def``/``res``
+        encoded here, as in Qlib). The filter (``new_task["filter"]``, else its ``def``)
+        is normalised and re-hashed; a replacement whose filter another task already
+        has is refused, since the pool holds one task per filter."""
+        oid = to_object_id(task)
         new_task = dict(new_task)
         new_task.pop("_id", None)
-        if "def" in new_task:
-            new_task["def"] = self._encode_def(new_task["def"])
-            filt = normalize(new_task.get("filter", self._decode_field({"def": new_task["def"]}, "def")))
+        task_def = new_task.get("def")
+        if "def" in new_task and not isinstance(task_def, (bytes, Binary)):
+            new_task["def"] = self._encode_def(task_def)
+        if "filter" in new_task or isinstance(task_def, dict):
+            filt = normalize(new_task["filter"] if "filter" in new_task else task_def)
             new_task["filter"], new_task["filter_hash"] = filt, filter_hash(filt)
-        if "res" in new_task and new_task["res"] is not None and not isinstance(new_task["res"], (bytes, Binary)):
+        else:  # keep the task's hash: a missing one would collide in the unique index
+            old = self.task_pool.find_one({"_id": oid}, {"filter_hash": 1}) or {}
+            new_task["filter_hash"] = old.get("filter_hash") or f"unfiltered:{oid}"
+        if new_task.get("res") is not None and not isinstance(new_task["res"], (bytes, Binary)):
             new_task["res"] = Binary(dumps(new_task["res"]))
         new_task["updated_at"] = utcnow()
         try:
-            self.task_pool.replace_one({"_id": to_object_id(task)}, new_task)
+            self.task_pool.replace_one({"_id": oid}, new_task)
         except InvalidDocument as exc:
-            raise TaskDefinitionError(f"replacement for task {task.get('_id')} is not valid BSON: {exc}") from None
+            raise TaskDefinitionError(f"replacement for task {oid} is not valid BSON: {exc}") from None
+        except DuplicateKeyError:
+            raise TaskDefinitionError(
+                f"cannot replace task {oid} in pool {self.name!r}: another task already has that filter"
+            ) from None
 
     # ------------------------------------------------------------------- claims
     def _claim_update(self, worker: str, lease_seconds: float | None, before_status: str) -> dict:
@@ -414,22 +498,44 @@ class TaskManager:
             raise TaskDefinitionError(f"fetch_task takes tasks in {st.CLAIMABLE}, not {status!r}")
         q = self._decode_query(query)
         q["status"] = status
-        try:
+        with self._server_checks(query):
             if not self._claim_in_two_steps:
                 doc = self.task_pool.find_one_and_update(
                     q, self._claim_update(worker_name(), None, status),
                     sort=[("priority", pymongo.DESCENDING)], return_document=ReturnDocument.AFTER,
                 )
                 return self._decode_task(doc)
-            while True:  # pick the best candidate, claim it by id; another worker may win it
-                cand = self.task_pool.find_one(q, {"_id": 1}, sort=[("priority", pymongo.DESCENDING)])
-                if cand is None:
+            while True:  # pick the best candidates, claim one by id; other workers may win some
+                cands = self._candidates(q)
+                if not cands:
                     return None
-                doc = self.claim(cand["_id"], before_status=status)
-                if doc is not None:
-                    return doc
-        except OperationFailure as exc:
-            raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc}") from None
+                while cands:
+                    doc = self.claim(cands.popleft(), before_status=status)
+                    if doc is not None:
+                        return doc
+                self._fetch_cache = None
+
+    def _candidates(self, q: dict) -> collections.deque:
+        """Ids of the best claimable tasks for ``q``, in priority order (ties shuffled, so
+        concurrent workers rarely race for the same task).
+
+        SecantusDB reads every matching document to answer even a ``limit(1)`` query, so
+        one query serves the fetches of the next ``_FETCH_CACHE_SECONDS``; a pull loop whose
+        tasks take longer than that queries afresh each time and sees priorities exactly."""
+        cache = self._fetch_cache
+        if cache is not None and cache[0] == q and cache[1] > time.monotonic() and cache[2]:
+            return cache[2]
+        rows = list(self.task_pool.find(q, {"_id": 1, "priority": 1}, sort=[("priority", pymongo.DESCENDING)],
+                                        limit=_FETCH_CANDIDATES))
+        groups: dict[Any, list] = {}
+        for r in rows:
+            groups.setdefault(r.get("priority"), []).append(r["_id"])
+        ordered = collections.deque()
+        for ids in groups.values():  # dicts keep the sorted order of the priorities
+            random.shuffle(ids)
+            ordered.extend(ids)
+        self._fetch_cache = (q, time.monotonic() + _FETCH_CACHE_SECONDS, ordered)
+        return ordered
 
     @contextlib.contextmanager
     def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> Iterator[dict | None]:
@@ -548,8 +654,8 @@ class TaskManager:
         """Remember when messages for ``ids`` were last published (the sweep reads it)."""
         ids = [to_object_id(i) for i in ids]
         when = when or utcnow()
-        for start in range(0, len(ids), _LOOKUP_CHUNK):
-            self.task_pool.update_many({"_id": {"$in": ids[start:start + _LOOKUP_CHUNK]}}, {"$set": {"published_at": when}})
+        for start in range(0, len(ids), self._lookup_chunk):
+            self.task_pool.update_many({"_id": {"$in": ids[start:start + self._lookup_chunk]}}, {"$set": {"published_at": when}})
 
     def stale_waiting(self, older_than: float, limit: int = 10_000) -> list[ObjectId]:
         """Claimable tasks of some batch whose last publish is older than ``older_than``
@@ -563,8 +669,9 @@ class TaskManager:
     def remove(self, query: dict | None = None) -> int:
         """Delete the tasks matching ``query`` (and their GridFS results); returns how many."""
         q = self._decode_query(query)
-        fids = [d["res_file"] for d in self.task_pool.find({**q, "res_file": {"$ne": None}}, {"res_file": 1})]
-        n = self.task_pool.delete_many(q).deleted_count
+        with self._server_checks(query):
+            fids = [d["res_file"] for d in self.task_pool.find({**q, "res_file": {"$ne": None}}, {"res_file": 1})]
+            n = self.task_pool.delete_many(q).deleted_count
         for fid in fids:
             self._drop_res_file(fid)
         return n
@@ -572,11 +679,9 @@ class TaskManager:
     def task_stat(self, query: dict | None = None) -> dict[str, int]:
         """Number of tasks per status, in one aggregation."""
         q = self._decode_query(query)
-        try:
+        with self._server_checks(query):
             rows = self.task_pool.aggregate([{"$match": q}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}])
             return {r["_id"]: r["n"] for r in rows}
-        except OperationFailure as exc:
-            raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc}") from None
 
     def reset_waiting(self, query: dict | None = None) -> int:
         """Put ``running`` tasks (or those matching ``query``) back to ``waiting``, as Qlib
@@ -594,7 +699,8 @@ class TaskManager:
             upd.update(lease_until=None, worker=None)
         if status in st.CLAIMABLE:
             upd["published_at"] = None
-        n = self.task_pool.update_many(q, {"$set": upd}).modified_count
+        with self._server_checks(query):
+            n = self.task_pool.update_many(q, {"$set": upd}).modified_count
         logger.info("pool %s: %d tasks set to %s", self.name, n, status)
         return n
 
@@ -603,7 +709,9 @@ class TaskManager:
         q = self._decode_query(query)
         q["status"] = st.FAILED
         ids = []
-        for d in self.task_pool.find(q, {"attempt": 1}):
+        with self._server_checks(query):
+            found = list(self.task_pool.find(q, {"attempt": 1}))
+        for d in found:
             r = self.task_pool.update_one(
                 {"_id": d["_id"], "status": st.FAILED},
                 {"$set": {"status": st.WAITING, "attempt_base": d.get("attempt", 0), "error": None,
@@ -617,6 +725,7 @@ class TaskManager:
         """Set the priority of ``task`` (a task dict or id); higher runs first."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TaskTypeError(f"priority must be an int, got {priority!r}")
+        self._fetch_cache = None
         r = self.task_pool.update_one({"_id": to_object_id(task)}, {"$set": {"priority": priority}})
         if r.matched_count == 0:
             raise TaskNotFoundError(f"no task {to_object_id(task)} in pool {self.name!r}")
@@ -647,6 +756,88 @@ class TaskManager:
                 bar.update(undone - now_undone)
                 undone = now_undone
         return stat
+
+
+class _MalformedQuery(Exception):
+    pass
+
+
+# MongoDB's query operators: top level, and on a field
+_TOP_OPERATORS = frozenset({"$and", "$or", "$nor", "$expr", "$text", "$where", "$comment", "$jsonSchema"})
+_FIELD_OPERATORS = frozenset({
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$not", "$exists", "$type", "$mod",
+    "$regex", "$options", "$all", "$elemMatch", "$size", "$bitsAllSet", "$bitsAnySet", "$bitsAllClear",
+    "$bitsAnyClear", "$geoWithin", "$geoIntersects", "$near", "$nearSphere", "$maxDistance",
+    "$minDistance", "$comment",
+})
+_ID_OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$all"})
+
+
+def _decode_query_doc(query: Mapping) -> dict:
+    out: dict = {}
+    for key, value in query.items():
+        if not isinstance(key, str):
+            raise _MalformedQuery(f"key {key!r} must be a string")
+        if key.startswith("$"):
+            if key not in _TOP_OPERATORS:
+                raise _MalformedQuery(f"unknown top-level operator {key!r}; expected one of {', '.join(sorted(_TOP_OPERATORS))}")
+            if key in ("$and", "$or", "$nor"):
+                if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, Mapping) for v in value):
+                    raise _MalformedQuery(f"{key} takes a non-empty list of queries, got {value!r}")
+                value = [_decode_query_doc(v) for v in value]
+            out[key] = value
+            continue
+        _check_field_operators(key, value)
+        if key == "_id":
+            value = _decode_id_value(value)
+        elif key == "status":
+            _check_statuses(value)
+        elif key == "filter" or key.startswith("filter."):
+            value = _normalize_query_value(value)
+        out[key] = value
+    return out
+
+
+def _check_field_operators(key: str, value: Any) -> None:
+    if not isinstance(value, Mapping) or not any(isinstance(k, str) and k.startswith("$") for k in value):
+        return  # an equality match
+    for op, operand in value.items():
+        if op not in _FIELD_OPERATORS:
+            raise _MalformedQuery(f"unknown operator {op!r} on {key!r}")
+        if op in ("$in", "$nin", "$all") and not isinstance(operand, (list, tuple)):
+            raise _MalformedQuery(f"{op} on {key!r} takes a list, got {operand!r}")
+        if op == "$not":
+            _check_field_operators(key, operand)
+        if op == "$elemMatch":
+            if not isinstance(operand, Mapping):
+                raise _MalformedQuery(f"$elemMatch on {key!r} takes a query, got {operand!r}")
+            if any(isinstance(k, str) and k.startswith("$") for k in operand):
+                _check_field_operators(key, operand)
+            else:
+                _decode_query_doc(operand)
+
+
+def _decode_id_value(value: Any) -> Any:
+    if isinstance(value, Mapping) and any(isinstance(k, str) and k.startswith("$") for k in value):
+        out = {}
+        for op, v in value.items():
+            if op in ("$in", "$nin", "$all"):
+                v = [to_object_id(i) for i in v]
+            elif op in _ID_OPERATORS:
+                v = to_object_id(v)
+            out[op] = v
+        return out
+    return to_object_id(value)
+
+
+def _check_statuses(value: Any) -> None:
+    if isinstance(value, str):
+        st.check(value)
+    elif isinstance(value, Mapping):
+        for op, v in value.items():
+            for s in (v if op in ("$in", "$nin") and isinstance(v, (list, tuple)) else [v] if op in ("$eq", "$ne") else []):
+                if isinstance(s, str):
+                    st.check(s)
 
 
 def _normalize_query_value(value: Any) -> Any:
@@ -705,19 +896,31 @@ def run_task(
     ``param`` is the task's ``def`` when fetched from ``waiting`` and its ``res`` when
     fetched from ``part_done`` (two-phase training). ``task_pool`` is a pool name or a
     :class:`TaskManager`. Unlike Qlib, the task is leased and kept alive by a heartbeat,
-    so a killed worker's task is recovered, and a commit after a lost lease is dropped.
+    so a killed worker's task is recovered, and a commit after a lost lease is dropped;
+    when ``before_status == after_status`` each task runs once per call (Qlib loops forever).
     On an exception the task is returned to ``before_status`` and the error propagates.
     Returns whether any task ran.
     """
     if before_status not in st.CLAIMABLE:
-        raise ValueError(f"run_task fetches tasks in {st.CLAIMABLE}, not {before_status!r}")
-    st.check(after_status)
+        st.check(before_status, "before_status")
+        raise TaskDefinitionError(f"run_task fetches tasks in {' or '.join(st.CLAIMABLE)}, not {before_status!r}")
+    st.check(after_status, "after_status")
+    if after_status not in (st.WAITING, st.PART_DONE, st.DONE):
+        raise TaskDefinitionError(f"run_task commits tasks as waiting, part_done or done, not {after_status!r}")
     tm = task_pool if isinstance(task_pool, TaskManager) else TaskManager(task_pool)
+    # with before == after (e.g. part_done -> part_done) a committed task matches again:
+    # run each task once per call, where Qlib's loop would never end
+    ran: list[ObjectId] = []
+    decoded = tm._decode_query(query)
     ever_run = False
     while True:
-        with tm.safe_fetch_task(query=query, status=before_status) as task:
+        q = decoded
+        if before_status == after_status and ran:
+            q = {"$and": [decoded, {"_id": {"$nin": ran}}]}
+        with tm.safe_fetch_task(query=q, status=before_status) as task:
             if task is None:
                 break
+            ran.append(task["_id"])
             param = task["def"] if before_status == st.WAITING else task["res"]
             with Heartbeat(tm, task) as hb:
                 if force_release:
