@@ -16,7 +16,8 @@ app = typer.Typer()
 PANEL = "Processes"
 
 
-def _autoscale(value: str | None) -> tuple[int, int] | None:
+def parse_autoscale(value: str | None) -> tuple[int, int] | None:
+    """``MAX,MIN`` as a pair (``None`` stays ``None``); :class:`ConfigError` otherwise."""
     if value is None:
         return None
     parts = value.split(",")
@@ -49,7 +50,7 @@ def worker(
     if autoscale is not None and concurrency is not None:
         raise ConfigError("give either --autoscale or --concurrency, not both")
     checks.check_all(settings)
-    spec = spec_for(pool, concurrency=concurrency, autoscale=_autoscale(autoscale), time_limit=time_limit,
+    spec = spec_for(pool, concurrency=concurrency, autoscale=parse_autoscale(autoscale), time_limit=time_limit,
                     soft_time_limit=soft_time_limit)
     make_app(settings).worker_main(worker_argv(spec, loglevel, hostname))
 

@@ -71,9 +71,10 @@ def up(
     `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it."""
     from .stack import Stack, StackOptions
 
+    from .run import parse_autoscale
+
     state: CliState = ctx.obj
-    if autoscale is not None and not _valid_autoscale(autoscale):
-        raise ConfigError(f"--autoscale takes MAX,MIN (e.g. 4,1), got {autoscale!r}")
+    parse_autoscale(autoscale)  # refuse a malformed value before starting anything
     base = state.settings(use_run_config=False)
     stack = Stack(base, StackOptions(workers=workers, pool=pool, concurrency=concurrency, autoscale=autoscale,
                                      beat=beat, flower=flower, flower_port=flower_port, flower_no_auth=no_auth))
@@ -98,11 +99,6 @@ def up(
         err.print("stopping ...")
         stack.stop()
         out.print("qcelery is down")
-
-
-def _valid_autoscale(value: str) -> bool:
-    parts = value.split(",")
-    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) >= int(parts[1]) >= 0
 
 
 @app.command(rich_help_panel=PANEL)
