@@ -1,0 +1,125 @@
+"""The Celery layer on its happy path: a batch runs on real worker processes and
+aggregates once; messages on the broker are JSON and carry ids only; a pickled
+message is refused by the worker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+
+import pytest
+import redis as redis_client
+
+from qcelery import batch as batches
+from qcelery.celery_app import CONTROL_QUEUE, app_for
+from qcelery.cluster import Cluster
+from qcelery.manage import TaskManager
+from qcelery.probes import RUNS
+from qcelery.producer import enqueue, publish
+from qcelery.settings import Settings
+from qcelery.worker import AGGREGATE, EXECUTE
+
+POOL = "basic"
+#: a value only the task definitions hold: it must never show up on the broker
+MARKER = "payload-stays-in-mongo-7f3a"
+
+
+@pytest.fixture
+def csettings(settings) -> Settings:
+    """The test's settings with the probe task and a queue of its own."""
+    data = settings.model_dump()
+    data.update(task_func="qcelery.probes.counted", default_queue=f"basic-{uuid.uuid4().hex[:8]}")
+    return Settings(**data)
+
+
+@pytest.fixture
+def broker(csettings):
+    r = redis_client.Redis.from_url(csettings.broker_url)
+    yield r
+    for key in r.keys(f"{csettings.default_queue}*"):
+        r.delete(key)
+    r.close()
+
+
+def defs(n: int) -> list[dict]:
+    return [{"key": f"k{i}", "value": i, "note": MARKER} for i in range(n)]
+
+
+def wait_aggregated(tm: TaskManager, batch_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (doc := batches.load(tm.db, batch_id))["state"] != batches.AGGREGATED:
+        assert time.monotonic() < deadline, f"batch not aggregated: {doc['state']}, {tm.task_stat()}"
+        time.sleep(0.2)
+    return doc
+
+
+def test_batch_runs_on_worker_processes_and_aggregates_once_without_beat(csettings, broker, mongo_db):
+    tm = TaskManager(POOL, csettings)
+    with Cluster(csettings) as cluster:
+        cluster.start_worker(csettings.default_queue, concurrency=2)
+        cluster.wait_ready(app_for(csettings))
+        bid = enqueue(defs(10), POOL, settings=csettings)
+        batch = wait_aggregated(tm, bid)  # the chord fires the aggregation; no beat runs
+
+    assert batch["aggregate_runs"] == 1
+    assert batch["summary"]["counts"] == {"done": 10} and batch["summary"]["failures"] == []
+    results = {t["def"]["key"]: t["res"] for t in tm.query({"batch_ids": batch["_id"]})}
+    assert {k: r["value"] for k, r in results.items()} == {f"k{i}": i for i in range(10)}
+    # two processes shared the work, and every task ran once
+    assert len({r["pid"] for r in results.values()}) == 2
+    assert mongo_db[RUNS].count_documents({"event": "done"}) == 10
+    assert {t["attempt"] for t in tm.query({}, decode=False)} == {1}
+
+
+def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):
+    bid = enqueue(defs(3), POOL, settings=csettings)  # no worker yet: the messages wait in Redis
+    task_ids = [str(i) for i in batches.load(TaskManager(POOL, csettings).db, bid)["task_ids"]]
+
+    raw = broker.lrange(csettings.default_queue, 0, -1)
+    assert len(raw) == 3
+    seen = []
+    for message in raw:
+        assert MARKER.encode() not in message
+        envelope = json.loads(message)
+        assert envelope["content-type"] == "application/json"
+        assert envelope["properties"]["body_encoding"] == "base64"
+        args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+        assert envelope["headers"]["task"] == EXECUTE
+        assert kwargs == {}
+        pool, task_id, batch_id = args
+        assert (pool, batch_id) == (POOL, bid)
+        seen.append(task_id)
+        # the chord's body rides along: the aggregation, again ids only
+        body = embed["chord"]
+        assert (body["task"], body["args"], body["kwargs"]) == (AGGREGATE, [POOL, bid], {})
+        assert body["options"]["queue"] == CONTROL_QUEUE
+    assert sorted(seen) == sorted(task_ids)
+
+
+def test_a_pickled_message_is_refused_by_the_worker(csettings, broker, mongo_db):
+    tm = TaskManager(POOL, csettings)
+    pickled_id, json_id = (str(i) for i in tm.create_task(defs(2)))
+    app = app_for(csettings)
+    # a producer that pickles: the worker only accepts JSON
+    app.send_task(EXECUTE, args=(POOL, pickled_id, None), queue=csettings.default_queue, serializer="pickle")
+    [message] = broker.lrange(csettings.default_queue, 0, -1)
+    assert json.loads(message)["content-type"] == "application/x-python-serialize"
+    publish(app, POOL, [json_id])  # queued behind it
+
+    with Cluster(csettings) as cluster:
+        worker = cluster.start_worker(csettings.default_queue, concurrency=1)
+        cluster.wait_ready(app)
+        deadline = time.monotonic() + 60
+        while tm.get_raw(json_id, ["status"])["status"] != "done":
+            assert time.monotonic() < deadline, "the JSON message behind the pickled one never ran"
+            time.sleep(0.2)
+        log = worker.log.read_text(errors="replace")
+
+    # the pickled message was dropped unopened: its task never ran, nothing is left queued
+    refused = tm.get_raw(pickled_id, ["status", "attempt"])
+    assert (refused["status"], refused["attempt"]) == ("waiting", 0)
+    assert mongo_db[RUNS].count_documents({"key": "k0"}) == 0
+    assert broker.llen(csettings.default_queue) == 0
+    assert "Refusing to deserialize untrusted content of type pickle" in log
