@@ -84,12 +84,24 @@ def enqueue(
     body = app.signature(AGGREGATE, args=(pool, str(doc["_id"])), queue=CONTROL_QUEUE, immutable=True,
                          ignore_result=True)
     if header:
-        chord(header)(body)
+        _release(app, chord(header)(body))
     else:
         body.apply_async()
     tm.mark_published([i for i in todo if i not in inserted])
     logger.info("batch %s: %d tasks (%d to run) published to queue %s", doc["_id"], doc["n_tasks"], len(todo), queue)
     return str(doc["_id"])
+
+
+def _release(app: Celery, result: Any) -> None:
+    """Unsubscribe from the chord's results. Building the header's ``GroupResult``
+    subscribes the Redis backend's result consumer to every header task; the producer
+    never waits on them, and left subscribed they are dropped during interpreter
+    shutdown, when Redis may no longer be reached (a traceback on exit)."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is None:  # a backend without a result consumer subscribes to nothing
+        return
+    for r in [result, *(getattr(result.parent, "results", None) or [])]:
+        consumer.cancel_for(r.id)
 
 
 def publish(app: Celery, pool: str, task_ids: Iterable[Any], *, batch_id: Any = None, queue: str | None = None,

@@ -120,28 +120,8 @@ def submit(wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, que
     kwargs = {"experiment_name": experiment} if wfl.accepts(task_func, "experiment_name") else None
     bid = produce(wf.tasks, pool, settings=settings, queue=queue, priority=priority,
                   aggregate=wfl.aggregate_spec(task_func, experiment), task_func=task_func, task_kwargs=kwargs)
-    _release_pending_results(settings)
     n = len(wf.tasks)
     return Submitted(bid, pool, queue, n, n - sum(existing.values()), existing)
-
-
-def _release_pending_results(settings: Settings) -> None:
-    """Drop the result subscriptions Celery's ``GroupResult`` of the chord header keeps
-    in the Redis backend. Left alone, they are released while the interpreter shuts
-    down, and Redis' unsubscribe then fails with a traceback on stderr."""
-    from ..celery_app import app_for
-
-    app = app_for(settings)
-    seen: set[int] = set()
-    for backend in (app.backend, *(t.backend for t in app.tasks.values())):
-        pending = getattr(backend, "_pending_results", None)
-        if pending is None or id(backend) in seen:
-            continue
-        seen.add(id(backend))
-        for mapping in pending:  # (concrete, weak): task id -> {id(result): result}
-            for results in list(mapping.values()):
-                for result in list(results.values()):
-                    backend.remove_pending_result(result)
 
 
 @app.command(rich_help_panel=PANEL_RUN)
