@@ -30,9 +30,11 @@ test: $(STAMP) browser
 demo: $(STAMP)
 	$(VENV)/bin/qcelery demo
 
-# pyqlib is heavy (jupyter, ...); it is only needed to run Qlib beside us in bench/
+# pyqlib is heavy (jupyter, ...) and pins its own versions: it lives in a venv of its
+# own, which the benchmarks in bench/ run as subprocesses to measure Qlib beside us
 bench-deps: $(STAMP)
-	$(PY) -m pip install -q pyqlib
+	test -x .venv-qlib/bin/python || $(PYTHON) -m venv .venv-qlib
+	.venv-qlib/bin/python -m pip install -q pyqlib
 
 clean:
 	rm -rf .qcelery build *.egg-info
