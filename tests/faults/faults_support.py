@@ -8,12 +8,15 @@ each start and each completed run in the ``qcelery_probe_runs`` collection, so
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from qcelery import batch as batches
+from qcelery.cluster import Cluster
 from qcelery.manage import TaskManager
 from qcelery.probes import RUNS
 from qcelery.settings import Settings
@@ -44,6 +47,20 @@ def fault_settings(base: Settings, **overrides: Any) -> Settings:
     data["default_queue"] = f"faults-{uuid.uuid4().hex[:8]}"
     data.update(overrides)
     return Settings(**data)
+
+
+@contextlib.contextmanager
+def running(settings: Settings) -> Iterator[Cluster]:
+    """A :class:`Cluster` for ``settings`` whose processes are killed (whole process
+    groups, SIGKILL) when the block ends: the scenario is over, and a warm shutdown
+    would cost seconds per test."""
+    cluster = Cluster(settings)
+    try:
+        yield cluster
+    finally:
+        for proc in reversed(cluster.procs):
+            proc.stop(timeout=10, sig=signal.SIGKILL)
+        cluster.procs.clear()
 
 
 def probe_defs(n: int, prefix: str = "t", **knobs: Any) -> list[dict]:

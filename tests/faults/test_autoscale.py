@@ -7,16 +7,15 @@ from __future__ import annotations
 import pytest
 
 from qcelery.celery_app import app_for
-from qcelery.cluster import Cluster
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 
-from faults_support import POOL, assert_exactly_once, probe_defs, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, probe_defs, running, wait_batch, wait_for
 
 
 @pytest.fixture
 def autoscaled(fsettings):
-    with Cluster(fsettings) as c:
+    with running(fsettings) as c:
         # Celery keeps surplus processes for AUTOSCALE_KEEPALIVE seconds (default 30)
         c.extra_env["AUTOSCALE_KEEPALIVE"] = "1"
         c.start_worker(fsettings.default_queue, autoscale="3,1")

@@ -10,13 +10,12 @@ import time
 import pytest
 
 from qcelery.celery_app import app_for
-from qcelery.cluster import Cluster
 from qcelery.embedded import EmbeddedMongo, free_port
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 from qcelery.worker import execute_task
 
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, running, wait_batch, wait_for
 
 
 #: longer than the client's server-selection timeout, so operations in flight fail
@@ -34,7 +33,7 @@ def own_mongo(tmp_path):
 def test_mongo_restart_mid_batch_loses_nothing(settings, own_mongo):
     fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0)
     tm = TaskManager(POOL, fs)
-    with Cluster(fs) as cluster:
+    with running(fs) as cluster:
         cluster.start_worker(fs.default_queue, concurrency=2)
         cluster.start_beat()
         cluster.wait_ready(app_for(fs))
