@@ -91,7 +91,7 @@ class Cluster:
 
     def start_worker(self, pool: str = "cpu", *, concurrency: int | None = None, autoscale: str | None = None,
                      time_limit: float | None = None, soft_time_limit: float | None = None,
-                     name: str | None = None, loglevel: str = "INFO") -> Proc:
+                     name: str | None = None, loglevel: str = "INFO", max_tasks_per_child: int | None = None) -> Proc:
         n = sum(1 for p in self.procs if p.name.startswith(f"worker-{pool}"))
         name = name or f"worker-{pool}-{n + 1}"
         argv = [sys.executable, "-m", "workers", pool, "--loglevel", loglevel, "--hostname", f"{name}@%h"]
@@ -103,6 +103,8 @@ class Cluster:
             argv += ["--time-limit", str(time_limit)]
         if soft_time_limit:
             argv += ["--soft-time-limit", str(soft_time_limit)]
+        if max_tasks_per_child:
+            argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
         return self._spawn(name, argv)
 
     def start_beat(self, name: str | None = None, loglevel: str = "INFO") -> Proc:

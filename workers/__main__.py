@@ -14,12 +14,13 @@ def main() -> None:
     p.add_argument("--autoscale", help="MAX,MIN")
     p.add_argument("--time-limit", type=float)
     p.add_argument("--soft-time-limit", type=float)
+    p.add_argument("--max-tasks-per-child", type=int, help="recycle a pool process after this many tasks")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname")
     a = p.parse_args()
     autoscale = tuple(int(x) for x in a.autoscale.split(",")) if a.autoscale else None
     spec = spec_for(a.pool, concurrency=a.concurrency, autoscale=autoscale, time_limit=a.time_limit,
-                    soft_time_limit=a.soft_time_limit)
+                    soft_time_limit=a.soft_time_limit, max_tasks_per_child=a.max_tasks_per_child)
     start(spec, a.loglevel, a.hostname)
 
 
