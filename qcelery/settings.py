@@ -13,7 +13,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -21,32 +20,45 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 DEFAULT_CONFIG_FILE = "qcelery.toml"
 
 
+# a failover list of URLs ("amqp://h1//;amqp://h2//"): split only where a new URL starts,
+# so a ';' inside a password does not cut it in two
+_URL_LIST_SEP = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+#: the fields holding URLs that may carry credentials
+URL_FIELDS = ("mongo_url", "broker_url", "result_backend", "mlflow_tracking_uri")
+
+
+def _mask_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # the credentials end at the last '@' (an unescaped '@', '/', '?' or '#' in a password
+    # is common enough; masking too much of an odd URL is safer than showing a secret)
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    user, colon, _ = rest[:at].partition(":")
+    if not colon:
+        return url
+    return f"{scheme}://{user}:***@{rest[at + 1:]}"
+
+
 def mask_url(url: str | None) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    """Return ``url`` with any password replaced by ``***`` (safe for logs and errors).
+
+    Works on lists of URLs separated by ``;`` (Celery's failover brokers), Mongo URLs
+    with several hosts, and passwords holding unescaped ``@``, ``/``, ``:`` or ``;``."""
     if not url:
         return str(url)
-    out = []
-    # a Mongo URL may list several hosts; urlsplit copes since they sit in the netloc
-    for part in url.split(";"):
-        try:
-            s = urlsplit(part)
-        except ValueError:
-            out.append(re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", part))
-            continue
-        if s.password is None and "@" not in s.netloc:
-            out.append(part)
-            continue
-        userinfo, _, hosts = s.netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
-        out.append(urlunsplit((s.scheme, netloc, s.path, s.query, s.fragment)))
-    return ";".join(out)
+    return ";".join(_mask_one(part) for part in _URL_LIST_SEP.split(url))
 
 
 class Settings(BaseSettings):
     """Everything qcelery can be configured with; defaults serve the embedded servers."""
 
-    model_config = SettingsConfigDict(env_prefix="QCELERY_", extra="forbid", validate_default=True)
+    # hide_input_in_errors: a ValidationError must not echo a URL with its password
+    model_config = SettingsConfigDict(env_prefix="QCELERY_", extra="forbid", validate_default=True,
+                                      hide_input_in_errors=True)
 
     mongo_url: str = "mongodb://127.0.0.1:27017"
     mongo_db: str = "qcelery"
@@ -136,9 +148,14 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every URL's password masked (for logs)."""
         data = self.model_dump()
-        for key in ("mongo_url", "broker_url", "result_backend", "mlflow_tracking_uri"):
+        for key in URL_FIELDS:
             data[key] = mask_url(data[key]) if data[key] else data[key]
         return data
+
+    def __repr_args__(self) -> Any:
+        # repr()/str() end up in logs and tracebacks: mask the URLs there too
+        for key, value in super().__repr_args__():
+            yield key, (mask_url(value) if key in URL_FIELDS and isinstance(value, str) else value)
 
 
 def load_settings(**overrides: Any) -> Settings:
