@@ -7,6 +7,7 @@ cache is keyed by process id as well as URL.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from typing import Any
 
@@ -35,6 +36,19 @@ def unreachable(settings: Settings, exc: BaseException) -> StoreUnavailableError
     )
 
 
+def _without_password(message: str, url: str) -> str:
+    """pymongo's parse error, unless it quotes a piece of the URL's password (an unescaped
+    '/' in a password makes it report the rest as a database name)."""
+    scheme, _, rest = url.partition("://")
+    userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+    password = userinfo.partition(":")[2]
+    pieces = [p for p in re.split(r"[/?#@:;]", password) if len(p) >= 2]
+    if any(p in message for p in pieces):
+        return ("the URL does not parse (the parser's message quotes part of the password, so it is withheld); "
+                "escape the user name and password with urllib.parse.quote_plus")
+    return message
+
+
 def client(settings: Settings) -> pymongo.MongoClient:
     """The process' client for ``settings.mongo_url`` (created on first use)."""
     key = (os.getpid(), settings.mongo_url, settings.mongo_timeout_ms)
@@ -53,7 +67,8 @@ def client(settings: Settings) -> pymongo.MongoClient:
                     appname="qcelery",
                 )
             except (InvalidURI, ConfigurationError, ValueError) as exc:
-                raise ConfigError(f"invalid QCELERY_MONGO_URL {mask_url(settings.mongo_url)}: {exc}") from None
+                raise ConfigError(f"invalid QCELERY_MONGO_URL {mask_url(settings.mongo_url)}: "
+                                  f"{_without_password(str(exc), settings.mongo_url)}") from None
             _CLIENTS[key] = c
     return c
 
