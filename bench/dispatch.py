@@ -207,7 +207,7 @@ def main() -> None:
             server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
             version = client(settings).server_info().get("version")
             print(f"server: {server} {version}; broker: Redis at {broker}; python {sys.version.split()[0]}; "
-                  f"{os.cpu_count()} CPUs; worker log level {args.loglevel}")
+                  f"{os.cpu_count()} CPUs; worker log level {args.loglevel}; load average {os.getloadavg()[0]:.2f} at start")
             rows = []
             configs = [("qcelery, cpu pool spec", None)]
             if args.max_tasks_per_child:

@@ -77,7 +77,7 @@ def main() -> None:
                                 run_dir=Path(tmp) / "run", default_queue=queue, task_func="qcelery.probes.noop")
             server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
             print(f"server: {server} {client(settings).server_info().get('version')}; broker: Redis; "
-                  f"python {sys.version.split()[0]}; N={n} tasks per measurement")
+                  f"python {sys.version.split()[0]}; N={n} tasks per measurement; load average {os.getloadavg()[0]:.2f}")
             app = make_app(settings)
             tm = TaskManager("overhead", settings)
 
