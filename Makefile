@@ -25,7 +25,7 @@ browser:
 	fi
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(CURDIR)/.pytest-tmp tests
 
 demo: $(STAMP)
 	$(VENV)/bin/qcelery demo
