@@ -135,7 +135,8 @@ def test_a_built_handler_is_stored_in_gridfs_and_loaded_by_other_processes(setti
     assert cache.get(CONFIG) is built and cache.stats["memory"] == 1
 
     clear_memory()
-    ctx = multiprocessing.get_context("fork")
+    # spawn: a forked child would inherit (and try to close) earlier tests' broker connections
+    ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=_load_in_child, args=(settings, out))
     proc.start()

@@ -107,7 +107,8 @@ def _create_experiment(uri: str, out) -> None:
 
 def test_concurrent_processes_creating_one_experiment_in_a_file_store_get_the_same_one(tmp_path):
     uri = (tmp_path / "race").as_uri()
-    ctx = multiprocessing.get_context("fork")
+    # spawn: a forked child would inherit (and try to close) earlier tests' broker connections
+    ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_create_experiment, args=(uri, out)) for _ in range(4)]
     for p in procs:
@@ -170,7 +171,8 @@ def _write_runs(uri: str, worker: int, n: int, out) -> None:
 
 
 def test_several_processes_write_runs_to_an_mlflow_server_at_once(mlflow_server):
-    ctx = multiprocessing.get_context("fork")
+    # spawn: a forked child would inherit (and try to close) earlier tests' broker connections
+    ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_write_runs, args=(mlflow_server, w, 4, out)) for w in range(3)]
     for p in procs:

@@ -195,7 +195,8 @@ def test_rolling_tasks_of_two_models_trained_by_two_worker_processes_and_collect
     tm = TaskManager(pool, settings)
     tm.create_task(tasks)
     get_experiment(exp_name, settings)
-    ctx = multiprocessing.get_context("fork")
+    # spawn: a forked child would inherit (and try to close) earlier tests' broker connections
+    ctx = multiprocessing.get_context("spawn")
     counts = ctx.Queue()
     workers = [ctx.Process(target=_pool_worker, args=(exp_name, pool, settings, counts)) for _ in range(2)]
     for w in workers:
