@@ -18,29 +18,27 @@ from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wa
 
 def test_task_of_a_killed_worker_process_is_recovered_by_beat_and_runs_once(fsettings, cluster):
     tm = TaskManager(POOL, fsettings)
-    bid = enqueue(probe_defs(10, sleep=1.5), POOL, settings=fsettings)
+    # two long tasks first (a kill surely lands mid-run), then short ones
+    bid = enqueue(probe_defs(2, "long", sleep=4.0) + probe_defs(8, sleep=0.3), POOL, settings=fsettings)
     worker = cluster.procs[0]
 
-    def running_in_a_child():
-        # a task some pool process has been running for a while (its function has started)
+    def long_task_running_in_a_child():
         started = probe_runs(fsettings)["start"]
         for t in tm.query({"status": "running"}, decode=False):
             pid = int(t["worker"].rsplit(":", 1)[1])
             key = tm.re_query(t["_id"])["def"]["key"]
-            if pid in worker.children() and started[key] == 1:
+            if key.startswith("long") and started[key] == 1 and pid in worker.children():
                 return t, pid, key
         return None
 
-    victim, pid, key = wait_for(running_in_a_child, what="a task running in a pool process")
+    victim, pid, key = wait_for(long_task_running_in_a_child, what="a long task running in a pool process")
     os.kill(pid, signal.SIGKILL)  # the process dies mid-task: no commit, no fail, no heartbeat
     killed_at = time.monotonic()
 
-    back = wait_for(lambda: tm.get_raw(victim["_id"], ["status", "attempt"])["attempt"] == 2, timeout=60,
-                    what=f"task {key} claimed again")
+    wait_for(lambda: tm.get_raw(victim["_id"], ["attempt"])["attempt"] == 2, timeout=60, what=f"task {key} claimed again")
     recovered_after = time.monotonic() - killed_at
     batch = wait_batch(tm, bid)
 
-    assert back
     assert_exactly_once(fsettings, tm, batch)
     runs = probe_runs(fsettings)
     assert runs["start"][key] == 2 and runs["done"][key] == 1  # the killed run never completed
