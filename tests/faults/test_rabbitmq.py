@@ -35,6 +35,7 @@ def rabbitmq():
     if not port_open(HOST, PORT):
         if shutil.which("rabbitmq-server") is None:
             env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+            subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
             subprocess.run(["apt-get", "install", "-y", "-qq", "rabbitmq-server"], check=True, env=env, timeout=600)
         subprocess.run(["rabbitmq-server", "-detached"], check=True, timeout=60)
         deadline = time.monotonic() + 90
