@@ -91,9 +91,11 @@ def test_port_taken_by_another_server_is_reported_not_mistaken_for_ours(tmp_path
 
 # ------------------------------------------------------------- in a child process
 CHILD = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, signal, sys, time
     from qcelery.embedded import EmbeddedMongo, EmbeddedRedis
     run_dir, mode = sys.argv[1], sys.argv[2]
+    # as in a terminal: a test runner started in the background may pass SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def report(mongo, redis):
         print(json.dumps({"pids": [mongo.proc.pid, redis.proc.pid], "ports": [mongo.port, redis.port]}), flush=True)
