@@ -7,9 +7,10 @@ In one process, against real servers (embedded SecantusDB + redis-server unless
   cached, as in a warm worker): claim, decode, heartbeat start/stop, call, commit;
 * its parts, each timed alone on fresh tasks: claim (the atomic update and the read of
   the claimed document), decode of ``def``, heartbeat thread start + stop, commit;
-* messages: one ``execute`` message published in a chord (``apply_async`` of the
-  id-only signature) and one re-publish through ``producer.publish`` (what recovery and
-  the sweep do: it also looks up the task's batch and marks it published).
+* messages: one ``execute`` message of a chord, as ``enqueue`` publishes it (the time of
+  publishing an N-message chord divided by N; 5 rounds) and one re-publish of a single
+  task through ``producer.publish`` (what recovery and the sweep do: it also looks up
+  the task's batch and marks it published).
 
 The overhead per task is the median ``execute`` plus the median chord message. Celery's
 own cost between tasks (message fetch, ack, events, IPC to the pool process) is not in
@@ -61,7 +62,7 @@ def main() -> None:
     from qcelery.celery_app import make_app
     from qcelery.embedded import EmbeddedMongo, EmbeddedRedis
     from qcelery.manage import Heartbeat, TaskManager, worker_name
-    from qcelery.producer import _execute_sig, publish
+    from qcelery.producer import _publish_chord, publish
     from qcelery.settings import Settings
     from qcelery.store import client, scans_find_and_modify
     from qcelery.worker import _batch_spec, execute_task
@@ -114,8 +115,10 @@ def main() -> None:
             assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
 
             # messages (to a queue nobody consumes; deleted afterwards)
-            it = iter(ids)
-            message = timed(lambda: _execute_sig(app, "overhead", next(it), doc["_id"], queue, 0).apply_async(), n)
+            body = app.signature("qcelery.aggregate", args=("overhead", str(doc["_id"])), queue=queue,
+                                 immutable=True, ignore_result=True)
+            message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0,
+                                                                   body.clone()), 5)]
             it = iter(ids)
             republish = timed(lambda: publish(app, "overhead", [next(it)]), n)
             r = redis_client.Redis.from_url(broker)

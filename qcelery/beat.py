@@ -46,12 +46,13 @@ def schedule(settings: Settings) -> dict:
     }
 
 
-def _log_run(settings: Settings, job: str, beat: str | None, result: dict) -> None:
-    db = database(settings)
-    db[BEAT_LOG].insert_one({"job": job, "beat": beat, "at": utcnow(), **result})
+def _log_run(settings: Settings, job: str, beat: str | None, sent_at: str | None, result: dict) -> None:
+    """One line of the beat log: which beat sent the job, when it was sent and when it ran."""
+    sent = _dt.datetime.fromisoformat(sent_at) if sent_at else None
+    database(settings)[BEAT_LOG].insert_one({"job": job, "beat": beat, "sent_at": sent, "at": utcnow(), **result})
 
 
-def recover(app: Celery, beat: str | None = None) -> dict:
+def recover(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Every pool: expired leases back to waiting (or failed) and re-published."""
     from .producer import publish
 
@@ -62,11 +63,11 @@ def recover(app: Celery, beat: str | None = None) -> dict:
         if ids:
             requeued += publish(app, pool, ids)
     result = {"requeued": requeued}
-    _log_run(settings, "recover", beat, result)
+    _log_run(settings, "recover", beat, sent_at, result)
     return result
 
 
-def sweep(app: Celery, beat: str | None = None) -> dict:
+def sweep(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Re-publish claimable batch tasks whose last message is older than ``sweep_after``
     (a broker that lost its queue), and re-check batches whose chord never fired."""
     from .celery_app import CONTROL_QUEUE
@@ -84,7 +85,7 @@ def sweep(app: Celery, beat: str | None = None) -> dict:
         app.send_task(AGGREGATE, args=(b["pool"], str(b["_id"])), queue=CONTROL_QUEUE)
         rechecked += 1
     result = {"republished": republished, "batches_rechecked": rechecked}
-    _log_run(settings, "sweep", beat, result)
+    _log_run(settings, "sweep", beat, sent_at, result)
     return result
 
 
@@ -93,12 +94,12 @@ def register(app: Celery) -> None:
     app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
 
     @app.task(name=RECOVER, bind=True, shared=False, acks_late=True)
-    def recover_task(self, beat: str | None = None) -> dict:
-        return recover(self.app, beat)
+    def recover_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
+        return recover(self.app, beat, sent_at)
 
     @app.task(name=SWEEP, bind=True, shared=False, acks_late=True)
-    def sweep_task(self, beat: str | None = None) -> dict:
-        return sweep(self.app, beat)
+    def sweep_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
+        return sweep(self.app, beat, sent_at)
 
 
 class BeatLock:
@@ -152,7 +153,7 @@ class LockedScheduler(PersistentScheduler):
         return min(super().tick(*args, **kwargs), self.lock.ttl / 3)
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
-        entry.kwargs = {**(entry.kwargs or {}), "beat": self.lock.owner}
+        entry.kwargs = {**(entry.kwargs or {}), "beat": self.lock.owner, "sent_at": utcnow().isoformat()}
         return super().apply_async(entry, producer, advance, **kwargs)
 
     def close(self) -> None:

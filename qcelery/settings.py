@@ -25,6 +25,8 @@ DEFAULT_CONFIG_FILE = "qcelery.toml"
 _URL_LIST_SEP = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 #: the fields holding URLs that may carry credentials
+#: result backend URLs Celery serves with its Redis backend
+REDIS_BACKEND_SCHEMES = ("redis://", "rediss://", "sentinel://")
 URL_FIELDS = ("mongo_url", "broker_url", "result_backend", "mlflow_tracking_uri")
 
 
@@ -117,12 +119,22 @@ class Settings(BaseSettings):
 
     @property
     def effective_result_backend(self) -> str:
-        if self.result_backend:
-            return self.result_backend
-        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            return self.broker_url
+        """The Celery result backend: ``result_backend``, else a Redis broker's own URL.
+
+        It must be Redis: the chord that fires a batch's aggregation keeps its size and
+        counts its finished parts there (``producer._publish_chord``)."""
         from .errors import ConfigError
 
+        if self.result_backend:
+            if not self.result_backend.startswith(REDIS_BACKEND_SCHEMES):
+                raise ConfigError(
+                    f"QCELERY_RESULT_BACKEND {mask_url(self.result_backend)} is not a Redis URL "
+                    f"({', '.join(REDIS_BACKEND_SCHEMES)}): the chord that starts each batch's "
+                    "aggregation counts its tasks in Redis"
+                )
+            return self.result_backend
+        if self.broker_url.startswith(REDIS_BACKEND_SCHEMES):
+            return self.broker_url
         raise ConfigError(
             f"broker {mask_url(self.broker_url)} is not Redis: set QCELERY_RESULT_BACKEND "
             "(e.g. redis://host:6379/1) for chord results"

@@ -79,7 +79,7 @@ def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):
 
     raw = broker.lrange(csettings.default_queue, 0, -1)
     assert len(raw) == 3
-    seen = []
+    seen, groups, indexes = [], set(), []
     for message in raw:
         assert MARKER.encode() not in message
         envelope = json.loads(message)
@@ -95,7 +95,45 @@ def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):
         body = embed["chord"]
         assert (body["task"], body["args"], body["kwargs"]) == (AGGREGATE, [POOL, bid], {})
         assert body["options"]["queue"] == CONTROL_QUEUE
+        # one chord: every header message names its group and its place in it
+        groups.add(envelope["headers"]["group"])
+        indexes.append(envelope["headers"]["group_index"])
+        assert body["options"]["group_id"] == envelope["headers"]["group"]
     assert sorted(seen) == sorted(task_ids)
+    [group_id] = groups
+    assert sorted(indexes) == [0, 1, 2]
+    # the backend knows the chord's size before any part can finish
+    backend = app_for(csettings).backend
+    assert int(backend.client.get(backend.get_key_for_group(group_id, ".s"))) == 3
+
+
+
+def test_a_header_of_several_publish_batches_reaches_the_broker_whole(csettings, broker):
+    from qcelery.producer import PUBLISH_BATCH
+
+    n = 2 * PUBLISH_BATCH + 7  # two full Redis pipelines and a partial one
+    tm = TaskManager(POOL, csettings)
+    bid = enqueue([{"key": f"b{i}"} for i in range(n)], POOL, settings=csettings)
+    task_ids = {str(i) for i in batches.load(tm.db, bid)["task_ids"]}
+
+    def queued() -> list[tuple[str, int]]:
+        out = []
+        for message in broker.lrange(csettings.default_queue, 0, -1):
+            envelope = json.loads(message)
+            args, _, _ = json.loads(base64.b64decode(envelope["body"]))
+            out.append((args[1], envelope["headers"]["group_index"]))
+        return out
+
+    first = queued()
+    assert len(first) == n and {t for t, _ in first} == task_ids
+    assert sorted(i for _, i in first) == list(range(n))
+
+    # a re-publish (recovery, sweep) goes through the same batches: one message per task
+    broker.delete(csettings.default_queue)
+    assert publish(app_for(csettings), POOL, sorted(task_ids)) == n
+    again = queued()
+    assert len(again) == n and {t for t, _ in again} == task_ids
+    assert {i for _, i in again} == {None}  # outside the chord: the sweep re-checks the batch
 
 
 def test_a_pickled_message_is_refused_by_the_worker(csettings, broker, mongo_db):
