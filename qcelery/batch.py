@@ -114,8 +114,9 @@ def finish_aggregation(db: Database, batch_id: ObjectId, worker: str, summary: d
 
 
 def stalled(db: Database, older_than: float) -> list[dict]:
-    """Open batches (any pool) and aggregations whose aggregator vanished longer ago than
-    ``older_than`` seconds: beat re-checks them, since a lost or failed chord never fires."""
+    """Batches beat should re-check, since a lost or failed chord never fires: open batches
+    (any pool) created more than ``older_than`` seconds ago and not re-checked within that
+    time, and aggregations whose aggregator vanished longer ago than that (reopened here)."""
     now = utcnow()
     cutoff = now - _dt.timedelta(seconds=older_than)
     stuck = list(db[COLLECTION].find({"state": AGGREGATING, "aggregating_since": {"$lt": cutoff}}, {"_id": 1}))
@@ -123,7 +124,8 @@ def stalled(db: Database, older_than: float) -> list[dict]:
         db[COLLECTION].update_one({"_id": d["_id"], "state": AGGREGATING, "aggregating_since": {"$lt": cutoff}},
                                   {"$set": {"state": OPEN, "aggregator": None, "aggregating_since": None}})
     return list(db[COLLECTION].find(
-        {"state": OPEN, "$or": [{"next_check_at": None}, {"next_check_at": {"$lt": cutoff}}]},
+        {"state": OPEN, "created_at": {"$lt": cutoff},
+         "$or": [{"next_check_at": None}, {"next_check_at": {"$lt": cutoff}}]},
         {"_id": 1, "pool": 1},
     ))
 
