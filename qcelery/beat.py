@@ -1,4 +1,5 @@
-"""Beat jobs: recover expired leases, sweep unpublished tasks, finish stalled batches.
+"""Beat jobs: recover expired leases, sweep unpublished tasks, finish stalled batches,
+delete result files left behind by interrupted commits.
 
 ``celery beat`` (started by ``qcelery beat``) sends the jobs below every few seconds
 to the control queue; any worker runs them. Every job is a set of conditional
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 RECOVER = "qcelery.recover"
 SWEEP = "qcelery.sweep"
+GC_RESULTS = "qcelery.gc_results"
 LOCKS = "qcelery_locks"
 BEAT_LOG = "qcelery_beat_log"
 BEAT_LOCK = "beat"
@@ -43,6 +45,9 @@ def schedule(settings: Settings) -> dict:
                             "options": {"queue": CONTROL_QUEUE, "expires": max(settings.recover_interval * 3, 5)}},
         "qcelery-sweep": {"task": SWEEP, "schedule": settings.sweep_interval,
                           "options": {"queue": CONTROL_QUEUE, "expires": max(settings.sweep_interval * 3, 5)}},
+        "qcelery-gc-results": {"task": GC_RESULTS, "schedule": settings.result_gc_interval,
+                               "options": {"queue": CONTROL_QUEUE,
+                                           "expires": max(settings.result_gc_interval * 3, 5)}},
     }
 
 
@@ -89,6 +94,16 @@ def sweep(app: Celery, beat: str | None = None, sent_at: str | None = None) -> d
     return result
 
 
+def gc_results(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
+    """Every pool: delete result files no task refers to, older than ``result_gc_after``."""
+    settings: Settings = app.qcelery_settings
+    dropped = sum(TaskManager(pool, settings).drop_orphan_result_files(settings.result_gc_after)
+                  for pool in TaskManager.list(settings))
+    result = {"result_files_dropped": dropped}
+    _log_run(settings, "gc_results", beat, sent_at, result)
+    return result
+
+
 def register(app: Celery) -> None:
     app.conf.beat_schedule = schedule(app.qcelery_settings)
     app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
@@ -100,6 +115,10 @@ def register(app: Celery) -> None:
     @app.task(name=SWEEP, bind=True, shared=False, acks_late=True)
     def sweep_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
         return sweep(self.app, beat, sent_at)
+
+    @app.task(name=GC_RESULTS, bind=True, shared=False, acks_late=True)
+    def gc_results_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
+        return gc_results(self.app, beat, sent_at)
 
 
 class BeatLock:

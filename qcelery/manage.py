@@ -57,7 +57,7 @@ from .errors import (
 )
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
-from .store import INTERNAL_PREFIX, database, result_fs, scans_find_and_modify
+from .store import INTERNAL_PREFIX, RESULT_BUCKET, database, result_fs, scans_find_and_modify
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,37 @@ class TaskManager:
         if fid is not None:
             with contextlib.suppress(PyMongoError):
                 result_fs(self.db).delete(fid)
+
+    def drop_orphan_result_files(self, older_than: float) -> int:
+        """Delete this pool's GridFS result files that no task refers to and that were
+        written more than ``older_than`` seconds ago; returns how many.
+
+        A commit writes its result file before the fenced update that points the task at
+        it. A worker killed between the two, or a commit whose update was lost with its
+        connection and then retried (writing a second file), leaves a file behind. Files
+        younger than ``older_than`` are kept: their commit may still be under way."""
+        cutoff = utcnow() - _dt.timedelta(seconds=older_than)
+        files = self.db[f"{RESULT_BUCKET}.files"]
+        dropped = 0
+        batch: list = []
+
+        def flush() -> int:
+            used = {d["res_file"] for d in self.task_pool.find({"res_file": {"$in": batch}}, {"res_file": 1})}
+            orphans = [fid for fid in batch if fid not in used]
+            for fid in orphans:
+                result_fs(self.db).delete(fid)
+            batch.clear()
+            return len(orphans)
+
+        for f in files.find({"pool": self.name, "uploadDate": {"$lt": cutoff}}, {"_id": 1}):
+            batch.append(f["_id"])
+            if len(batch) == _LOOKUP_CHUNK:
+                dropped += flush()
+        if batch:
+            dropped += flush()
+        if dropped:
+            logger.info("pool %s: deleted %d result files no task refers to", self.name, dropped)
+        return dropped
 
     # ------------------------------------------------------------------ queries
     def _decode_query(self, query: Any) -> dict:

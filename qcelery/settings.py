@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(15.0, gt=0, description="beat: how often unpublished waiting tasks are swept")
     sweep_after: float = Field(60.0, gt=0, description="re-publish waiting tasks last published longer ago")
     aggregate_countdown: float = Field(2.0, gt=0, description="re-check delay of an aggregation waiting for tasks")
+    result_gc_interval: float = Field(3600.0, gt=0, description="beat: how often result files no task refers to are deleted")
+    result_gc_after: float = Field(3600.0, gt=0, description="only result files older than this (seconds) are collected")
     calendar: str = "XSHG"
     gridfs_threshold: int = Field(1_000_000, gt=0, description="results larger than this (bytes) go to GridFS")
     max_def_bytes: int = Field(15_000_000, gt=0, description="largest pickled task definition accepted")

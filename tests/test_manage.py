@@ -572,6 +572,35 @@ def test_a_lost_commit_leaves_no_gridfs_file(settings, mongo_db):
     assert mongo_db[f"{RESULT_BUCKET}.files"].count_documents({}) == 0
 
 
+
+def test_result_files_left_by_interrupted_commits_are_collected_once_old(settings, mongo_db):
+    from qcelery.beat import BEAT_LOG, gc_results
+    from qcelery.celery_app import app_for
+
+    settings = settings.model_copy(update={"gridfs_threshold": 1000})
+    tm, other = TaskManager("pool", settings), TaskManager("other", settings)
+    kept, cut, foreign = tm.create_task([task_def(0), task_def(1)]) + other.create_task([task_def(2)])
+    assert tm.commit(tm.claim(kept), np.ones(5_000))  # a finished task's file
+    # a worker killed between writing the result file and the update that points to it
+    _, orphan = tm._encode_res(np.zeros(5_000), to_object_id(cut))
+    _, foreign_orphan = other._encode_res(np.zeros(5_000), to_object_id(foreign))
+    files = mongo_db[f"{RESULT_BUCKET}.files"]
+    assert files.count_documents({}) == 3
+
+    assert tm.drop_orphan_result_files(older_than=3600) == 0  # its commit may still be under way
+    assert tm.drop_orphan_result_files(older_than=0) == 1
+    assert {f["_id"] for f in files.find()} == {tm.get_raw(kept)["res_file"], foreign_orphan}
+    assert orphan not in {f["_id"] for f in files.find()}
+    np.testing.assert_array_equal(tm.re_query(kept)["res"], np.ones(5_000))
+
+    # the beat job goes over every pool and logs what it did
+    app = app_for(settings.model_copy(update={"result_gc_after": 0.001}))
+    assert gc_results(app, beat="b1") == {"result_files_dropped": 1}
+    assert files.count_documents({}) == 1
+    log = mongo_db[BEAT_LOG].find_one({"job": "gc_results"})
+    assert (log["beat"], log["result_files_dropped"]) == ("b1", 1)
+
+
 class Custom:
     def __init__(self, v):
         self.v = v
