@@ -37,8 +37,10 @@ def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id:
     ``app.send_task`` builds the same protocol-2 message a signature's ``apply_async``
     does, without the canvas work (cloning and freezing a signature per task), which was
     most of the cost of a large header."""
-    app.send_task(EXECUTE, args=(pool, str(task_id), str(batch_id) if batch_id else None), queue=queue,
-                  priority=priority, ignore_result=True, producer=producer, add_to_parent=False, **chord_part)
+    args = (pool, str(task_id), str(batch_id) if batch_id else None)
+    # the message's argsrepr (shown by Flower): three short strings need no saferepr
+    app.send_task(EXECUTE, args=args, argsrepr=repr(args), kwargsrepr="{}", queue=queue, priority=priority,
+                  ignore_result=True, producer=producer, add_to_parent=False, **chord_part)
 
 
 def _publish_chord(app: Celery, pool: str, task_ids: list, batch_id: Any, queue: str, priority: int,
