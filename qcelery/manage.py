@@ -741,17 +741,19 @@ class TaskManager:
         return n
 
     def retry_failed(self, query: dict | None = None) -> list[ObjectId]:
-        """``failed`` tasks go back to ``waiting`` with a fresh attempt budget; returns their ids."""
+        """``failed`` tasks get a fresh attempt budget and go back to the status their last
+        run was claimed from: ``waiting``, or ``part_done`` for a task that failed in its
+        second phase (its first-phase result is kept). Returns their ids."""
         q = self._decode_query(query)
         q["status"] = st.FAILED
         ids = []
         with self._server_checks(query):
-            found = list(self.task_pool.find(q, {"attempt": 1}))
+            found = list(self.task_pool.find(q, {"attempt": 1, "claimed_from": 1}))
         for d in found:
             r = self.task_pool.update_one(
                 {"_id": d["_id"], "status": st.FAILED},
-                {"$set": {"status": st.WAITING, "attempt_base": d.get("attempt", 0), "error": None,
-                          "finished_at": None, "published_at": None, "updated_at": utcnow()}},
+                {"$set": {"status": d.get("claimed_from") or st.WAITING, "attempt_base": d.get("attempt", 0),
+                          "error": None, "finished_at": None, "published_at": None, "updated_at": utcnow()}},
             )
             if r.modified_count:
                 ids.append(d["_id"])

@@ -34,6 +34,7 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset({
     (RUNNING, WAITING),     # fail with attempts left, lease recovered, return_task
     (RUNNING, FAILED),      # attempts exhausted
     (FAILED, WAITING),      # retry-failed
+    (FAILED, PART_DONE),    # retry-failed of a second-phase failure
 })
 
 

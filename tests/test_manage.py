@@ -540,6 +540,19 @@ def test_retry_failed_gives_a_fresh_attempt_budget(settings, mongo_db):
     assert tm.retry_failed({"filter.i": 99}) == []
 
 
+def test_retry_failed_returns_a_second_phase_failure_to_part_done_with_its_result(settings, mongo_db):
+    tm = TaskManager("pool", settings.model_copy(update={"max_attempts": 1}))
+    _id = tm.create_task([task_def(0)])[0]
+    assert tm.commit(tm.claim(_id), {"phase": 1}, "part_done")
+    assert tm.fail(tm.claim(_id, before_status="part_done"), "phase 2 broke") == "failed"
+    assert tm.retry_failed() == [_id]
+    t = tm.re_query(_id)
+    assert (t["status"], t["res"], t["error"]) == ("part_done", {"phase": 1}, None)
+    assert tm.claim(_id) is None  # not back to the first phase
+    assert tm.commit(tm.claim(_id, before_status="part_done"), {"phase": 2})
+    assert tm.re_query(_id)["status"] == "done"
+
+
 # ------------------------------------------------------------------ results & GridFS
 def test_big_results_go_to_gridfs_and_come_back(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"gridfs_threshold": 10_000}))

@@ -161,10 +161,11 @@ class PoolMachine(RuleBasedStateMachine):
             self.tm.reset_waiting()
             self.admin_reset = True
         else:
-            failed = {d["_id"] for d in self.tm.task_pool.find({"status": st.FAILED}, {"_id": 1})}
-            assert set(self.tm.retry_failed()) == failed
-            for i in failed:
-                assert self.doc(i)["status"] == st.WAITING
+            failed = {d["_id"]: d.get("claimed_from") for d in
+                      self.tm.task_pool.find({"status": st.FAILED}, {"claimed_from": 1})}
+            assert set(self.tm.retry_failed()) == set(failed)
+            for i, claimed_from in failed.items():  # back to the phase that failed
+                assert self.doc(i)["status"] == (claimed_from or st.WAITING)
 
     # --------------------------------------------------------------- invariants
     @invariant()

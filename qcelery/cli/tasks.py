@@ -426,7 +426,8 @@ def retry_failed(
     pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
     batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Only the tasks of this batch."),
 ) -> None:
-    """`failed` tasks back to `waiting` with a fresh attempt budget, re-published.
+    """`failed` tasks back to the phase that failed (`waiting`, or `part_done` for a
+    second-phase failure) with a fresh attempt budget, re-published.
     A batch's summary is written once: enqueue the workflow again for a new one
     (done tasks are not run twice)."""
     from ..manage import TaskManager
@@ -439,7 +440,7 @@ def retry_failed(
         ids = TaskManager(p, settings).retry_failed(q or None)
         _publish(settings, p, ids)
         total += len(ids)
-    out.print(f"{total} failed task(s) back to waiting and re-published", markup=False)
+    out.print(f"{total} failed task(s) back to waiting or part_done and re-published", markup=False)
 
 
 @app.command(rich_help_panel=PANEL_ADMIN)
