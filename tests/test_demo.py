@@ -6,7 +6,11 @@ report are printed, and nothing is left running afterwards."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -16,6 +20,12 @@ from qcelery.calendar import default_calendar
 from qcelery.cli.demo import prepare_run_dir
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def small_demo(path: Path, windows: int = 2) -> Path:
@@ -63,10 +73,35 @@ def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
     assert report.is_file() and report.suffix == ".html" and run_dir in report.parents
     assert "<table" in report.read_text() and any(report.parent.glob("*.png"))
     assert "summary run: " in out and "demo finished in" in out
+    ui = next(line for line in out.splitlines() if line.startswith("MLflow runs: ")).split(": ", 1)[1]
 
     assert len(seen) >= 4  # secantusdb, redis, a worker, beat
     assert wait_until(lambda: not alive_groups(seen), timeout=10), f"left running: {alive_groups(seen)}"
     assert not state.exists() and (run_dir / ".qcelery-demo").exists()
+
+    # the printed MLflow command works as it is: the UI serves the demo's experiments
+    port = free_port()
+    ui_proc = subprocess.Popen(f"{ui} --host 127.0.0.1 --port {port}", shell=True, cwd=tmp_path,
+                               env={k: v for k, v in cli_env().items() if not k.startswith("MLFLOW_")},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        names: list[str] = []
+
+        def experiments() -> bool:
+            assert ui_proc.poll() is None, ui_proc.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search"
+                                            "?max_results=100", timeout=5) as r:
+                    names.extend(e["name"] for e in json.load(r)["experiments"])
+                    return True
+            except OSError:
+                return False
+
+        assert wait_until(experiments, timeout=120, interval=0.5), "the MLflow UI never answered"
+        assert "qcelery_demo.summary" in names, names
+    finally:
+        os.killpg(ui_proc.pid, signal.SIGTERM)
+        ui_proc.wait(timeout=30)
 
 
 def test_each_demo_starts_from_a_clean_directory(tmp_path):

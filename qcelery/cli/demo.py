@@ -29,6 +29,18 @@ DEFAULT_RUN_DIR = Path(".qcelery") / "demo"
 MARKER = ".qcelery-demo"
 
 
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The shell command that opens MLflow's UI on ``tracking_uri``, as printed after the demo.
+
+    MLflow 3 refuses a ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE=true``; the
+    ``mlflow`` of this interpreter's environment is named when it is not on ``PATH``."""
+    import shlex
+    import sys
+
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    env = "MLFLOW_ALLOW_FILE_STORE=true " if tracking_uri.startswith("file:") else ""
+    return f"{env}{shlex.quote(exe)} ui --backend-store-uri {shlex.quote(mask_url(tracking_uri))}"
+
 def prepare_run_dir(run_dir: Path) -> None:
     """Start from an empty demo directory; never wipe a directory the demo did not make."""
     state = RunState.load(run_dir)
@@ -80,7 +92,7 @@ def demo(
         doc = batches.load(database(live), sub.batch_id)
         out.print()
         print_summary(doc, live)
-        out.print(f"MLflow runs: mlflow ui --backend-store-uri {mask_url(live.mlflow_tracking_uri)}", markup=False)
+        out.print(f"MLflow runs: {mlflow_ui_command(live.mlflow_tracking_uri)}", markup=False)
         out.print(f"run directory (logs, data): {run_dir}", markup=False)
         out.print(f"demo finished in {time.monotonic() - t0:.0f}s", markup=False)
     finally:
