@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import logging
 import math
 from pathlib import Path

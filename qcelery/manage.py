@@ -13,7 +13,8 @@ What differs from Qlib:
   bulk, so concurrent producers end with one document per task;
 * every claim (``fetch_task`` for the pull loop, ``claim`` for Celery) sets a lease and
   increments ``attempt``; ``heartbeat`` extends the lease, and ``commit``/``fail`` are
-  fenced on ``attempt`` so a worker whose lease was recovered cannot write any more;
+  fenced on ``attempt`` so a worker whose lease was recovered cannot write any more
+  (these live in :mod:`qcelery.lease`);
 * ``recover_expired`` returns crashed workers' tasks to ``waiting`` (or ``failed`` once
   ``max_attempts`` is used up), which Qlib leaves ``running`` forever;
 * ``def``/``res`` are decoded through an allow-listing unpickler and big results live
@@ -27,12 +28,8 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import logging
-import os
 import pprint
-import random
-import socket
 import sys
-import threading
 import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -40,24 +37,23 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import bson
 import pymongo
 from bson import Binary, ObjectId
-from bson.errors import InvalidDocument, InvalidId
-from pymongo import ReturnDocument
+from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from . import status as st
 from .canonical import canonical_json, filter_hash, hash_text, normalize
 from .errors import (
     DecodeError,
-    LeaseLostError,
     QceleryError,
     TaskDefinitionError,
     TaskNotFoundError,
     TaskTypeError,
     UnsafePickleError,
 )
+from .lease import Heartbeat, Leases, utcnow, worker_name
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
-from .store import INTERNAL_PREFIX, RESULT_BUCKET, database, result_fs, scans_find_and_modify
+from .store import INTERNAL_PREFIX, RESULT_BUCKET, database, result_fs, scans_find_and_modify, to_object_id
 
 logger = logging.getLogger(__name__)
 
@@ -73,38 +69,12 @@ _INDEXES = [
 ]
 # SecantusDB answers a large $in in quadratic time; small chunks keep lookups linear
 _LOOKUP_CHUNK = 100
-# fetch_task on SecantusDB: how many candidates one query yields, and for how long
-_FETCH_CANDIDATES = 32
-_FETCH_CACHE_SECONDS = 1.0
 # server codes meaning "this query is malformed": BadValue, FailedToParse, TypeMismatch,
 # invalid regex, $where without a script engine
 _QUERY_ERROR_CODES = frozenset({2, 9, 14, 51091, 6108304})
 
 
-def utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
-def worker_name() -> str:
-    """``host:pid`` of this process, stored in ``worker`` while it holds a lease."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def to_object_id(value: Any) -> ObjectId:
-    """``ObjectId`` from an ``ObjectId``, its 24-hex string, or a task dict with ``_id``."""
-    if isinstance(value, Mapping):
-        value = value.get("_id")
-    if isinstance(value, ObjectId):
-        return value
-    if value is None:  # ObjectId(None) would make up a new id
-        raise TaskDefinitionError("a task id is required, got None (expected an ObjectId or a 24-character hex string)")
-    try:
-        return ObjectId(value)
-    except (InvalidId, TypeError):
-        raise TaskDefinitionError(f"{value!r} is not a task id (expected an ObjectId or a 24-character hex string)") from None
-
-
-class TaskManager:
+class TaskManager(Leases):
     """A pool of tasks in one MongoDB collection (Qlib's ``TaskManager``).
 
     ``task_pool`` names the collection; ``settings`` says which server and database
@@ -483,224 +453,6 @@ class TaskManager:
                 f"cannot replace task {oid} in pool {self.name!r}: another task already has that filter"
             ) from None
 
-    # ------------------------------------------------------------------- claims
-    def _claim_update(self, worker: str, lease_seconds: float | None, before_status: str) -> dict:
-        now = utcnow()
-        lease = lease_seconds if lease_seconds is not None else self.settings.lease_seconds
-        return {
-            "$set": {
-                "status": st.RUNNING, "worker": worker, "claimed_from": before_status,
-                "lease_until": now + _dt.timedelta(seconds=lease), "started_at": now, "updated_at": now,
-            },
-            "$inc": {"attempt": 1},
-        }
-
-    def claim(self, task_id: Any, worker: str | None = None, before_status: str = st.WAITING,
-              lease_seconds: float | None = None, decode: bool = True) -> dict | None:
-        """Atomically take task ``task_id`` if it is in ``before_status``: it becomes
-        ``running`` under a lease held by ``worker``, with ``attempt`` incremented.
-        ``None`` when the task is not claimable (done, running elsewhere, removed)."""
-        if before_status not in st.CLAIMABLE:
-            raise TaskDefinitionError(f"cannot claim from status {before_status!r}; expected one of {st.CLAIMABLE}")
-        flt = {"_id": to_object_id(task_id), "status": before_status}
-        update = self._claim_update(worker or worker_name(), lease_seconds, before_status)
-        if self._claim_in_two_steps:
-            doc = self._claim_two_steps(flt, update)
-        else:
-            doc = self.task_pool.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
-        return self._decode_task(doc) if decode else doc
-
-    def _claim_two_steps(self, flt: dict, update: dict) -> dict | None:
-        """The claim as a conditional ``update_one`` stamped with a fresh token, then a read
-        of the document carrying that token. Used where the server scans the collection
-        for findAndModify (SecantusDB) but answers ``update_one`` by ``_id`` from the index;
-        equally atomic: only the update that matched ``flt`` wrote the token."""
-        token = ObjectId()
-        update = {**update, "$set": {**update["$set"], "claim_token": token}}
-        if self.task_pool.update_one(flt, update).modified_count != 1:
-            return None
-        # read by _id alone and check the token here: a second predicate makes SecantusDB
-        # filter the document it found, about half the cost of the read again
-        doc = self.task_pool.find_one({"_id": flt["_id"]})
-        return doc if doc is not None and doc.get("claim_token") == token else None
-
-    def fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> dict | None:
-        """Take the highest-priority task in ``status`` matching ``query`` (Qlib's pull-loop
-        fetch), now with a lease: a worker that dies leaves it to ``recover_expired``."""
-        if status not in st.CLAIMABLE:
-            st.check(status)
-            raise TaskDefinitionError(f"fetch_task takes tasks in {st.CLAIMABLE}, not {status!r}")
-        q = self._decode_query(query)
-        q["status"] = status
-        with self._server_checks(query):
-            if not self._claim_in_two_steps:
-                doc = self.task_pool.find_one_and_update(
-                    q, self._claim_update(worker_name(), None, status),
-                    sort=[("priority", pymongo.DESCENDING)], return_document=ReturnDocument.AFTER,
-                )
-                return self._decode_task(doc)
-            while True:  # pick the best candidates, claim one by id; other workers may win some
-                cands = self._candidates(q)
-                if not cands:
-                    return None
-                while cands:
-                    doc = self.claim(cands.popleft(), before_status=status)
-                    if doc is not None:
-                        return doc
-                self._fetch_cache = None
-
-    def _candidates(self, q: dict) -> collections.deque:
-        """Ids of the best claimable tasks for ``q``, in priority order (ties shuffled, so
-        concurrent workers rarely race for the same task).
-
-        SecantusDB reads every matching document to answer even a ``limit(1)`` query, so
-        one query serves the fetches of the next ``_FETCH_CACHE_SECONDS``; a pull loop whose
-        tasks take longer than that queries afresh each time and sees priorities exactly."""
-        cache = self._fetch_cache
-        if cache is not None and cache[0] == q and cache[1] > time.monotonic() and cache[2]:
-            return cache[2]
-        rows = list(self.task_pool.find(q, {"_id": 1, "priority": 1}, sort=[("priority", pymongo.DESCENDING)],
-                                        limit=_FETCH_CANDIDATES))
-        groups: dict[Any, list] = {}
-        for r in rows:
-            groups.setdefault(r.get("priority"), []).append(r["_id"])
-        ordered = collections.deque()
-        for ids in groups.values():  # dicts keep the sorted order of the priorities
-            random.shuffle(ids)
-            ordered.extend(ids)
-        self._fetch_cache = (q, time.monotonic() + _FETCH_CACHE_SECONDS, ordered)
-        return ordered
-
-    @contextlib.contextmanager
-    def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> Iterator[dict | None]:
-        """``fetch_task`` as a context manager: if the body raises (or is interrupted),
-        the task goes back to ``status`` and the error propagates, as in Qlib."""
-        task = self.fetch_task(query=query, status=status)
-        try:
-            yield task
-        except BaseException:
-            if task is not None:
-                logger.info("returning task %s to %s before raising", task["_id"], status)
-                self.return_task(task, status=status)
-            raise
-
-    def task_fetcher_iter(self, query: dict | None = None) -> Iterator[dict]:
-        while True:
-            with self.safe_fetch_task(query=query) as task:
-                if task is None:
-                    break
-                yield task
-
-    def heartbeat(self, task_id: Any, attempt: int, lease_seconds: float | None = None) -> bool:
-        """Extend the lease of a running task held at ``attempt``; ``False`` if it was lost."""
-        lease = lease_seconds if lease_seconds is not None else self.settings.lease_seconds
-        r = self.task_pool.update_one(
-            {"_id": to_object_id(task_id), "status": st.RUNNING, "attempt": attempt},
-            {"$set": {"lease_until": utcnow() + _dt.timedelta(seconds=lease)}},
-        )
-        return r.matched_count == 1
-
-    def commit(self, task: dict, res: Any, status: str = st.DONE) -> bool:
-        """Store ``res`` and move the claimed ``task`` to ``status`` (``done`` or
-        ``part_done``), only if it is still ``running`` at the same ``attempt``.
-        ``False`` (nothing written) when the lease was lost to another worker."""
-        if status not in (st.DONE, st.PART_DONE, st.WAITING):
-            st.check(status)
-            raise TaskDefinitionError(f"commit moves a task to done, part_done or waiting, not {status!r}")
-        oid = to_object_id(task)
-        # a claimed task (from claim/fetch_task) carries its res_file, which only the
-        # holder of its lease can change: no read needed on the worker's hot path
-        old = task if "res_file" in task else self.task_pool.find_one({"_id": oid}, {"res_file": 1})
-        res_set, fid = self._encode_res(res, oid)
-        now = utcnow()
-        upd: dict[str, Any] = {**res_set, "status": status, "lease_until": None, "worker": None,
-                               "updated_at": now, "finished_at": now, "error": None}
-        if status != st.DONE:  # a next phase gets its own attempt budget
-            upd["attempt_base"] = task["attempt"]
-        r = self.task_pool.update_one({"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": upd})
-        if r.matched_count != 1:
-            self._drop_res_file(fid)
-            logger.warning("task %s: commit of attempt %s refused, its lease was taken over", oid, task["attempt"])
-            return False
-        if old and old.get("res_file") is not None and old.get("res_file") != fid:
-            self._drop_res_file(old["res_file"])
-        return True
-
-    def fail(self, task: dict, error: str) -> str | None:
-        """Record a failed run of the claimed ``task``: back to the status it was claimed
-        from while attempts remain, else ``failed``; ``error`` (a traceback) is kept.
-        Returns the new status, or ``None`` if the lease was lost (nothing written)."""
-        used = task["attempt"] - task.get("attempt_base", 0)
-        new = st.FAILED if used >= task.get("max_attempts", self.settings.max_attempts) else (task.get("claimed_from") or st.WAITING)
-        now = utcnow()
-        r = self.task_pool.update_one(
-            {"_id": to_object_id(task), "status": st.RUNNING, "attempt": task["attempt"]},
-            {"$set": {"status": new, "error": error, "lease_until": None, "worker": None, "updated_at": now,
-                      "finished_at": now if new == st.FAILED else None, "published_at": None}},
-        )
-        return new if r.matched_count == 1 else None
-
-    def commit_task_res(self, task: dict, res: Any, status: str = st.DONE) -> None:
-        """Qlib's commit. For a task this pool leased (it has ``attempt``) the write is
-        fenced and raises :class:`LeaseLostError` when the lease was taken over."""
-        status = st.DONE if status is None else st.check(status)
-        if task.get("attempt") and task.get("status") == st.RUNNING:
-            if not self.commit(task, res, status):
-                raise LeaseLostError(f"task {task['_id']} in pool {self.name!r}: lease of attempt {task['attempt']} was lost; result not committed")
-            return
-        oid = to_object_id(task)
-        res_set, _ = self._encode_res(res, oid)
-        self.task_pool.update_one({"_id": oid}, {"$set": {**res_set, "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()}})
-
-    def return_task(self, task: dict, status: str = st.WAITING) -> None:
-        """Put a fetched task back to ``status`` (default ``waiting``), releasing its lease."""
-        status = st.WAITING if status is None else st.check(status)
-        q: dict[str, Any] = {"_id": to_object_id(task)}
-        if task.get("attempt") and task.get("status") == st.RUNNING:
-            q.update(status=st.RUNNING, attempt=task["attempt"])
-        self.task_pool.update_one(q, {"$set": {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": None}})
-
-    # ------------------------------------------------------------------ recovery
-    def recover_expired(self, now: _dt.datetime | None = None) -> list[ObjectId]:
-        """Tasks ``running`` past their lease go back to the status they were claimed from
-        (or ``failed`` when ``max_attempts`` is used up). Returns the ids put back, to be
-        re-published. Each move is conditioned on the attempt seen, so it is safe to run
-        from several processes."""
-        now = now or utcnow()
-        requeued: list[ObjectId] = []
-        cursor = self.task_pool.find(
-            {"status": st.RUNNING, "lease_until": {"$lt": now}},
-            {"attempt": 1, "attempt_base": 1, "max_attempts": 1, "claimed_from": 1, "worker": 1, "lease_until": 1},
-        )
-        for d in cursor:
-            used = d.get("attempt", 0) - d.get("attempt_base", 0)
-            exhausted = used >= d.get("max_attempts", self.settings.max_attempts)
-            new = st.FAILED if exhausted else (d.get("claimed_from") or st.WAITING)
-            upd: dict[str, Any] = {"status": new, "lease_until": None, "worker": None, "updated_at": now, "published_at": None}
-            if exhausted:
-                upd.update(finished_at=now, error=f"lease expired {max(used, 1)} time(s) (last worker {d.get('worker')}); attempts exhausted")
-            r = self.task_pool.update_one({"_id": d["_id"], "status": st.RUNNING, "attempt": d["attempt"], "lease_until": {"$lt": now}}, {"$set": upd})
-            if r.modified_count == 1:
-                logger.warning("task %s: lease of %s expired, now %s", d["_id"], d.get("worker"), new)
-                if not exhausted:
-                    requeued.append(d["_id"])
-        return requeued
-
-    def mark_published(self, ids: Iterable[Any], when: _dt.datetime | None = None) -> None:
-        """Remember when messages for ``ids`` were last published (the sweep reads it)."""
-        ids = [to_object_id(i) for i in ids]
-        when = when or utcnow()
-        for start in range(0, len(ids), self._lookup_chunk):
-            self.task_pool.update_many({"_id": {"$in": ids[start:start + self._lookup_chunk]}}, {"$set": {"published_at": when}})
-
-    def stale_waiting(self, older_than: float, limit: int = 10_000) -> list[ObjectId]:
-        """Claimable tasks of some batch whose last publish is older than ``older_than``
-        seconds, or that were never re-published after a reset."""
-        cutoff = utcnow() - _dt.timedelta(seconds=older_than)
-        q = {"status": {"$in": list(st.CLAIMABLE)}, "batch_ids.0": {"$exists": True},
-             "$or": [{"published_at": {"$lt": cutoff}}, {"published_at": None}]}
-        return [d["_id"] for d in self.task_pool.find(q, {"_id": 1}).limit(limit)]
-
     # ------------------------------------------------------------------- admin
     def remove(self, query: dict | None = None) -> int:
         """Delete the tasks matching ``query`` (and their GridFS results); returns how many."""
@@ -885,38 +637,6 @@ def _normalize_query_value(value: Any) -> Any:
     if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
         return [_normalize_query_value(v) for v in value]
     return normalize(value)
-
-
-class Heartbeat:
-    """Keeps the lease of a claimed task alive from a daemon thread.
-
-    ``lost`` is set when an extension finds the task no longer held at this attempt
-    (recovered and re-claimed elsewhere): the holder must not commit then.
-    """
-
-    def __init__(self, manager: TaskManager, task: dict, interval: float | None = None):
-        self.manager, self.task_id, self.attempt = manager, task["_id"], task["attempt"]
-        self.interval = interval or manager.settings.heartbeat_seconds
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.task_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if not self.manager.heartbeat(self.task_id, self.attempt):
-                    self.lost.set()
-                    return
-            except PyMongoError as exc:  # the store is briefly away: the lease has slack, try again
-                logger.warning("heartbeat for task %s failed: %s", self.task_id, exc)
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def run_task(

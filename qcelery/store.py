@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 import gridfs
 import pymongo
+from bson import ObjectId
+from bson.errors import InvalidId
 from pymongo.database import Database
 from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 
-from .errors import ConfigError, StoreUnavailableError
+from .errors import ConfigError, StoreUnavailableError, TaskDefinitionError
 from .settings import Settings, mask_url
 
 _CLIENTS: dict[tuple[int, str, int], pymongo.MongoClient] = {}
@@ -26,6 +28,20 @@ _LOCK = threading.Lock()
 RESULT_BUCKET = "qcelery_res"
 #: prefix of the collections qcelery keeps beside the task pools
 INTERNAL_PREFIX = "qcelery_"
+
+
+def to_object_id(value: Any) -> ObjectId:
+    """``ObjectId`` from an ``ObjectId``, its 24-hex string, or a task dict with ``_id``."""
+    if isinstance(value, Mapping):
+        value = value.get("_id")
+    if isinstance(value, ObjectId):
+        return value
+    if value is None:  # ObjectId(None) would make up a new id
+        raise TaskDefinitionError("a task id is required, got None (expected an ObjectId or a 24-character hex string)")
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError):
+        raise TaskDefinitionError(f"{value!r} is not a task id (expected an ObjectId or a 24-character hex string)") from None
 
 
 def unreachable(settings: Settings, exc: BaseException) -> StoreUnavailableError:
