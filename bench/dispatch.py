@@ -191,54 +191,48 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from qcelery.celery_app import app_for
     from qcelery.cluster import Cluster
-    from qcelery.embedded import EmbeddedMongo, EmbeddedRedis
+    from _servers import servers
     from qcelery.settings import Settings
     from qcelery.store import client, scans_find_and_modify
 
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
+            servers(tmp, args.mongo_url, args.broker_url) as srv:
         run_dir = Path(tmp)
-        mongo = redis = None
-        try:
-            url = args.mongo_url or (mongo := EmbeddedMongo(run_dir).start(timeout=60)).url
-            broker = args.broker_url or (redis := EmbeddedRedis(run_dir).start()).url
-            db = f"bench_dispatch_{os.getpid()}"
-            settings = Settings(mongo_url=url, mongo_db=db, broker_url=broker, run_dir=run_dir / "run",
-                                default_queue=f"bench-{os.getpid()}")
-            server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
-            version = client(settings).server_info().get("version")
-            print(f"server: {server} {version}; broker: Redis at {broker}; python {sys.version.split()[0]}; "
-                  f"{os.cpu_count()} CPUs; worker log level {args.loglevel}; load average {os.getloadavg()[0]:.2f} at start")
-            rows = []
-            configs = [("qcelery, cpu pool spec", None)]
-            if args.max_tasks_per_child:
-                configs.append((f"qcelery, recycle {args.max_tasks_per_child:,}", args.max_tasks_per_child))
-            for k, (label, recycle) in enumerate(configs):
-                with Cluster(settings) as cluster:
-                    proc = cluster.start_worker(settings.default_queue, concurrency=2, loglevel=args.loglevel,
-                                                max_tasks_per_child=recycle)
-                    cluster.wait_ready(app_for(settings))
-                    pids = {"worker": proc.pid}
-                    if mongo:
-                        pids["Mongo server"] = mongo.proc.pid
-                    if redis:
-                        pids["Redis server"] = redis.proc.pid
-                    run_qcelery(settings, 50, pids, f"w{k}")  # warm-up: pool processes connect
-                    for n in args.n:
-                        rows.append({**run_qcelery(settings, n, pids, str(k)), "label": label})
-            qlib_rows = {}
-            if not args.no_qlib:
-                if qlib_available(args.qlib_python):
-                    for n in args.n:
-                        q = run_qlib(args.qlib_python, url, db, n, run_dir)
-                        if q:
-                            qlib_rows[n] = q
-                else:
-                    print(f"Qlib not available at {args.qlib_python} (python3 -m venv .venv-qlib && "
-                          ".venv-qlib/bin/pip install pyqlib); no anchor")
-        finally:
-            for server_ in (mongo, redis):
-                if server_ is not None:
-                    server_.stop()
+        url, broker, mongo, redis = srv.mongo_url, srv.broker_url, srv.mongo, srv.redis
+        db = f"bench_dispatch_{os.getpid()}"
+        settings = Settings(mongo_url=url, mongo_db=db, broker_url=broker, run_dir=run_dir / "run",
+                            default_queue=f"bench-{os.getpid()}")
+        server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
+        version = client(settings).server_info().get("version")
+        print(f"server: {server} {version}; broker: Redis at {broker}; python {sys.version.split()[0]}; "
+              f"{os.cpu_count()} CPUs; worker log level {args.loglevel}; load average {os.getloadavg()[0]:.2f} at start")
+        rows = []
+        configs = [("qcelery, cpu pool spec", None)]
+        if args.max_tasks_per_child:
+            configs.append((f"qcelery, recycle {args.max_tasks_per_child:,}", args.max_tasks_per_child))
+        for k, (label, recycle) in enumerate(configs):
+            with Cluster(settings) as cluster:
+                proc = cluster.start_worker(settings.default_queue, concurrency=2, loglevel=args.loglevel,
+                                            max_tasks_per_child=recycle)
+                cluster.wait_ready(app_for(settings))
+                pids = {"worker": proc.pid}
+                if mongo:
+                    pids["Mongo server"] = mongo.proc.pid
+                if redis:
+                    pids["Redis server"] = redis.proc.pid
+                run_qcelery(settings, 50, pids, f"w{k}")  # warm-up: pool processes connect
+                for n in args.n:
+                    rows.append({**run_qcelery(settings, n, pids, str(k)), "label": label})
+        qlib_rows = {}
+        if not args.no_qlib:
+            if qlib_available(args.qlib_python):
+                for n in args.n:
+                    q = run_qlib(args.qlib_python, url, db, n, run_dir)
+                    if q:
+                        qlib_rows[n] = q
+            else:
+                print(f"Qlib not available at {args.qlib_python} (python3 -m venv .venv-qlib && "
+                      ".venv-qlib/bin/pip install pyqlib); no anchor")
 
     print(f"\n{'N':>6}  {'system (2 processes)':<32}{'enqueue s':>10}{'run s':>8}{'total s':>9}{'tasks/s':>9}")
     for n in args.n:

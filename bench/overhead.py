@@ -60,7 +60,7 @@ def main() -> None:
     from qcelery import batch as batches
     from qcelery import status as st
     from qcelery.celery_app import make_app
-    from qcelery.embedded import EmbeddedMongo, EmbeddedRedis
+    from _servers import servers
     from qcelery.manage import Heartbeat, TaskManager, worker_name
     from qcelery.producer import _publish_chord, publish
     from qcelery.settings import Settings
@@ -68,66 +68,60 @@ def main() -> None:
     from qcelery.worker import _batch_spec, execute_task
 
     n = args.n
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp:
-        mongo = redis = None
-        try:
-            url = args.mongo_url or (mongo := EmbeddedMongo(tmp).start(timeout=60)).url
-            broker = args.broker_url or (redis := EmbeddedRedis(tmp).start()).url
-            queue = f"overhead-{os.getpid()}"
-            settings = Settings(mongo_url=url, mongo_db=f"bench_overhead_{os.getpid()}", broker_url=broker,
-                                run_dir=Path(tmp) / "run", default_queue=queue, task_func="qcelery.probes.noop")
-            server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
-            print(f"server: {server} {client(settings).server_info().get('version')}; broker: Redis; "
-                  f"python {sys.version.split()[0]}; N={n} tasks per measurement; load average {os.getloadavg()[0]:.2f}")
-            app = make_app(settings)
-            tm = TaskManager("overhead", settings)
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
+            servers(tmp, args.mongo_url, args.broker_url) as srv:
+        url, broker = srv.mongo_url, srv.broker_url
+        queue = f"overhead-{os.getpid()}"
+        settings = Settings(mongo_url=url, mongo_db=f"bench_overhead_{os.getpid()}", broker_url=broker,
+                            run_dir=Path(tmp) / "run", default_queue=queue, task_func="qcelery.probes.noop")
+        server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
+        print(f"server: {server} {client(settings).server_info().get('version')}; broker: Redis; "
+              f"python {sys.version.split()[0]}; N={n} tasks per measurement; load average {os.getloadavg()[0]:.2f}")
+        app = make_app(settings)
+        tm = TaskManager("overhead", settings)
 
-            def new_batch(prefix: str) -> tuple[dict, list]:
-                doc, _ = batches.create(tm, [{"key": f"{prefix}{i}"} for i in range(n)], queue=queue,
-                                        task_func="qcelery.probes.noop", task_kwargs=None, before_status=st.WAITING,
-                                        after_status=st.DONE, aggregate=None)
-                return doc, list(doc["task_ids"])
+        def new_batch(prefix: str) -> tuple[dict, list]:
+            doc, _ = batches.create(tm, [{"key": f"{prefix}{i}"} for i in range(n)], queue=queue,
+                                    task_func="qcelery.probes.noop", task_kwargs=None, before_status=st.WAITING,
+                                    after_status=st.DONE, aggregate=None)
+            return doc, list(doc["task_ids"])
 
-            # whole execute_task (warm: the first call caches the batch spec and the manager)
-            doc, ids = new_batch("e")
-            bid = str(doc["_id"])
-            _batch_spec(app, tm, bid)
-            it = iter(ids)
-            execute = timed(lambda: execute_task(app, "overhead", str(next(it)), bid), n)
-            assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
+        # whole execute_task (warm: the first call caches the batch spec and the manager)
+        doc, ids = new_batch("e")
+        bid = str(doc["_id"])
+        _batch_spec(app, tm, bid)
+        it = iter(ids)
+        execute = timed(lambda: execute_task(app, "overhead", str(next(it)), bid), n)
+        assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
 
-            # the parts, on a fresh batch
-            doc, ids = new_batch("p")
-            it = iter(ids)
-            claimed: list[dict] = []
-            claim = timed(lambda: claimed.append(tm.claim(next(it), worker=worker_name(), decode=False)), n)
-            it = iter(claimed)
-            decode = timed(lambda: tm._decode_task(next(it)), n)
-            it = iter(claimed)
+        # the parts, on a fresh batch
+        doc, ids = new_batch("p")
+        it = iter(ids)
+        claimed: list[dict] = []
+        claim = timed(lambda: claimed.append(tm.claim(next(it), worker=worker_name(), decode=False)), n)
+        it = iter(claimed)
+        decode = timed(lambda: tm._decode_task(next(it)), n)
+        it = iter(claimed)
 
-            def heartbeat_start_stop() -> None:
-                with Heartbeat(tm, next(it)):
-                    pass
+        def heartbeat_start_stop() -> None:
+            with Heartbeat(tm, next(it)):
+                pass
 
-            heartbeat = timed(heartbeat_start_stop, n)
-            it = iter(claimed)
-            commit = timed(lambda: tm.commit(next(it), {"ok": True}, st.DONE), n)
-            assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
+        heartbeat = timed(heartbeat_start_stop, n)
+        it = iter(claimed)
+        commit = timed(lambda: tm.commit(next(it), {"ok": True}, st.DONE), n)
+        assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
 
-            # messages (to a queue nobody consumes; deleted afterwards)
-            body = app.signature("qcelery.aggregate", args=("overhead", str(doc["_id"])), queue=queue,
-                                 immutable=True, ignore_result=True)
-            message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0,
-                                                                   body.clone()), 5)]
-            it = iter(ids)
-            republish = timed(lambda: publish(app, "overhead", [next(it)]), n)
-            r = redis_client.Redis.from_url(broker)
-            for key in r.keys(f"{queue}*"):
-                r.delete(key)
-        finally:
-            for server_ in (mongo, redis):
-                if server_ is not None:
-                    server_.stop()
+        # messages (to a queue nobody consumes; deleted afterwards)
+        body = app.signature("qcelery.aggregate", args=("overhead", str(doc["_id"])), queue=queue,
+                             immutable=True, ignore_result=True)
+        message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0,
+                                                               body.clone()), 5)]
+        it = iter(ids)
+        republish = timed(lambda: publish(app, "overhead", [next(it)]), n)
+        r = redis_client.Redis.from_url(broker)
+        for key in r.keys(f"{queue}*"):
+            r.delete(key)
 
     rows = [row("execute (noop, whole)", execute), row("  claim", claim), row("  decode def", decode),
             row("  heartbeat start+stop", heartbeat), row("  commit", commit),

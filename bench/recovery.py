@@ -81,39 +81,33 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from qcelery.celery_app import app_for
     from qcelery.cluster import Cluster
-    from qcelery.embedded import EmbeddedMongo, EmbeddedRedis
+    from _servers import servers
     from qcelery.settings import Settings
     from qcelery.store import scans_find_and_modify
 
     results = []
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp:
-        mongo = redis = None
-        try:
-            url = args.mongo_url or (mongo := EmbeddedMongo(tmp).start(timeout=60)).url
-            broker = args.broker_url or (redis := EmbeddedRedis(tmp).start()).url
-            for c, config in enumerate(args.config):
-                lease, heartbeat, recover = (float(x) for x in config.split(","))
-                settings = Settings(mongo_url=url, mongo_db=f"bench_recovery_{os.getpid()}_{c}", broker_url=broker,
-                                    run_dir=Path(tmp) / f"run{c}", default_queue=f"recovery-{os.getpid()}-{c}",
-                                    lease_seconds=lease, heartbeat_seconds=heartbeat, recover_interval=recover,
-                                    sweep_interval=max(recover, 2.0), sweep_after=max(2 * lease, 10.0))
-                if c == 0:
-                    server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
-                    print(f"server: {server}; broker: Redis; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
-                          f"load average {os.getloadavg()[0]:.2f} at start")
-                with Cluster(settings) as cluster:
-                    cluster.start_worker(settings.default_queue, concurrency=2)
-                    cluster.start_beat()
-                    cluster.wait_ready(app_for(settings))
-                    for k in range(args.trials):
-                        r = trial(settings, cluster, k)
-                        results.append((lease, heartbeat, recover, r))
-                        print(f"L={lease:g} H={heartbeat:g} R={recover:g} trial {k + 1}: kill -> running again "
-                              f"{r['kill_to_running']:.2f} s", flush=True)
-        finally:
-            for server_ in (mongo, redis):
-                if server_ is not None:
-                    server_.stop()
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
+            servers(tmp, args.mongo_url, args.broker_url) as srv:
+        url, broker = srv.mongo_url, srv.broker_url
+        for c, config in enumerate(args.config):
+            lease, heartbeat, recover = (float(x) for x in config.split(","))
+            settings = Settings(mongo_url=url, mongo_db=f"bench_recovery_{os.getpid()}_{c}", broker_url=broker,
+                                run_dir=Path(tmp) / f"run{c}", default_queue=f"recovery-{os.getpid()}-{c}",
+                                lease_seconds=lease, heartbeat_seconds=heartbeat, recover_interval=recover,
+                                sweep_interval=max(recover, 2.0), sweep_after=max(2 * lease, 10.0))
+            if c == 0:
+                server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
+                print(f"server: {server}; broker: Redis; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
+                      f"load average {os.getloadavg()[0]:.2f} at start")
+            with Cluster(settings) as cluster:
+                cluster.start_worker(settings.default_queue, concurrency=2)
+                cluster.start_beat()
+                cluster.wait_ready(app_for(settings))
+                for k in range(args.trials):
+                    r = trial(settings, cluster, k)
+                    results.append((lease, heartbeat, recover, r))
+                    print(f"L={lease:g} H={heartbeat:g} R={recover:g} trial {k + 1}: kill -> running again "
+                          f"{r['kill_to_running']:.2f} s", flush=True)
 
     print(f"\n{'L':>4}{'H':>4}{'R':>4}  {'lease left':>10}{'expiry->requeue':>16}{'kill->running':>14}{'kill->done':>11}"
           f"{'bound L+R':>10}{'ratio':>7}")
