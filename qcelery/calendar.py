@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, TaskDefinitionError, TaskTypeError
+from .errors import ConfigError, OutOfCalendarError, TaskDefinitionError, TaskTypeError
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,6 @@ DEFAULT_START = "2005-01-01"
 # Exchanges that share another exchange's calendar but have no entry of their own
 # in exchange_calendars (Shenzhen trades on Shanghai's days).
 EXCHANGE_ALIASES: dict[str, str] = {"XSHE": "XSHG"}
-
-
-class OutOfCalendarError(TaskDefinitionError, KeyError):
-    """A date or a shifted segment falls outside the trading calendar.
-
-    It is a ``KeyError`` too, because Qlib's ``TimeAdjuster.shift`` signals the end of
-    the calendar with ``KeyError`` and rolling code catches that.
-    """
-
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
-        return str(self.args[0]) if self.args else ""
 
 
 def _day(value: Any, what: str) -> pd.Timestamp:

@@ -35,10 +35,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import status as st
 from .data import HandlerCache, replace_task_handler_with_cache
-from .errors import ConfigError, QceleryError, TaskTypeError
+from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, fill_placeholder, flatten_dict, init_instance_by_config
-from .records import RecordError
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -50,16 +49,6 @@ __all__ = [
 
 #: tag set on a run whose training raised (the first line of the error)
 ERROR_TAG = "qcelery.error"
-
-
-class TrainingFailedError(QceleryError, RuntimeError):
-    """Some tasks of a trainer's batch failed. ``failures`` lists ``{task_id, error}``;
-    ``recorders`` maps the other tasks' ids to their recorders."""
-
-    def __init__(self, message: str, failures: list[dict], recorders: dict[str, Recorder]):
-        super().__init__(message)
-        self.failures = failures
-        self.recorders = recorders
 
 
 # --------------------------------------------------------------------- tasks
