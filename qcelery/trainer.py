@@ -29,9 +29,10 @@ Differences from Qlib:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import socket
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from . import status as st
 from .data import HandlerCache, replace_task_handler_with_cache
@@ -126,10 +127,40 @@ def _fail_run(rec: Recorder, exc: BaseException) -> None:
         log.exception("could not mark run %s failed", rec.id)
 
 
+@contextlib.contextmanager
+def _failing_run_on_error(rec: Recorder) -> Iterator[None]:
+    """Whatever raises inside (Ctrl-C included) ends ``rec`` FAILED, then propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        _fail_run(rec, exc)
+        raise
+
+
 def _experiment(experiment_name: str | None, settings: Settings) -> Experiment:
     if not experiment_name:
         raise ConfigError("experiment_name is required (the MLflow experiment the task's run goes to)")
     return get_experiment(experiment_name, settings)
+
+
+def _task_run(
+    task_config: Any, experiment_name: str, recorder_name: str | None, settings: Settings | None,
+    tags: Mapping[str, Any] | None, *, train: bool,
+) -> Recorder:
+    """A new run of ``experiment_name`` tagged for ``task_config`` and holding it
+    (parameters, ``task`` artifact); with ``train`` the task is trained and its records
+    run in it, and the run ends ``FINISHED``, else it ends ``SCHEDULED``."""
+    _check_task(task_config)
+    settings = settings or load_settings()
+    rec = _experiment(experiment_name, settings).create_recorder(
+        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
+    )
+    with _failing_run_on_error(rec):
+        _log_task_info(rec, task_config)
+        if train:
+            _exe_task(rec, task_config, settings)
+    rec.end_run(Recorder.STATUS_FI if train else Recorder.STATUS_S)
+    return rec
 
 
 def task_train(
@@ -146,19 +177,7 @@ def task_train(
     The run ends ``FINISHED``, or ``FAILED`` (tag ``qcelery.error``) when anything
     raises; the error propagates.
     """
-    _check_task(task_config)
-    settings = settings or load_settings()
-    rec = _experiment(experiment_name, settings).create_recorder(
-        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
-    )
-    try:
-        _log_task_info(rec, task_config)
-        _exe_task(rec, task_config, settings)
-    except BaseException as exc:
-        _fail_run(rec, exc)
-        raise
-    rec.end_run(Recorder.STATUS_FI)
-    return rec
+    return _task_run(task_config, experiment_name, recorder_name, settings, tags, train=True)
 
 
 def begin_task_train(
@@ -171,18 +190,7 @@ def begin_task_train(
 ) -> Recorder:
     """First phase: a run holding the task (parameters and ``task`` artifact), left
     ``SCHEDULED`` for :func:`end_task_train`."""
-    _check_task(task_config)
-    settings = settings or load_settings()
-    rec = _experiment(experiment_name, settings).create_recorder(
-        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
-    )
-    try:
-        _log_task_info(rec, task_config)
-    except BaseException as exc:
-        _fail_run(rec, exc)
-        raise
-    rec.end_run(Recorder.STATUS_S)
-    return rec
+    return _task_run(task_config, experiment_name, recorder_name, settings, tags, train=False)
 
 
 def end_task_train(
@@ -197,14 +205,11 @@ def end_task_train(
         raise TaskTypeError(f"end_task_train takes the Recorder begin_task_train returned, got {type(rec).__name__}")
     settings = settings or load_settings()
     rec.start_run()
-    try:
+    with _failing_run_on_error(rec):
         if tags:
             rec.set_tags(**tags)
         task_config = rec.load_object("task", allowed_modules=settings.allowed_modules)
         _exe_task(rec, task_config, settings)
-    except BaseException as exc:
-        _fail_run(rec, exc)
-        raise
     rec.end_run(Recorder.STATUS_FI)
     return rec
 
