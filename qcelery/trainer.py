@@ -335,38 +335,20 @@ def work_on_pool(
 ) -> int:
     """The pull loop of :class:`TrainerRM` workers; returns how many tasks it ran.
 
-    Like :func:`qcelery.manage.run_task` (leased fetch, heartbeat, fenced commit), but
-    a task that raises is recorded with :meth:`TaskManager.fail` (back to
+    :func:`qcelery.manage.run_task`'s loop (leased fetch, heartbeat, fenced commit),
+    but a task that raises is recorded with :meth:`TaskManager.fail` (back to
     ``before_status`` while attempts remain, else ``failed``) and the loop goes on.
     ``task_func`` also gets ``settings`` and ``tags`` (``pool``, ``task_id``) when it
     takes them.
     """
-    from .manage import Heartbeat, format_exception
+    from .manage import pull_tasks
 
-    base = dict(query or {})
-    ran: list[Any] = []
-    while True:
-        q = base
-        if before_status == after_status and ran:  # a committed task would match again
-            q = {"$and": [base, {"_id": {"$nin": ran}}]}
-        with manager.safe_fetch_task(query=q, status=before_status) as task:
-            if task is None:
-                break
-            ran.append(task["_id"])
-            param = task["def"] if before_status == st.WAITING else task["res"]
-            tags = {"pool": manager.name, "task_id": str(task["_id"])}
-            call_kwargs = _with_context(task_func, kwargs, manager.settings, tags)
-            try:
-                with Heartbeat(manager, task) as hb:
-                    res = task_func(param, **call_kwargs)
-            except Exception as exc:
-                new = manager.fail(task, format_exception(exc))
-                log.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], manager.name,
-                            type(exc).__name__, exc, new)
-                continue
-            if hb.lost.is_set() or not manager.commit(task, res, after_status):
-                log.warning("task %s of pool %s: lease lost while running; result dropped", task["_id"], manager.name)
-    return len(ran)
+    def task_kwargs(task: dict) -> dict:
+        tags = {"pool": manager.name, "task_id": str(task["_id"])}
+        return _with_context(task_func, kwargs, manager.settings, tags)
+
+    return pull_tasks(task_func, manager, query, before_status, after_status,
+                      record_failures=True, task_kwargs=task_kwargs)
 
 
 class TrainerRM(Trainer):
