@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, TaskDefinitionError, TaskTypeError
+from .errors import ConfigError, OutOfCalendarError, QceleryError, TaskDefinitionError, TaskTypeError
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +39,28 @@ DEFAULT_START = "2005-01-01"
 EXCHANGE_ALIASES: dict[str, str] = {"XSHE": "XSHG"}
 
 
-class OutOfCalendarError(TaskDefinitionError, KeyError):
-    """A date or a shifted segment falls outside the trading calendar.
-
-    It is a ``KeyError`` too, because Qlib's ``TimeAdjuster.shift`` signals the end of
-    the calendar with ``KeyError`` and rolling code catches that.
-    """
-
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
-        return str(self.args[0]) if self.args else ""
+def parse_time(value: Any, what: str = "", error: type[QceleryError] = TaskDefinitionError) -> pd.Timestamp:
+    """Parse a date or a time (ISO text, ``date``, ``datetime``, ``Timestamp``) into a
+    Timestamp without time zone. ``what`` names the value in messages (``"start"``,
+    ``"SyntheticAlphaHandler end_time"``); a number raises ``TaskTypeError`` (pandas
+    would read it as nanoseconds since 1970) and text that is no date ``error``."""
+    where = f"{what}: " if what else ""
+    if isinstance(value, (bool, int, float, np.integer, np.floating)):
+        raise TaskTypeError(f"{where}{value!r} is a number, not a date; give an ISO day such as '2020-01-02'")
+    try:
+        ts = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise error(f"{where}{value!r} is not a date ({exc}); give an ISO day such as '2020-01-02'") from None
+    if ts is pd.NaT:
+        raise error(f"{where}{value!r} is not a date")
+    return ts.tz_localize(None) if ts.tzinfo is not None else ts
 
 
 def _day(value: Any, what: str) -> pd.Timestamp:
     """Parse one trading day; reject what is not a day (numbers, None, times of day)."""
-    if isinstance(value, (bool, int, float, np.integer, np.floating)):
-        raise TaskTypeError(f"{what}: {value!r} is a number, not a date; give an ISO day such as '2020-01-02'")
     if value is None:
         raise TaskTypeError(f"{what}: None is not a date")
-    try:
-        ts = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{what}: {value!r} is not a date ({exc}); give an ISO day such as '2020-01-02'") from None
-    if ts is pd.NaT:
-        raise ConfigError(f"{what}: {value!r} is not a date")
-    if ts.tzinfo is not None:
-        ts = ts.tz_localize(None)
+    ts = parse_time(value, what, ConfigError)
     if ts != ts.normalize():
         raise ConfigError(f"{what}: {value!r} has a time of day; a trading calendar holds whole days")
     return ts
@@ -332,7 +329,7 @@ class TimeAdjuster:
         """
         if time_point is None:
             return None
-        ts = _day_or_time(time_point)
+        ts = parse_time(time_point)
         if tp_type == "start":
             return int(self.cals.searchsorted(ts, side="left"))
         if tp_type == "end":
@@ -422,18 +419,6 @@ class TimeAdjuster:
         if (start_idx is not None and start_idx < 0) or (end_idx is not None and end_idx < 0):
             raise OutOfCalendarError(f"shifting ({format_day(start)}, {format_day(end)}) by {step} days leaves {self._range()}")
         return self.get(start_idx), self.get(end_idx)
-
-
-def _day_or_time(value: Any) -> pd.Timestamp:
-    if isinstance(value, (bool, int, float, np.integer, np.floating)):
-        raise TaskTypeError(f"{value!r} is a number, not a date; give an ISO day such as '2020-01-02'")
-    try:
-        ts = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
-        raise TaskDefinitionError(f"{value!r} is not a date ({exc})") from None
-    if ts is pd.NaT:
-        raise TaskDefinitionError(f"{value!r} is not a date")
-    return ts.tz_localize(None) if ts.tzinfo is not None else ts
 
 
 def format_day(value: Any) -> str:

@@ -5,6 +5,10 @@ the top-level values when a definition is not valid BSON, which makes nested key
 unqueryable. qcelery instead normalises every value recursively, the same way on
 every machine, so ``{"filter.model.class": "LinearModel"}`` always works and two
 producers compute the same hash for the same task.
+
+pandas and numpy are not imported here (they are most of a CLI command's start-up):
+a value can only be a pandas or numpy object if its module is already loaded, so
+the checks look the modules up in ``sys.modules`` when a value needs them.
 """
 
 from __future__ import annotations
@@ -17,26 +21,29 @@ import json
 import math
 import pickle
 import re
+import sys
 import types
 from pathlib import PurePath
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import numpy as np
-import pandas as pd
 from bson import ObjectId
 
 from .errors import TaskDefinitionError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # "<function f at 0x7f...>": the address differs in every process
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_PLAIN_CALLABLES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, np.ufunc)
+_PLAIN_CALLABLES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
 # the same few dates recur in thousands of rolling tasks; isoformat is the slow part
 _ISO_CACHE: dict[pd.Timestamp, str] = {}
 
 
 def _iso(value: _dt.datetime | _dt.date | pd.Timestamp) -> str:
-    if isinstance(value, pd.Timestamp):
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(value, pd.Timestamp):
         value = value.to_pydatetime()
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None and value.time() == _dt.time(0):
@@ -79,7 +86,8 @@ def _normalize(value: Any) -> Any:
         return value if _INT64_MIN <= value <= _INT64_MAX else str(value)  # BSON stops at 64 bits
     if t is float:
         return value if math.isfinite(value) else repr(value)
-    if t is pd.Timestamp:
+    pd = sys.modules.get("pandas")
+    if pd is not None and t is pd.Timestamp:
         iso = _ISO_CACHE.get(value)
         if iso is None:
             if value is pd.NaT:
@@ -99,19 +107,24 @@ def _normalize_mapping(value: Mapping) -> dict:
 
 
 def _normalize_other(value: Any) -> Any:
+    np = sys.modules.get("numpy")  # None: value is no numpy object
     if isinstance(value, (bool, str)):
         return value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        n = int(value)
+    if isinstance(value, int) or (np is not None and isinstance(value, np.integer)):
+        n = int(value)  # bool returned above; numpy's bool_ is not an np.integer
         return n if _INT64_MIN <= n <= _INT64_MAX else str(n)  # BSON stops at 64 bits
-    if isinstance(value, np.bool_):
+    if np is not None and isinstance(value, np.bool_):
         return bool(value)
-    if isinstance(value, (float, np.floating)):
+    if isinstance(value, float) or (np is not None and isinstance(value, np.floating)):
         f = float(value)
         return f if math.isfinite(f) else repr(f)
-    if isinstance(value, (pd.Timestamp, _dt.datetime, _dt.date, np.datetime64)):
-        value = pd.Timestamp(value) if isinstance(value, np.datetime64) else value
-        if value is pd.NaT:
+    if isinstance(value, _dt.date) or (np is not None and isinstance(value, np.datetime64)):
+        if not isinstance(value, _dt.date):  # numpy's datetime64, read as pandas reads it
+            import pandas
+
+            value = pandas.Timestamp(value)
+        pd = sys.modules.get("pandas")
+        if pd is not None and value is pd.NaT:  # NaT is a datetime too
             return None
         return _iso(value)
     if isinstance(value, Mapping):
@@ -121,7 +134,7 @@ def _normalize_other(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         items = [_normalize(v) for v in value]
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
-    if isinstance(value, np.ndarray):
+    if np is not None and isinstance(value, np.ndarray):
         return [_normalize(v) for v in value.tolist()]
     if isinstance(value, ObjectId):
         return str(value)
@@ -131,9 +144,11 @@ def _normalize_other(value: Any) -> Any:
         return str(value)
     if isinstance(value, PurePath):
         return str(value)
-    if isinstance(value, _PLAIN_CALLABLES) or (callable(value) and isinstance(getattr(value, "__qualname__", None), str)):
+    if (isinstance(value, _PLAIN_CALLABLES) or (np is not None and isinstance(value, np.ufunc))
+            or (callable(value) and isinstance(getattr(value, "__qualname__", None), str))):
         return _dotted(value)  # functions, classes, numpy's dispatchers; not partials or instances
-    if isinstance(value, (pd.Series, pd.DataFrame, pd.Index)):
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(value, (pd.Series, pd.DataFrame, pd.Index)):
         return _by_content(value)  # their repr truncates long data
     text = repr(value)
     return _by_content(value) if _ADDRESS.search(text) else text

@@ -7,6 +7,17 @@ catches them all; most also derive from the builtin a Python user would expect
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .exp import Recorder
+
+
+def _plain_message(self: BaseException) -> str:
+    """``__str__`` for the errors that are also ``KeyError``: KeyError quotes its
+    argument, and these carry a sentence, not a key."""
+    return str(self.args[0]) if self.args else ""
+
 
 class QceleryError(Exception):
     """Base class of every qcelery error."""
@@ -47,8 +58,7 @@ class DecodeError(QceleryError, ValueError):
 class TaskNotFoundError(QceleryError, KeyError):
     """No task (or batch) with that id exists in the pool."""
 
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
-        return str(self.args[0]) if self.args else ""
+    __str__ = _plain_message
 
 
 class LeaseLostError(QceleryError):
@@ -57,3 +67,66 @@ class LeaseLostError(QceleryError):
 
 class EmbeddedServerError(QceleryError, RuntimeError):
     """An embedded server could not be started or did not answer."""
+
+
+class TrackingUnavailableError(QceleryError, ConnectionError):
+    """The MLflow tracking server did not answer."""
+
+
+# ------------------------------------------------------------------ task definitions
+class OutOfCalendarError(TaskDefinitionError, KeyError):
+    """A date or a shifted segment falls outside the trading calendar.
+
+    It is a ``KeyError`` too, because Qlib's ``TimeAdjuster.shift`` signals the end of
+    the calendar with ``KeyError`` and rolling code catches that.
+    """
+
+    __str__ = _plain_message
+
+
+class SerializableConfigError(ConfigError, KeyError):
+    """``Serializable.config`` got an option it does not know (a ``KeyError`` as in Qlib)."""
+
+    __str__ = _plain_message
+
+
+# ------------------------------------------------------------------ experiments and training
+class LoadObjectError(QceleryError, LookupError):
+    """An artifact could not be downloaded or decoded (Qlib's ``LoadObjectError``)."""
+
+
+class RecordError(QceleryError, RuntimeError):
+    """A record of a task raised while generating; the message names the record and task."""
+
+
+class TrainingFailedError(QceleryError, RuntimeError):
+    """Some tasks of a trainer's batch failed. ``failures`` lists ``{task_id, error}``;
+    ``recorders`` maps the other tasks' ids to their recorders."""
+
+    def __init__(self, message: str, failures: list[dict], recorders: dict[str, Recorder]):
+        super().__init__(message)
+        self.failures = failures
+        self.recorders = recorders
+
+
+# ------------------------------------------------------------------ the PIT store
+# They also derive from the builtin a Qlib user already catches: Qlib raises
+# ``ValueError`` for a field without ``_q``/``_a`` and ``FileNotFoundError`` for
+# missing files, and reads corrupt files silently.
+class PITQueryError(TaskDefinitionError):
+    """A field name, period, operator or statement table is not acceptable.
+
+    Raised before anything is read or written. A ``ValueError`` (through
+    :class:`~qcelery.errors.TaskDefinitionError`).
+    """
+
+
+class PITFormatError(QceleryError, ValueError):
+    """A ``.data``/``.index`` pair is truncated or inconsistent (corrupt).
+
+    The message names the file, the byte offset and what was expected there.
+    """
+
+
+class PITDataNotFoundError(QceleryError, FileNotFoundError):
+    """No ``.data``/``.index`` pair exists for that instrument and field."""

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from .errors import ConfigError, QceleryError
+from .errors import ConfigError, LoadObjectError, QceleryError
 from .serial import Serializable, restricted_loads
 from .settings import Settings, mask_url
 
@@ -48,10 +48,6 @@ __all__ = ["Experiment", "Recorder", "LoadObjectError", "get_experiment", "recor
 #: MLflow's limits (mlflow.utils.validation): longer parameter values are refused
 _MAX_PARAM_VALUE = 6000
 _BATCH = 100  # MLflow accepts at most 100 params and 1000 metrics per log_batch call
-
-
-class LoadObjectError(QceleryError, LookupError):
-    """An artifact could not be downloaded or decoded (Qlib's ``LoadObjectError``)."""
 
 
 def _file_store_dir(uri: str) -> Path | None:

@@ -666,11 +666,36 @@ def run_task(
     if after_status not in (st.WAITING, st.PART_DONE, st.DONE):
         raise TaskDefinitionError(f"run_task commits tasks as waiting, part_done or done, not {after_status!r}")
     tm = task_pool if isinstance(task_pool, TaskManager) else TaskManager(task_pool)
+    return pull_tasks(task_func, tm, query, before_status, after_status, force_release=force_release,
+                      task_kwargs=lambda task: kwargs) > 0
+
+
+def pull_tasks(
+    task_func: Callable,
+    tm: TaskManager,
+    query: dict | None = None,
+    before_status: str = st.WAITING,
+    after_status: str = st.DONE,
+    *,
+    force_release: bool = False,
+    record_failures: bool = False,
+    task_kwargs: Callable[[dict], Mapping[str, Any]] = lambda task: {},
+) -> int:
+    """The pull loop under :func:`run_task` and the ``TrainerRM`` workers; returns how
+    many tasks it fetched.
+
+    Each task matching ``query`` in ``before_status`` is leased, kept alive by a
+    heartbeat while ``task_func(param, **task_kwargs(task))`` runs (in a child process
+    with ``force_release``) and committed with ``after_status`` unless its lease was
+    lost. When ``task_func`` raises, the task goes back to ``before_status`` and the
+    error propagates; with ``record_failures`` the failure is recorded with
+    :meth:`TaskManager.fail` instead (retried while attempts remain, else ``failed``
+    with its traceback) and the loop goes on.
+    """
     # with before == after (e.g. part_done -> part_done) a committed task matches again:
     # run each task once per call, where Qlib's loop would never end
     ran: list[ObjectId] = []
     decoded = tm._decode_query(query)
-    ever_run = False
     while True:
         q = decoded
         if before_status == after_status and ran:
@@ -680,16 +705,24 @@ def run_task(
                 break
             ran.append(task["_id"])
             param = task["def"] if before_status == st.WAITING else task["res"]
-            with Heartbeat(tm, task) as hb:
-                if force_release:
-                    with concurrent.futures.ProcessPoolExecutor(max_workers=1) as executor:
-                        res = executor.submit(task_func, param, **kwargs).result()
-                else:
-                    res = task_func(param, **kwargs)
+            kwargs = task_kwargs(task)
+            try:
+                with Heartbeat(tm, task) as hb:
+                    if force_release:
+                        with concurrent.futures.ProcessPoolExecutor(max_workers=1) as executor:
+                            res = executor.submit(task_func, param, **kwargs).result()
+                    else:
+                        res = task_func(param, **kwargs)
+            except Exception as exc:
+                if not record_failures:
+                    raise
+                new = tm.fail(task, format_exception(exc))
+                logger.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], tm.name,
+                               type(exc).__name__, exc, new)
+                continue
             if hb.lost.is_set() or not tm.commit(task, res, after_status):
-                logger.warning("task %s: lease lost while running; result dropped", task["_id"])
-            ever_run = True
-    return ever_run
+                logger.warning("task %s of pool %s: lease lost while running; result dropped", task["_id"], tm.name)
+    return len(ran)
 
 
 def format_exception(exc: BaseException) -> str:
@@ -697,4 +730,4 @@ def format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-__all__ = ["TaskManager", "run_task", "Heartbeat", "format_exception", "to_object_id", "worker_name", "QceleryError"]
+__all__ = ["TaskManager", "run_task", "pull_tasks", "Heartbeat", "format_exception", "to_object_id", "worker_name", "QceleryError"]

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, QceleryError
-from .exp import LoadObjectError, Recorder
+from .errors import ConfigError, LoadObjectError, RecordError
+from .exp import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ __all__ = [
     "RecordTemp", "SignalRecord", "SigAnaRecord", "PortAnaRecord", "RecordError",
     "calc_ic", "long_short_return", "risk_analysis",
 ]
-
-
-class RecordError(QceleryError, RuntimeError):
-    """A record of a task raised while generating; the message names the record and task."""
 
 
 # ------------------------------------------------------------------ analysis

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ConfigError, DecodeError, TaskTypeError, UnsafePickleError
+from .errors import ConfigError, DecodeError, SerializableConfigError, TaskTypeError, UnsafePickleError
 
 #: module prefixes every decode accepts; a prefix admits its sub-modules too
 DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
@@ -340,13 +340,6 @@ def dumps(obj: Any) -> bytes:
 _CONFIGURING: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("qcelery_serial_configuring", default=None)
 
 _CONFIG_KEYS = ("dump_all", "exclude", "include")
-
-
-class SerializableConfigError(ConfigError, KeyError):
-    """``Serializable.config`` got an option it does not know (a ``KeyError`` as in Qlib)."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
-        return str(self.args[0]) if self.args else ""
 
 
 def _attr_names(value: Any, option: str) -> list[str] | None:

@@ -29,16 +29,16 @@ Differences from Qlib:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import socket
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from . import status as st
 from .data import HandlerCache, replace_task_handler_with_cache
-from .errors import ConfigError, QceleryError, TaskTypeError
+from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, fill_placeholder, flatten_dict, init_instance_by_config
-from .records import RecordError
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,6 @@ __all__ = [
 
 #: tag set on a run whose training raised (the first line of the error)
 ERROR_TAG = "qcelery.error"
-
-
-class TrainingFailedError(QceleryError, RuntimeError):
-    """Some tasks of a trainer's batch failed. ``failures`` lists ``{task_id, error}``;
-    ``recorders`` maps the other tasks' ids to their recorders."""
-
-    def __init__(self, message: str, failures: list[dict], recorders: dict[str, Recorder]):
-        super().__init__(message)
-        self.failures = failures
-        self.recorders = recorders
 
 
 # --------------------------------------------------------------------- tasks
@@ -137,10 +127,40 @@ def _fail_run(rec: Recorder, exc: BaseException) -> None:
         log.exception("could not mark run %s failed", rec.id)
 
 
+@contextlib.contextmanager
+def _failing_run_on_error(rec: Recorder) -> Iterator[None]:
+    """Whatever raises inside (Ctrl-C included) ends ``rec`` FAILED, then propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        _fail_run(rec, exc)
+        raise
+
+
 def _experiment(experiment_name: str | None, settings: Settings) -> Experiment:
     if not experiment_name:
         raise ConfigError("experiment_name is required (the MLflow experiment the task's run goes to)")
     return get_experiment(experiment_name, settings)
+
+
+def _task_run(
+    task_config: Any, experiment_name: str, recorder_name: str | None, settings: Settings | None,
+    tags: Mapping[str, Any] | None, *, train: bool,
+) -> Recorder:
+    """A new run of ``experiment_name`` tagged for ``task_config`` and holding it
+    (parameters, ``task`` artifact); with ``train`` the task is trained and its records
+    run in it, and the run ends ``FINISHED``, else it ends ``SCHEDULED``."""
+    _check_task(task_config)
+    settings = settings or load_settings()
+    rec = _experiment(experiment_name, settings).create_recorder(
+        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
+    )
+    with _failing_run_on_error(rec):
+        _log_task_info(rec, task_config)
+        if train:
+            _exe_task(rec, task_config, settings)
+    rec.end_run(Recorder.STATUS_FI if train else Recorder.STATUS_S)
+    return rec
 
 
 def task_train(
@@ -157,19 +177,7 @@ def task_train(
     The run ends ``FINISHED``, or ``FAILED`` (tag ``qcelery.error``) when anything
     raises; the error propagates.
     """
-    _check_task(task_config)
-    settings = settings or load_settings()
-    rec = _experiment(experiment_name, settings).create_recorder(
-        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
-    )
-    try:
-        _log_task_info(rec, task_config)
-        _exe_task(rec, task_config, settings)
-    except BaseException as exc:
-        _fail_run(rec, exc)
-        raise
-    rec.end_run(Recorder.STATUS_FI)
-    return rec
+    return _task_run(task_config, experiment_name, recorder_name, settings, tags, train=True)
 
 
 def begin_task_train(
@@ -182,18 +190,7 @@ def begin_task_train(
 ) -> Recorder:
     """First phase: a run holding the task (parameters and ``task`` artifact), left
     ``SCHEDULED`` for :func:`end_task_train`."""
-    _check_task(task_config)
-    settings = settings or load_settings()
-    rec = _experiment(experiment_name, settings).create_recorder(
-        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
-    )
-    try:
-        _log_task_info(rec, task_config)
-    except BaseException as exc:
-        _fail_run(rec, exc)
-        raise
-    rec.end_run(Recorder.STATUS_S)
-    return rec
+    return _task_run(task_config, experiment_name, recorder_name, settings, tags, train=False)
 
 
 def end_task_train(
@@ -208,14 +205,11 @@ def end_task_train(
         raise TaskTypeError(f"end_task_train takes the Recorder begin_task_train returned, got {type(rec).__name__}")
     settings = settings or load_settings()
     rec.start_run()
-    try:
+    with _failing_run_on_error(rec):
         if tags:
             rec.set_tags(**tags)
         task_config = rec.load_object("task", allowed_modules=settings.allowed_modules)
         _exe_task(rec, task_config, settings)
-    except BaseException as exc:
-        _fail_run(rec, exc)
-        raise
     rec.end_run(Recorder.STATUS_FI)
     return rec
 
@@ -341,38 +335,20 @@ def work_on_pool(
 ) -> int:
     """The pull loop of :class:`TrainerRM` workers; returns how many tasks it ran.
 
-    Like :func:`qcelery.manage.run_task` (leased fetch, heartbeat, fenced commit), but
-    a task that raises is recorded with :meth:`TaskManager.fail` (back to
+    :func:`qcelery.manage.run_task`'s loop (leased fetch, heartbeat, fenced commit),
+    but a task that raises is recorded with :meth:`TaskManager.fail` (back to
     ``before_status`` while attempts remain, else ``failed``) and the loop goes on.
     ``task_func`` also gets ``settings`` and ``tags`` (``pool``, ``task_id``) when it
     takes them.
     """
-    from .manage import Heartbeat, format_exception
+    from .manage import pull_tasks
 
-    base = dict(query or {})
-    ran: list[Any] = []
-    while True:
-        q = base
-        if before_status == after_status and ran:  # a committed task would match again
-            q = {"$and": [base, {"_id": {"$nin": ran}}]}
-        with manager.safe_fetch_task(query=q, status=before_status) as task:
-            if task is None:
-                break
-            ran.append(task["_id"])
-            param = task["def"] if before_status == st.WAITING else task["res"]
-            tags = {"pool": manager.name, "task_id": str(task["_id"])}
-            call_kwargs = _with_context(task_func, kwargs, manager.settings, tags)
-            try:
-                with Heartbeat(manager, task) as hb:
-                    res = task_func(param, **call_kwargs)
-            except Exception as exc:
-                new = manager.fail(task, format_exception(exc))
-                log.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], manager.name,
-                            type(exc).__name__, exc, new)
-                continue
-            if hb.lost.is_set() or not manager.commit(task, res, after_status):
-                log.warning("task %s of pool %s: lease lost while running; result dropped", task["_id"], manager.name)
-    return len(ran)
+    def task_kwargs(task: dict) -> dict:
+        tags = {"pool": manager.name, "task_id": str(task["_id"])}
+        return _with_context(task_func, kwargs, manager.settings, tags)
+
+    return pull_tasks(task_func, manager, query, before_status, after_status,
+                      record_failures=True, task_kwargs=task_kwargs)
 
 
 class TrainerRM(Trainer):

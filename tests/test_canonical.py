@@ -182,6 +182,28 @@ def test_hash_is_the_same_in_another_process():
     assert out.stdout.strip() == filter_hash(normalize(_as_module_objects(task)))
 
 
+def _run_fresh(code: str) -> str:
+    """Run ``code`` in a new interpreter from the project root; its stdout."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_a_status_command_does_not_load_pandas():
+    # the modules `qcelery status` / `wait` / `list` import: pandas is most of their start-up
+    code = ("import sys, qcelery.cli.main, qcelery.manage, qcelery.batch, qcelery.store;"
+            "print(sorted(m for m in ('pandas', 'numpy') if m in sys.modules))")
+    assert _run_fresh(code) == "[]"
+
+
+def test_numpy_values_normalise_the_same_before_pandas_is_imported():
+    # datetime64 is read through pandas, which canonical imports only then
+    code = ("import datetime as dt, numpy as np;"
+            "from qcelery.canonical import normalize;"
+            "print(normalize([np.datetime64('2020-01-02'), np.datetime64('NaT'), np.int64(5), np.float32(1.5),"
+            " np.bool_(True), np.arange(2), np.sqrt, dt.datetime(2020, 1, 2, 3)]))")
+    assert _run_fresh(code) == "['2020-01-02', None, 5, 1.5, True, [0, 1], 'numpy.sqrt', '2020-01-02T03:00:00']"
+
+
 def _as_module_objects(task):
     """The same task built from ``test_canonical`` imported as a top-level module, as
     the subprocess does (pytest may import this file under another name)."""

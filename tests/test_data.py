@@ -13,7 +13,7 @@ from qcelery.calendar import default_calendar
 from qcelery.data import DatasetH, HandlerCache, SyntheticAlphaHandler, handler_key, replace_task_handler_with_cache
 from qcelery.data.cache import BUCKET, clear_memory
 from qcelery.data.features import alpha_features, next_day_return_label
-from qcelery.errors import ConfigError
+from qcelery.errors import ConfigError, TaskTypeError
 
 KW = dict(instruments=20, start_time="2020-01-02", end_time="2020-12-31",
           fit_start_time="2020-01-02", fit_end_time="2020-06-30", seed=5)
@@ -112,6 +112,13 @@ def test_dataset_prepares_segments_like_qlib(handler):
 def test_bad_handler_config_is_a_clear_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SyntheticAlphaHandler(**{**KW, **kwargs})
+
+
+@pytest.mark.parametrize("number", [20200102, 1.5, np.int64(20200102)])
+def test_a_number_as_handler_date_is_a_type_error(number):
+    # pandas would read it as nanoseconds after 1970; numpy integers used to slip through
+    with pytest.raises(TaskTypeError, match="SyntheticAlphaHandler start_time: .* is a number, not a date"):
+        SyntheticAlphaHandler(**{**KW, "start_time": number})
 
 
 def test_handler_key_ignores_how_dates_are_written():

@@ -13,15 +13,11 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import BrokerUnavailableError, ConfigError, QceleryError
+from ..errors import BrokerUnavailableError, ConfigError, TrackingUnavailableError
 from ..settings import Settings, mask_url
 
 #: seconds each check may take (the whole preflight stays under five seconds per server)
 TIMEOUT = 2.5
-
-
-class TrackingUnavailableError(QceleryError, ConnectionError):
-    """The MLflow tracking server did not answer."""
 
 
 def check_mongo(settings: Settings) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -376,6 +376,24 @@ def _publish(settings: Settings, pool: str, ids: list, priority: int | None = No
     return publish(app_for(settings), pool, ids, priority=priority) if ids else 0
 
 
+def _requeue(ctx: typer.Context, pool: str | None, batch: str | None,
+             requeue: Callable[[TaskManager, dict | None], tuple[list, int]]) -> int:
+    """Run ``requeue(manager, query)`` on each selected pool (``query`` selects the
+    batch's tasks, ``None`` all) and re-publish the ids it returns with the count it
+    put back; the sum of the counts."""
+    from ..manage import TaskManager
+
+    settings = _settings(ctx)
+    checks.check_all(settings, tracking=False)
+    pools, q = _query(settings, pool, batch)
+    total = 0
+    for p in pools:
+        ids, n = requeue(TaskManager(p, settings), q or None)
+        _publish(settings, p, ids)
+        total += n
+    return total
+
+
 @app.command(rich_help_panel=PANEL_ADMIN)
 def recover(
     ctx: typer.Context,
@@ -405,18 +423,12 @@ def reset_waiting(
     """Qlib's reset_waiting: every `running` task back to `waiting`, lease or not, and
     re-published. For when workers are known dead; `recover` only takes expired
     leases. A worker still running such a task cannot commit it any more."""
-    from ..manage import TaskManager
 
-    settings = _settings(ctx)
-    checks.check_all(settings, tracking=False)
-    pools, q = _query(settings, pool, batch)
-    total = 0
-    for p in pools:
-        tm = TaskManager(p, settings)
-        ids = [d["_id"] for d in tm.task_pool.find({**q, "status": st.RUNNING}, {"_id": 1})]
-        n = tm.reset_waiting(q or None)
-        _publish(settings, p, ids)
-        total += n
+    def reset(tm: TaskManager, q: dict | None) -> tuple[list, int]:
+        ids = [d["_id"] for d in tm.task_pool.find({**(q or {}), "status": st.RUNNING}, {"_id": 1})]
+        return ids, tm.reset_waiting(q)
+
+    total = _requeue(ctx, pool, batch, reset)
     out.print(f"{total} running task(s) reset to waiting and re-published", markup=False)
 
 
@@ -430,16 +442,12 @@ def retry_failed(
     second-phase failure) with a fresh attempt budget, re-published.
     A batch's summary is written once: enqueue the workflow again for a new one
     (done tasks are not run twice)."""
-    from ..manage import TaskManager
 
-    settings = _settings(ctx)
-    checks.check_all(settings, tracking=False)
-    pools, q = _query(settings, pool, batch)
-    total = 0
-    for p in pools:
-        ids = TaskManager(p, settings).retry_failed(q or None)
-        _publish(settings, p, ids)
-        total += len(ids)
+    def retry(tm: TaskManager, q: dict | None) -> tuple[list, int]:
+        ids = tm.retry_failed(q)
+        return ids, len(ids)
+
+    total = _requeue(ctx, pool, batch, retry)
     out.print(f"{total} failed task(s) back to waiting or part_done and re-published", markup=False)
 
 

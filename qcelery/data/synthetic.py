@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from ..calendar import TradingCalendar, parse_time, resolve_calendar
 from ..errors import ConfigError, TaskTypeError
 from ..serial import Serializable
 from .features import LABEL_EXPR, alpha_features, next_day_return_label
@@ -62,25 +63,14 @@ _VOLUME_NOISE = 0.35
 def trading_days(calendar: Any) -> pd.DatetimeIndex:
     """The days of ``calendar`` (an exchange code or a ``TradingCalendar``), its known
     future days included, through :mod:`qcelery.calendar`."""
-    from ..calendar import TradingCalendar, resolve_calendar
-
     if not isinstance(calendar, (str, TradingCalendar)):
         raise TaskTypeError(f"calendar must be an exchange code such as 'XSHG' or a TradingCalendar, got {calendar!r}")
     return resolve_calendar(calendar).future_dates
 
 
 def _ts(value: Any, name: str) -> pd.Timestamp | None:
-    if value is None:
-        return None
-    if isinstance(value, (bool, int, float)):
-        raise TaskTypeError(f"SyntheticAlphaHandler {name}: {value!r} is a number, not a date")
-    try:
-        ts = pd.Timestamp(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"SyntheticAlphaHandler {name}: {value!r} is not a date ({exc})") from None
-    if ts is pd.NaT:
-        raise ConfigError(f"SyntheticAlphaHandler {name}: {value!r} is not a date")
-    return ts.tz_localize(None) if ts.tzinfo is not None else ts
+    """A date of the handler's configuration or of a selector (``None``: open)."""
+    return None if value is None else parse_time(value, f"SyntheticAlphaHandler {name}", ConfigError)
 
 
 class SyntheticAlphaHandler(Serializable):

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from qcelery.celery_app import app_for
-
 pytest.register_assert_rewrite("faults_support")
 
-from faults_support import fault_settings, running  # noqa: E402
+from faults_support import fault_settings, started  # noqa: E402
 
 
 @pytest.fixture
@@ -22,8 +20,5 @@ def fsettings(settings):
 def cluster(fsettings):
     """One worker (concurrency 2) on the test's queue and one beat, started and ready;
     every process is stopped (with its process group) when the test ends."""
-    with running(fsettings) as c:
-        c.start_worker(fsettings.default_queue, concurrency=2)
-        c.start_beat()
-        c.wait_ready(app_for(fsettings))
+    with started(fsettings) as c:
         yield c

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 from qcelery import batch as batches
+from qcelery.celery_app import app_for
 from qcelery.cluster import Cluster
 from qcelery.manage import TaskManager
 from qcelery.probes import RUNS
@@ -61,6 +62,18 @@ def running(settings: Settings) -> Iterator[Cluster]:
         for proc in reversed(cluster.procs):
             proc.stop(timeout=10, sig=signal.SIGKILL)
         cluster.procs.clear()
+
+
+@contextlib.contextmanager
+def started(settings: Settings, concurrency: int = 2, **worker_options: Any) -> Iterator[Cluster]:
+    """:func:`running` with one worker on the settings' queue (``concurrency`` pool
+    processes; ``worker_options`` such as ``time_limit`` go to ``start_worker``) and one
+    beat, both started and ready."""
+    with running(settings) as cluster:
+        cluster.start_worker(settings.default_queue, concurrency=concurrency, **worker_options)
+        cluster.start_beat()
+        cluster.wait_ready(app_for(settings))
+        yield cluster
 
 
 def probe_defs(n: int, prefix: str = "t", **knobs: Any) -> list[dict]:

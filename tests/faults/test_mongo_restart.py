@@ -15,7 +15,7 @@ from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 from qcelery.worker import execute_task
 
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, running, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
 
 
 #: longer than the client's server-selection timeout, so operations in flight fail
@@ -33,10 +33,7 @@ def own_mongo(tmp_path):
 def test_mongo_restart_mid_batch_loses_nothing(settings, own_mongo):
     fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0)
     tm = TaskManager(POOL, fs)
-    with running(fs) as cluster:
-        cluster.start_worker(fs.default_queue, concurrency=2)
-        cluster.start_beat()
-        cluster.wait_ready(app_for(fs))
+    with started(fs) as cluster:
         bid = enqueue(probe_defs(20, sleep=0.3), POOL, settings=fs)
         wait_for(lambda: tm.task_stat().get("done", 0) >= 4, what="4 tasks done")
 

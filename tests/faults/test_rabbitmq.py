@@ -14,12 +14,12 @@ import uuid
 import pytest
 from kombu import Connection
 
-from qcelery.celery_app import CONTROL_QUEUE, app_for
+from qcelery.celery_app import CONTROL_QUEUE
 from qcelery.embedded import port_open
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, running, wait_batch
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch
 
 HOST, PORT = "127.0.0.1", 5672
 
@@ -57,10 +57,7 @@ def vhost(rabbitmq):
 def test_batch_on_rabbitmq_with_redis_results_runs_each_task_once(settings, servers, vhost):
     fs = fault_settings(settings, broker_url=vhost, result_backend=servers.broker_url)
     tm = TaskManager(POOL, fs)
-    with running(fs) as cluster:
-        cluster.start_worker(fs.default_queue, concurrency=2)
-        cluster.start_beat()
-        cluster.wait_ready(app_for(fs))
+    with started(fs) as cluster:
         bid = enqueue(probe_defs(12, sleep=0.05), POOL, settings=fs)
 
         batch = wait_batch(tm, bid)

@@ -10,12 +10,11 @@ import time
 import pytest
 
 from qcelery.beat import BEAT_LOG
-from qcelery.celery_app import app_for
 from qcelery.embedded import EmbeddedRedis, free_port
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, running, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
 
 
 @pytest.fixture
@@ -28,10 +27,7 @@ def own_redis(tmp_path):
 def test_redis_restart_mid_batch_loses_the_queue_and_the_sweep_republishes(settings, own_redis, tmp_path):
     fs = fault_settings(settings, broker_url=own_redis.url)
     tm = TaskManager(POOL, fs)
-    with running(fs) as cluster:
-        cluster.start_worker(fs.default_queue, concurrency=2)
-        cluster.start_beat()
-        cluster.wait_ready(app_for(fs))
+    with started(fs) as cluster:
         bid = enqueue(probe_defs(20, sleep=0.3), POOL, settings=fs)
         wait_for(lambda: tm.task_stat().get("done", 0) >= 4, what="4 tasks done")
 

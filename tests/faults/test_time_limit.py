@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, probe_runs, running, wait_batch
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, probe_runs, started, wait_batch
 
 TIME_LIMIT = 2.0
 
@@ -20,10 +19,7 @@ TIME_LIMIT = 2.0
 def limited(settings):
     # two attempts and a short lease: each overrun costs the time limit plus one lease
     fs = fault_settings(settings, max_attempts=2, lease_seconds=4.0)
-    with running(fs) as c:
-        c.start_worker(fs.default_queue, concurrency=2, time_limit=TIME_LIMIT)
-        c.start_beat()
-        c.wait_ready(app_for(fs))
+    with started(fs, time_limit=TIME_LIMIT) as c:
         yield fs, c
 
 
