@@ -72,8 +72,12 @@ def main() -> None:
             channel = conn.default_channel
 
             def drain(n: int) -> None:
-                """Check the queue holds ``n`` messages, then empty it."""
-                _, count, _ = channel.queue_declare(queue, passive=True)
+                """Check the queue holds ``n`` messages, then empty it (RabbitMQ counts the
+                last messages from the producer's socket a moment later)."""
+                deadline = time.monotonic() + 30
+                while (count := channel.queue_declare(queue, passive=True)[1]) < n:
+                    assert time.monotonic() < deadline, f"{count} messages in the queue, expected {n}"
+                    time.sleep(0.1)
                 assert count == n, f"{count} messages in the queue, expected {n}"
                 channel.queue_purge(queue)
 
