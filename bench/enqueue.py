@@ -118,7 +118,7 @@ def profile_phases(tm, tasks: list[dict]) -> dict[str, float]:
 
     phases: dict[str, float] = {}
     t = time.perf_counter()
-    encoded = [tm._encode_def(d, i) for i, d in enumerate(tasks)]
+    [tm._encode_def(d, i) for i, d in enumerate(tasks)]
     phases["encode (pickle)"] = time.perf_counter() - t
     t = time.perf_counter()
     filters = [normalize(d) for d in tasks]

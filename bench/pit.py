@@ -147,8 +147,8 @@ def main() -> None:
               f"{os.cpu_count()} cpu(s); best of {args.repeat}")
         print(f"# qcelery write (all files): {write_s:.3f} s")
         print()
-        print(f"| expression | instruments | qcelery s | Qlib s | Qlib / qcelery | values equal |")
-        print(f"| --- | ---: | ---: | ---: | ---: | --- |")
+        print("| expression | instruments | qcelery s | Qlib s | Qlib / qcelery | values equal |")
+        print("| --- | ---: | ---: | ---: | ---: | --- |")
         for key, expr in EXPRESSIONS.items():
             print(f"| `{expr}` | {len(instruments)} | {ours[key][0]:.4f} | | | |")
 

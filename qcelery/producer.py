@@ -52,7 +52,7 @@ def _publish_chord(app: Celery, pool: str, task_ids: list, batch_id: Any, queue:
     header message carries the group id, its index and the body, and the messages go out
     through one producer in kombu publish batches (a Redis pipeline per
     ``PUBLISH_BATCH`` messages; AMQP publishes each at once, without waiting for the
-    broker). 10,000 messages take about 3 s instead of 15 (bench/RESULTS.md)."""
+    broker). 10,000 messages take about 3 s on Redis instead of 11 (bench/RESULTS.md, Publish)."""
     group_id = uuid()
     body.freeze(group_id=group_id)
     app.backend.set_chord_size(group_id, len(task_ids))
