@@ -77,6 +77,15 @@ def make_app(settings: Settings, main: str = "qcelery") -> Celery:
         },
         result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         broker_connection_retry_on_startup=True,
+        # RabbitMQ closes a channel whose unacknowledged message outlives its consumer_timeout
+        # (30 min by default; a long training holds its message that long under acks_late).
+        # That is a channel error: without this the worker stops on it ("Unrecoverable
+        # error: PreconditionFailed"); with it the consumer reconnects and goes on.
+        broker_channel_error_retry=True,
+        # ...and the running task is not cancelled on reconnecting: it keeps its Mongo lease
+        # and commits; its redelivered message finds it running and does nothing. (Cancelling
+        # it would only rerun it into the same timeout.)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_timeout=5,
         redis_socket_connect_timeout=5,
         redis_socket_timeout=30,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -140,3 +141,9 @@ def assert_exactly_once(settings: Settings, tm: TaskManager, batch: dict, *, fai
     assert batch["summary"]["counts"] == {s: n for s, n in Counter(statuses.values()).items()}
     failed_ids = {str(t["_id"]) for t in tm.query({"batch_ids": batch["_id"], "status": "failed"}, decode=False)}
     assert {f["task_id"] for f in batch["summary"]["failures"]} == failed_ids
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q ARGS`` against the local server; its standard output."""
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
