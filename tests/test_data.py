@@ -190,3 +190,28 @@ def test_pit_columns_join_as_features_known_on_each_day(tmp_path):
         SyntheticAlphaHandler(**{**KW, "pit": {"roe": "P($$roewa_q)"}})
     with pytest.raises(ConfigError, match="SyntheticAlphaHandler pit:"):
         SyntheticAlphaHandler(**{**KW, "pit": {"fields": {"roe": "Q($$roewa_q)"}}})
+
+
+def test_a_feature_with_no_value_in_the_fit_period_is_left_unscaled_and_named(tmp_path, caplog):
+    import warnings
+
+    from qcelery.pit import PITStore, write_synthetic_statements
+
+    # statements of 2020 only: the first is published in spring, after the fit period ends
+    write_synthetic_statements(PITStore(tmp_path / "pit"), [f"SYN{i:04d}" for i in range(4)], 2020, 2020,
+                               ["roewa_q"], seed=1)
+    kw = {**KW, "instruments": 4, "fit_end_time": "2020-02-28",
+          "pit": {"fields": {"roe": "P($$roewa_q)"}, "store": str(tmp_path / "pit")}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "All-NaN slice" no more
+        h = SyntheticAlphaHandler(**kw)
+        raw = h.fetch(data_key="raw")["feature"]
+        learn = h.fetch(col_set="feature")
+    fit_days = raw.index.get_level_values("datetime") <= pd.Timestamp("2020-02-28")
+    assert raw.loc[fit_days, "roe"].isna().all() and raw["roe"].notna().any()
+    # unscaled: the processed column is the raw one (median 0, MAD 1), the others are scaled
+    later = raw["roe"].notna()
+    np.testing.assert_allclose(learn.loc[later, "roe"].to_numpy(), raw.loc[later, "roe"].clip(-3, 3).to_numpy(),
+                               rtol=1e-6)
+    assert "no value of roe in the fit period" in caplog.text
+

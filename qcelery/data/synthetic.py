@@ -254,10 +254,18 @@ class SyntheticAlphaHandler(Serializable):
                 f"the data {self.start_time}..{self.end_time}"
             )
         fit = feats.to_numpy(dtype=np.float64)[mask]
-        median = np.nanmedian(fit, axis=0)
-        mad = np.nanmedian(np.abs(fit - median), axis=0) * 1.4826
+        # a feature with no value in the fit period (a PIT field first published later)
+        # is left unscaled: median 0, MAD 1, and said once here by name
+        known = ~np.isnan(fit).all(axis=0)
+        if not known.all():
+            log.warning("SyntheticAlphaHandler: no value of %s in the fit period %s..%s; left unscaled",
+                        ", ".join(map(str, feats.columns[~known])), self.fit_start_time, self.fit_end_time)
+        median, mad = np.zeros(fit.shape[1]), np.ones(fit.shape[1])
+        if known.any():
+            median[known] = np.nanmedian(fit[:, known], axis=0)
+            mad[known] = np.nanmedian(np.abs(fit[:, known] - median[known]), axis=0) * 1.4826
         mad = np.where(np.isfinite(mad) & (mad > 1e-12), mad, 1.0)
-        return pd.DataFrame({"median": np.nan_to_num(median), "mad": mad}, index=feats.columns)
+        return pd.DataFrame({"median": median, "mad": mad}, index=feats.columns)
 
     # ---------------------------------------------------------------- fetching
     def _view(self, data_key: str) -> pd.DataFrame:
