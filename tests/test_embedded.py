@@ -4,7 +4,6 @@ way their owner ends (stop, exception, normal exit, Ctrl-C, SIGTERM, dropped obj
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -18,7 +18,6 @@ import pytest
 from bson import Binary, ObjectId
 from pymongo import monitoring
 
-from qcelery import status as st
 from qcelery.errors import LeaseLostError, TaskDefinitionError, TaskNotFoundError, UnsafePickleError
 from qcelery.manage import Heartbeat, TaskManager, format_exception, run_task, to_object_id, utcnow
 from qcelery.store import RESULT_BUCKET

@@ -16,7 +16,7 @@ from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs
 def test_batch_on_rabbitmq_with_redis_results_runs_each_task_once(settings, servers, vhost):
     fs = fault_settings(settings, broker_url=vhost, result_backend=servers.broker_url)
     tm = TaskManager(POOL, fs)
-    with started(fs) as cluster:
+    with started(fs):
         bid = enqueue(probe_defs(12, sleep=0.05), POOL, settings=fs)
 
         batch = wait_batch(tm, bid)
