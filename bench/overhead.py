@@ -65,7 +65,7 @@ def main() -> None:
     from qcelery.producer import _publish_chord, publish
     from qcelery.settings import Settings
     from qcelery.store import client, scans_find_and_modify
-    from qcelery.worker import _batch_spec, execute_task
+    from qcelery.worker import AGGREGATE, _batch_spec, execute_task
 
     n = args.n
     with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
@@ -113,7 +113,7 @@ def main() -> None:
         assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
 
         # messages (to a queue nobody consumes; deleted afterwards)
-        body = app.signature("qcelery.aggregate", args=("overhead", str(doc["_id"])), queue=queue,
+        body = app.signature(AGGREGATE, args=("overhead", str(doc["_id"])), queue=queue,
                              immutable=True, ignore_result=True)
         message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0,
                                                                body.clone()), 5)]

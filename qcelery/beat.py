@@ -36,19 +36,24 @@ BEAT_LOG = "qcelery_beat_log"
 BEAT_LOCK = "beat"
 
 
+#: the beat jobs: schedule entry, task name, and the setting holding its interval
+_JOBS = (
+    ("qcelery-recover", RECOVER, "recover_interval"),
+    ("qcelery-sweep", SWEEP, "sweep_interval"),
+    ("qcelery-gc-results", GC_RESULTS, "result_gc_interval"),
+)
+
+
 def schedule(settings: Settings) -> dict:
-    """The beat schedule for ``settings`` (intervals in seconds)."""
+    """The beat schedule for ``settings`` (intervals in seconds); a job message not taken
+    within three intervals expires."""
     from .celery_app import CONTROL_QUEUE
 
-    return {
-        "qcelery-recover": {"task": RECOVER, "schedule": settings.recover_interval,
-                            "options": {"queue": CONTROL_QUEUE, "expires": max(settings.recover_interval * 3, 5)}},
-        "qcelery-sweep": {"task": SWEEP, "schedule": settings.sweep_interval,
-                          "options": {"queue": CONTROL_QUEUE, "expires": max(settings.sweep_interval * 3, 5)}},
-        "qcelery-gc-results": {"task": GC_RESULTS, "schedule": settings.result_gc_interval,
-                               "options": {"queue": CONTROL_QUEUE,
-                                           "expires": max(settings.result_gc_interval * 3, 5)}},
-    }
+    out = {}
+    for entry, task, interval_field in _JOBS:
+        every = getattr(settings, interval_field)
+        out[entry] = {"task": task, "schedule": every, "options": {"queue": CONTROL_QUEUE, "expires": max(every * 3, 5)}}
+    return out
 
 
 def _log_run(settings: Settings, job: str, beat: str | None, sent_at: str | None, result: dict) -> None:
@@ -107,18 +112,17 @@ def gc_results(app: Celery, beat: str | None = None, sent_at: str | None = None)
 def register(app: Celery) -> None:
     app.conf.beat_schedule = schedule(app.qcelery_settings)
     app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
+    jobs = {RECOVER: recover, SWEEP: sweep, GC_RESULTS: gc_results}
+    for _, name, _ in _JOBS:
+        _register_job(app, name, jobs[name])
 
-    @app.task(name=RECOVER, bind=True, shared=False, acks_late=True)
-    def recover_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
-        return recover(self.app, beat, sent_at)
 
-    @app.task(name=SWEEP, bind=True, shared=False, acks_late=True)
-    def sweep_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
-        return sweep(self.app, beat, sent_at)
+def _register_job(app: Celery, name: str, job: Any) -> None:
+    """``job(app, beat, sent_at)`` as the task ``name``; beat passes who sent it and when."""
 
-    @app.task(name=GC_RESULTS, bind=True, shared=False, acks_late=True)
-    def gc_results_task(self, beat: str | None = None, sent_at: str | None = None) -> dict:
-        return gc_results(self.app, beat, sent_at)
+    @app.task(name=name, bind=True, shared=False, acks_late=True)
+    def run(self, beat: str | None = None, sent_at: str | None = None) -> dict:
+        return job(self.app, beat, sent_at)
 
 
 class BeatLock:

@@ -186,24 +186,19 @@ class TaskManager(Leases):
         connection and then retried (writing a second file), leaves a file behind. Files
         younger than ``older_than`` are kept: their commit may still be under way."""
         cutoff = utcnow() - _dt.timedelta(seconds=older_than)
-        files = self.db[f"{RESULT_BUCKET}.files"]
+        old = [f["_id"] for f in self.db[f"{RESULT_BUCKET}.files"].find(
+            {"pool": self.name, "uploadDate": {"$lt": cutoff}}, {"_id": 1})]
+        if not old:
+            return 0
+        # one pass over the pool's references (read after the files: a file referenced
+        # meanwhile is kept), not one query per chunk of files
+        used = {d["res_file"] for d in self.task_pool.find({"res_file": {"$ne": None}}, {"res_file": 1})}
+        fs = result_fs(self.db)
         dropped = 0
-        batch: list = []
-
-        def flush() -> int:
-            used = {d["res_file"] for d in self.task_pool.find({"res_file": {"$in": batch}}, {"res_file": 1})}
-            orphans = [fid for fid in batch if fid not in used]
-            for fid in orphans:
-                result_fs(self.db).delete(fid)
-            batch.clear()
-            return len(orphans)
-
-        for f in files.find({"pool": self.name, "uploadDate": {"$lt": cutoff}}, {"_id": 1}):
-            batch.append(f["_id"])
-            if len(batch) == _LOOKUP_CHUNK:
-                dropped += flush()
-        if batch:
-            dropped += flush()
+        for fid in old:
+            if fid not in used:
+                fs.delete(fid)
+                dropped += 1
         if dropped:
             logger.info("pool %s: deleted %d result files no task refers to", self.name, dropped)
         return dropped
