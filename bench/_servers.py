@@ -4,9 +4,10 @@ SecantusDB and redis-server started here for the run and stopped after it."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @dataclass

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- Qlib side
 # (imported by the pyqlib interpreter: standard library and Qlib only)
 
+
 def qlib_noop(task_def: dict) -> dict:
     return {"ok": True}
 
@@ -74,15 +75,25 @@ def qlib_worker(url: str, db: str, pool: str, ready: str, go: str) -> None:
 def run_qlib(python: str, url: str, db: str, n: int, workdir: Path) -> dict | None:
     pool = f"qlib_noop_{n}"
     head = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import dispatch; "
-    created = subprocess.run([python, "-c", head + "dispatch.qlib_create(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))",
-                              url, db, pool, str(n)], capture_output=True, text=True)
+    created = subprocess.run(
+        [python, "-c", head + "dispatch.qlib_create(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))", url, db, pool, str(n)],
+        capture_output=True,
+        text=True,
+    )
     if created.returncode != 0:
         print(f"Qlib create_task failed ({python}):\n{created.stderr[-3000:]}", file=sys.stderr)
         return None
     go = workdir / f"go_{n}"
     readies = [workdir / f"ready_{n}_{i}" for i in range(2)]
-    procs = [subprocess.Popen([python, "-c", head + "dispatch.qlib_worker(*sys.argv[1:6])", url, db, pool, str(r), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in readies]
+    procs = [
+        subprocess.Popen(
+            [python, "-c", head + "dispatch.qlib_worker(*sys.argv[1:6])", url, db, pool, str(r), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in readies
+    ]
     while not all(r.exists() for r in readies):
         if any(p.poll() is not None for p in procs):
             break
@@ -104,6 +115,7 @@ def qlib_available(python: str) -> bool:
 
 
 # ------------------------------------------------------------- qcelery side
+
 
 def cpu_seconds(pid: int) -> float:
     """CPU time of ``pid`` and of its children, reaped or alive."""
@@ -182,38 +194,42 @@ def main() -> None:
     ap.add_argument("--broker-url")
     ap.add_argument("--qlib-python", default=str(ROOT / ".venv-qlib" / "bin" / "python"))
     ap.add_argument("--no-qlib", action="store_true")
-    ap.add_argument("--max-tasks-per-child", type=int, default=100_000,
-                    help="also run a worker recycling its processes this rarely (the cpu pool recycles every 50 "
-                         "tasks, for the memory of model training); 0: skip")
+    ap.add_argument(
+        "--max-tasks-per-child",
+        type=int,
+        default=100_000,
+        help="also run a worker recycling its processes this rarely (the cpu pool recycles every 50 "
+        "tasks, for the memory of model training); 0: skip",
+    )
     ap.add_argument("--loglevel", default="INFO", help="worker log level (INFO logs two lines per task, as in production)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    from _servers import servers
+
     from qcelery.celery_app import app_for
     from qcelery.cluster import Cluster
-    from _servers import servers
     from qcelery.settings import Settings
     from qcelery.store import client, scans_find_and_modify
 
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
-            servers(tmp, args.mongo_url, args.broker_url) as srv:
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, servers(tmp, args.mongo_url, args.broker_url) as srv:
         run_dir = Path(tmp)
         url, broker, mongo, redis = srv.mongo_url, srv.broker_url, srv.mongo, srv.redis
         db = f"bench_dispatch_{os.getpid()}"
-        settings = Settings(mongo_url=url, mongo_db=db, broker_url=broker, run_dir=run_dir / "run",
-                            default_queue=f"bench-{os.getpid()}")
+        settings = Settings(mongo_url=url, mongo_db=db, broker_url=broker, run_dir=run_dir / "run", default_queue=f"bench-{os.getpid()}")
         server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
         version = client(settings).server_info().get("version")
-        print(f"server: {server} {version}; broker: Redis at {broker}; python {sys.version.split()[0]}; "
-              f"{os.cpu_count()} CPUs; worker log level {args.loglevel}; load average {os.getloadavg()[0]:.2f} at start")
+        print(
+            f"server: {server} {version}; broker: Redis at {broker}; python {sys.version.split()[0]}; "
+            f"{os.cpu_count()} CPUs; worker log level {args.loglevel}; load average {os.getloadavg()[0]:.2f} at start"
+        )
         rows = []
         configs = [("qcelery, cpu pool spec", None)]
         if args.max_tasks_per_child:
             configs.append((f"qcelery, recycle {args.max_tasks_per_child:,}", args.max_tasks_per_child))
         for k, (label, recycle) in enumerate(configs):
             with Cluster(settings) as cluster:
-                proc = cluster.start_worker(settings.default_queue, concurrency=2, loglevel=args.loglevel,
-                                            max_tasks_per_child=recycle)
+                proc = cluster.start_worker(settings.default_queue, concurrency=2, loglevel=args.loglevel, max_tasks_per_child=recycle)
                 cluster.wait_ready(app_for(settings))
                 pids = {"worker": proc.pid}
                 if mongo:
@@ -231,8 +247,9 @@ def main() -> None:
                     if q:
                         qlib_rows[n] = q
             else:
-                print(f"Qlib not available at {args.qlib_python} (python3 -m venv .venv-qlib && "
-                      ".venv-qlib/bin/pip install pyqlib); no anchor")
+                print(
+                    f"Qlib not available at {args.qlib_python} (python3 -m venv .venv-qlib && .venv-qlib/bin/pip install pyqlib); no anchor"
+                )
 
     print(f"\n{'N':>6}  {'system (2 processes)':<32}{'enqueue s':>10}{'run s':>8}{'total s':>9}{'tasks/s':>9}")
     for n in args.n:
@@ -246,8 +263,10 @@ def main() -> None:
     for r in rows:
         if r["n"] in qlib_rows:
             q = qlib_rows[r["n"]]
-            print(f"ratio {r['label']} / Qlib at N={r['n']:,}: end to end {(q['create_s'] + q['run_s']) / r['total_s']:.2f}x, "
-                  f"run only {q['run_s'] / (r['total_s'] - r['enqueue_s']):.2f}x")
+            print(
+                f"ratio {r['label']} / Qlib at N={r['n']:,}: end to end {(q['create_s'] + q['run_s']) / r['total_s']:.2f}x, "
+                f"run only {q['run_s'] / (r['total_s'] - r['enqueue_s']):.2f}x"
+            )
 
     for r in rows:
         n = r["n"]
@@ -256,13 +275,17 @@ def main() -> None:
         print(f"  enqueue (tasks + batch + {n:,} messages)   {r['enqueue_s']:7.2f} s  ({r['enqueue_s'] / n * 1000:.2f} ms/task)")
         print(f"  enqueue start -> first claim              {r['first_claim_s']:7.2f} s")
         print(f"  first claim -> last commit                {wall:7.2f} s  ({wall / n * 1000:.2f} ms/task, 2 processes)")
-        print(f"    inside execute (claim -> commit)        {r['inside_execute_sum_s']:7.2f} s  process-time, median {r['inside_execute_ms']:.2f} ms/task"
-              f" = {r['inside_execute_sum_s'] / (2 * wall) * 100:.0f}% of the 2 processes' wall time")
+        print(
+            f"    inside execute (claim -> commit)        {r['inside_execute_sum_s']:7.2f} s  process-time, median {r['inside_execute_ms']:.2f} ms/task"
+            f" = {r['inside_execute_sum_s'] / (2 * wall) * 100:.0f}% of the 2 processes' wall time"
+        )
         print(f"  last commit -> aggregated                 {r['aggregation_lag_s']:7.2f} s")
         print("  CPU seconds per task by process:")
         for name, s in sorted(r["cpu_s"].items(), key=lambda kv: -kv[1]):
             print(f"    {name:<28}{s / n * 1000:7.2f} ms   ({s:.2f} s)")
-        print(f"    {'total':<28}{sum(r['cpu_s'].values()) / n * 1000:7.2f} ms   (2 cores give {2 * r['total_s'] / n * 1000:.2f} ms of CPU per task at this rate)")
+        print(
+            f"    {'total':<28}{sum(r['cpu_s'].values()) / n * 1000:7.2f} ms   (2 cores give {2 * r['total_s'] / n * 1000:.2f} ms of CPU per task at this rate)"
+        )
 
 
 if __name__ == "__main__":

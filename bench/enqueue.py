@@ -45,35 +45,59 @@ def make_tasks(n: int) -> list[dict]:
         train_end = train_start + pd.DateOffset(years=6) - pd.Timedelta(days=1)
         valid_end = train_end + pd.DateOffset(years=2)
         test_end = valid_end + pd.DateOffset(months=1)
-        tasks.append({
-            "model": {
-                "class": "LGBModel", "module_path": "qlib.contrib.model.gbdt",
-                "kwargs": {"loss": "mse", "colsample_bytree": 0.8879, "learning_rate": lr, "subsample": 0.8789,
-                           "lambda_l1": 205.6999, "lambda_l2": 580.9768, "max_depth": 8, "num_leaves": leaves,
-                           "num_threads": 20},
-            },
-            "dataset": {
-                "class": "DatasetH", "module_path": "qlib.data.dataset",
-                "kwargs": {
-                    "handler": {
-                        "class": "Alpha158", "module_path": "qlib.contrib.data.handler",
-                        "kwargs": {"start_time": train_start, "end_time": test_end, "fit_start_time": train_start,
-                                   "fit_end_time": train_end, "instruments": "csi300"},
-                    },
-                    "segments": {
-                        "train": (train_start, train_end),
-                        "valid": (train_end + pd.Timedelta(days=1), valid_end),
-                        "test": (valid_end + pd.Timedelta(days=1), test_end),
+        tasks.append(
+            {
+                "model": {
+                    "class": "LGBModel",
+                    "module_path": "qlib.contrib.model.gbdt",
+                    "kwargs": {
+                        "loss": "mse",
+                        "colsample_bytree": 0.8879,
+                        "learning_rate": lr,
+                        "subsample": 0.8789,
+                        "lambda_l1": 205.6999,
+                        "lambda_l2": 580.9768,
+                        "max_depth": 8,
+                        "num_leaves": leaves,
+                        "num_threads": 20,
                     },
                 },
-            },
-            "record": [
-                {"class": "SignalRecord", "module_path": "qlib.workflow.record_temp",
-                 "kwargs": {"model": "<MODEL>", "dataset": "<DATASET>"}},
-                {"class": "SigAnaRecord", "module_path": "qlib.workflow.record_temp",
-                 "kwargs": {"ana_long_short": False, "ann_scaler": 252}},
-            ],
-        })
+                "dataset": {
+                    "class": "DatasetH",
+                    "module_path": "qlib.data.dataset",
+                    "kwargs": {
+                        "handler": {
+                            "class": "Alpha158",
+                            "module_path": "qlib.contrib.data.handler",
+                            "kwargs": {
+                                "start_time": train_start,
+                                "end_time": test_end,
+                                "fit_start_time": train_start,
+                                "fit_end_time": train_end,
+                                "instruments": "csi300",
+                            },
+                        },
+                        "segments": {
+                            "train": (train_start, train_end),
+                            "valid": (train_end + pd.Timedelta(days=1), valid_end),
+                            "test": (valid_end + pd.Timedelta(days=1), test_end),
+                        },
+                    },
+                },
+                "record": [
+                    {
+                        "class": "SignalRecord",
+                        "module_path": "qlib.workflow.record_temp",
+                        "kwargs": {"model": "<MODEL>", "dataset": "<DATASET>"},
+                    },
+                    {
+                        "class": "SigAnaRecord",
+                        "module_path": "qlib.workflow.record_temp",
+                        "kwargs": {"ana_long_short": False, "ann_scaler": 252},
+                    },
+                ],
+            }
+        )
     return tasks
 
 
@@ -187,8 +211,10 @@ def main() -> None:
             if qlib_available(args.qlib_python):
                 qlib = run_qlib(args.qlib_python, url, db, args.qlib_n)
             else:
-                print(f"Qlib not available at {args.qlib_python} (create it: python3 -m venv .venv-qlib && "
-                      ".venv-qlib/bin/pip install pyqlib); no ratios")
+                print(
+                    f"Qlib not available at {args.qlib_python} (create it: python3 -m venv .venv-qlib && "
+                    ".venv-qlib/bin/pip install pyqlib); no ratios"
+                )
 
             print()
             print(f"{'implementation':<16}{'N':>8}{'fresh tasks/s':>16}{'duplicate tasks/s':>20}")

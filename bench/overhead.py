@@ -27,8 +27,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,11 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     import redis as redis_client
+    from _servers import servers
 
     from qcelery import batch as batches
     from qcelery import status as st
     from qcelery.celery_app import make_app
-    from _servers import servers
     from qcelery.manage import Heartbeat, TaskManager, worker_name
     from qcelery.producer import _publish_chord, publish
     from qcelery.settings import Settings
@@ -68,22 +68,36 @@ def main() -> None:
     from qcelery.worker import AGGREGATE, _batch_spec, execute_task
 
     n = args.n
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
-            servers(tmp, args.mongo_url, args.broker_url) as srv:
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, servers(tmp, args.mongo_url, args.broker_url) as srv:
         url, broker = srv.mongo_url, srv.broker_url
         queue = f"overhead-{os.getpid()}"
-        settings = Settings(mongo_url=url, mongo_db=f"bench_overhead_{os.getpid()}", broker_url=broker,
-                            run_dir=Path(tmp) / "run", default_queue=queue, task_func="qcelery.probes.noop")
+        settings = Settings(
+            mongo_url=url,
+            mongo_db=f"bench_overhead_{os.getpid()}",
+            broker_url=broker,
+            run_dir=Path(tmp) / "run",
+            default_queue=queue,
+            task_func="qcelery.probes.noop",
+        )
         server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
-        print(f"server: {server} {client(settings).server_info().get('version')}; broker: Redis; "
-              f"python {sys.version.split()[0]}; N={n} tasks per measurement; load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"server: {server} {client(settings).server_info().get('version')}; broker: Redis; "
+            f"python {sys.version.split()[0]}; N={n} tasks per measurement; load average {os.getloadavg()[0]:.2f}"
+        )
         app = make_app(settings)
         tm = TaskManager("overhead", settings)
 
         def new_batch(prefix: str) -> tuple[dict, list]:
-            doc, _ = batches.create(tm, [{"key": f"{prefix}{i}"} for i in range(n)], queue=queue,
-                                    task_func="qcelery.probes.noop", task_kwargs=None, before_status=st.WAITING,
-                                    after_status=st.DONE, aggregate=None)
+            doc, _ = batches.create(
+                tm,
+                [{"key": f"{prefix}{i}"} for i in range(n)],
+                queue=queue,
+                task_func="qcelery.probes.noop",
+                task_kwargs=None,
+                before_status=st.WAITING,
+                after_status=st.DONE,
+                aggregate=None,
+            )
             return doc, list(doc["task_ids"])
 
         # whole execute_task (warm: the first call caches the batch spec and the manager)
@@ -113,19 +127,23 @@ def main() -> None:
         assert tm.task_stat({"batch_ids": doc["_id"]}) == {"done": n}
 
         # messages (to a queue nobody consumes; deleted afterwards)
-        body = app.signature(AGGREGATE, args=("overhead", str(doc["_id"])), queue=queue,
-                             immutable=True, ignore_result=True)
-        message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0,
-                                                               body.clone()), 5)]
+        body = app.signature(AGGREGATE, args=("overhead", str(doc["_id"])), queue=queue, immutable=True, ignore_result=True)
+        message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0, body.clone()), 5)]
         it = iter(ids)
         republish = timed(lambda: publish(app, "overhead", [next(it)]), n)
         r = redis_client.Redis.from_url(broker)
         for key in r.keys(f"{queue}*"):
             r.delete(key)
 
-    rows = [row("execute (noop, whole)", execute), row("  claim", claim), row("  decode def", decode),
-            row("  heartbeat start+stop", heartbeat), row("  commit", commit),
-            row("message in the chord", message), row("re-publish (recover/sweep)", republish)]
+    rows = [
+        row("execute (noop, whole)", execute),
+        row("  claim", claim),
+        row("  decode def", decode),
+        row("  heartbeat start+stop", heartbeat),
+        row("  commit", commit),
+        row("message in the chord", message),
+        row("re-publish (recover/sweep)", republish),
+    ]
     print(f"\n{'':<30}{'median ms':>10}{'p90 ms':>9}")
     for name, med, p90 in rows:
         print(f"{name:<30}{med:>10.2f}{p90:>9.2f}")

@@ -44,18 +44,35 @@ N_TASKS = 16
 
 def template(rounds: int, instruments: int) -> dict:
     handler = {
-        "class": "SyntheticAlphaHandler", "module_path": "qcelery.data",
-        "kwargs": {"instruments": instruments, "start_time": "2017-01-03", "end_time": "2023-06-30",
-                   "fit_start_time": "2017-01-03", "fit_end_time": "2019-12-31", "seed": 16},
+        "class": "SyntheticAlphaHandler",
+        "module_path": "qcelery.data",
+        "kwargs": {
+            "instruments": instruments,
+            "start_time": "2017-01-03",
+            "end_time": "2023-06-30",
+            "fit_start_time": "2017-01-03",
+            "fit_end_time": "2019-12-31",
+            "seed": 16,
+        },
     }
     return {
-        "model": {"class": "LGBModel", "module_path": "qcelery.models",
-                  "kwargs": {"num_boost_round": rounds, "early_stopping_rounds": 0, "num_leaves": 63,
-                             "learning_rate": 0.05, "num_threads": 1}},
-        "dataset": {"class": "DatasetH", "module_path": "qcelery.data", "kwargs": {
-            "handler": handler,
-            "segments": {"train": ("2018-01-02", "2019-12-31"), "valid": ("2020-01-02", "2020-03-31"),
-                         "test": ("2020-04-01", "2021-09-30")}}},
+        "model": {
+            "class": "LGBModel",
+            "module_path": "qcelery.models",
+            "kwargs": {"num_boost_round": rounds, "early_stopping_rounds": 0, "num_leaves": 63, "learning_rate": 0.05, "num_threads": 1},
+        },
+        "dataset": {
+            "class": "DatasetH",
+            "module_path": "qcelery.data",
+            "kwargs": {
+                "handler": handler,
+                "segments": {
+                    "train": ("2018-01-02", "2019-12-31"),
+                    "valid": ("2020-01-02", "2020-03-31"),
+                    "test": ("2020-04-01", "2021-09-30"),
+                },
+            },
+        },
         "record": [
             {"class": "SignalRecord", "module_path": "qcelery.records", "kwargs": {"model": "<MODEL>", "dataset": "<DATASET>"}},
             {"class": "SigAnaRecord", "module_path": "qcelery.records"},
@@ -97,10 +114,15 @@ def run(settings: Settings, tasks: list[dict], n_workers: int, tag: str) -> dict
     stat = tm.task_stat()
     if stat != {"done": len(ids)}:
         raise RuntimeError(f"{n_workers} worker(s): pool ended as {stat}")
-    durations = [(d["finished_at"] - d["started_at"]).total_seconds()
-                 for d in tm.task_pool.find({}, {"started_at": 1, "finished_at": 1})]
-    return {"workers": n_workers, "wall": wall, "per_worker": ran, "task_mean": statistics.mean(durations),
-            "task_sum": sum(durations), "cpu": cpu}
+    durations = [(d["finished_at"] - d["started_at"]).total_seconds() for d in tm.task_pool.find({}, {"started_at": 1, "finished_at": 1})]
+    return {
+        "workers": n_workers,
+        "wall": wall,
+        "per_worker": ran,
+        "task_mean": statistics.mean(durations),
+        "task_sum": sum(durations),
+        "cpu": cpu,
+    }
 
 
 def main() -> None:
@@ -117,8 +139,14 @@ def main() -> None:
             mongo = EmbeddedMongo(Path(tmp) / "mongo").start()
             mongo_url = mongo.url
         try:
-            settings = Settings(mongo_url=mongo_url, mongo_db="qcelery_bench", run_dir=Path(tmp) / "run",
-                                mlflow_tracking_uri=(Path(tmp) / "mlruns").as_uri(), lease_seconds=120, heartbeat_seconds=10)
+            settings = Settings(
+                mongo_url=mongo_url,
+                mongo_db="qcelery_bench",
+                run_dir=Path(tmp) / "run",
+                mlflow_tracking_uri=(Path(tmp) / "mlruns").as_uri(),
+                lease_seconds=120,
+                heartbeat_seconds=10,
+            )
             tasks = tasks_for(args.rounds, args.instruments)
             t0 = time.perf_counter()
             HandlerCache(settings).get(tasks[0]["dataset"]["kwargs"]["handler"])  # built once, shared by all tasks
@@ -136,18 +164,26 @@ def main() -> None:
 
     server = "SecantusDB (embedded)" if mongo is not None else "MongoDB at QCELERY_MONGO_URL"
     t1 = results[1]["wall"]
-    print(f"parallel training: {N_TASKS} tasks (LGBModel, {args.rounds} rounds, {args.instruments} instruments), "
-          f"TrainerRM pull-loop workers; store: {server}; handler built once in {build:.1f}s")
-    print(f"{'workers':>7} {'wall s':>8} {'ideal s':>8} {'task mean s':>11} {'cpu s/task':>10} {'tasks/worker':>12} "
-          f"{'speedup':>8} {'efficiency':>10}")
+    print(
+        f"parallel training: {N_TASKS} tasks (LGBModel, {args.rounds} rounds, {args.instruments} instruments), "
+        f"TrainerRM pull-loop workers; store: {server}; handler built once in {build:.1f}s"
+    )
+    print(
+        f"{'workers':>7} {'wall s':>8} {'ideal s':>8} {'task mean s':>11} {'cpu s/task':>10} {'tasks/worker':>12} "
+        f"{'speedup':>8} {'efficiency':>10}"
+    )
     for n, res in results.items():
         ideal = t1 / n
-        print(f"{n:>7} {res['wall']:>8.2f} {ideal:>8.2f} {res['task_mean']:>11.2f} {res['cpu'] / N_TASKS:>10.2f} "
-              f"{'/'.join(map(str, res['per_worker'])):>12} {t1 / res['wall']:>8.2f} {ideal / res['wall']:>10.2f}")
+        print(
+            f"{n:>7} {res['wall']:>8.2f} {ideal:>8.2f} {res['task_mean']:>11.2f} {res['cpu'] / N_TASKS:>10.2f} "
+            f"{'/'.join(map(str, res['per_worker'])):>12} {t1 / res['wall']:>8.2f} {ideal / res['wall']:>10.2f}"
+        )
     two = results[2]
-    print(f"coordination overhead with 2 workers: wall - (sum of task times)/2 = "
-          f"{two['wall'] - two['task_sum'] / 2:.2f}s; task time grew {two['task_mean'] / results[1]['task_mean']:.2f}x "
-          f"at {two['cpu'] / results[1]['cpu']:.2f}x the CPU (above 1x the cores were shared with other processes)")
+    print(
+        f"coordination overhead with 2 workers: wall - (sum of task times)/2 = "
+        f"{two['wall'] - two['task_sum'] / 2:.2f}s; task time grew {two['task_mean'] / results[1]['task_mean']:.2f}x "
+        f"at {two['cpu'] / results[1]['cpu']:.2f}x the CPU (above 1x the cores were shared with other processes)"
+    )
     print(f"ratio to anchor (ideal time T1/2 over actual time with 2 workers): {(t1 / 2) / results[2]['wall']:.2f}")
     if hasattr(os, "getloadavg"):
         print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

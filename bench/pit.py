@@ -49,7 +49,11 @@ def qlib_side(provider: str, instruments_file: str, start: str, end: str, out: s
     from qlib.data import D
 
     qlib.init(
-        provider_uri=provider, region="cn", kernels=1, expression_cache=None, dataset_cache=None,
+        provider_uri=provider,
+        region="cn",
+        kernels=1,
+        expression_cache=None,
+        dataset_cache=None,
         logging_level=logging.WARNING,
     )
     instruments = Path(instruments_file).read_text().split()
@@ -114,9 +118,7 @@ def main() -> None:
         (provider / "calendars").mkdir(parents=True)
         (provider / "calendars" / "day.txt").write_text("\n".join(d.strftime("%Y-%m-%d") for d in days) + "\n")
         (provider / "instruments").mkdir()
-        (provider / "instruments" / "all.txt").write_text(
-            "".join(f"{i}\t{days[0]:%Y-%m-%d}\t{days[-1]:%Y-%m-%d}\n" for i in instruments)
-        )
+        (provider / "instruments" / "all.txt").write_text("".join(f"{i}\t{days[0]:%Y-%m-%d}\t{days[-1]:%Y-%m-%d}\n" for i in instruments))
         statements = synthetic_statements(instruments, args.start_year, end_year, FIELD, args.seed)
         n_records = sum(len(s) for s in statements.values())
         n_revisions = sum(int(s["period"].duplicated().sum()) for s in statements.values())
@@ -140,11 +142,15 @@ def main() -> None:
         subset = instruments[:n_q]
         ours_subset = {key: timed(subset, {key: expr}) for key, expr in EXPRESSIONS.items()}
 
-        print(f"# PIT benchmark: {len(instruments)} instruments x {args.years} years of quarterly statements "
-              f"({n_records} records, {n_revisions} revisions), {len(days)} XSHG trading days "
-              f"{days[0]:%Y-%m-%d}..{days[-1]:%Y-%m-%d}")
-        print(f"# python {sys.version.split()[0]}, numpy {np.__version__}, pandas {pd.__version__}, "
-              f"{os.cpu_count()} cpu(s); best of {args.repeat}")
+        print(
+            f"# PIT benchmark: {len(instruments)} instruments x {args.years} years of quarterly statements "
+            f"({n_records} records, {n_revisions} revisions), {len(days)} XSHG trading days "
+            f"{days[0]:%Y-%m-%d}..{days[-1]:%Y-%m-%d}"
+        )
+        print(
+            f"# python {sys.version.split()[0]}, numpy {np.__version__}, pandas {pd.__version__}, "
+            f"{os.cpu_count()} cpu(s); best of {args.repeat}"
+        )
         print(f"# qcelery write (all files): {write_s:.3f} s")
         print()
         print("| expression | instruments | qcelery s | Qlib s | Qlib / qcelery | values equal |")
@@ -159,8 +165,16 @@ def main() -> None:
             return
         (work / "subset.txt").write_text("\n".join(subset))
         out = str(work / "qlib_out")
-        cmd = [qlib_python, str(Path(__file__).resolve()), "--qlib-side", str(provider), str(work / "subset.txt"),
-               f"{days[0]:%Y-%m-%d}", f"{days[-1]:%Y-%m-%d}", out]
+        cmd = [
+            qlib_python,
+            str(Path(__file__).resolve()),
+            "--qlib-side",
+            str(provider),
+            str(work / "subset.txt"),
+            f"{days[0]:%Y-%m-%d}",
+            f"{days[-1]:%Y-%m-%d}",
+            out,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
@@ -171,14 +185,10 @@ def main() -> None:
             panel = ours_subset[key][1][key]
             q = pd.Series(
                 qarr[key + "_value"],
-                index=pd.MultiIndex.from_arrays(
-                    [pd.to_datetime(qarr[key + "_date"].astype(str), format="%Y%m%d"), qarr[key + "_inst"]]
-                ),
+                index=pd.MultiIndex.from_arrays([pd.to_datetime(qarr[key + "_date"].astype(str), format="%Y%m%d"), qarr[key + "_inst"]]),
             )
             mine = panel.copy()
-            mine.index = pd.MultiIndex.from_arrays(
-                [mine.index.get_level_values(0), mine.index.get_level_values(1).str.lower()]
-            )
+            mine.index = pd.MultiIndex.from_arrays([mine.index.get_level_values(0), mine.index.get_level_values(1).str.lower()])
             q = q.reindex(mine.index)
             same_nan = np.isnan(mine.values) == np.isnan(q.values)
             close = np.isclose(mine.values, q.values, rtol=1e-6, atol=1e-9, equal_nan=True)
@@ -191,8 +201,10 @@ def main() -> None:
         for key, expr in EXPRESSIONS.items():
             q_us = 1e6 * qres["seconds"][key] / (n_q * len(days))
             c_us = 1e6 * ours[key][0] / (len(instruments) * len(days))
-            print(f"Per instrument-day, `{expr}`: Qlib {q_us:.1f} us ({n_q} instruments), qcelery {c_us:.3f} us "
-                  f"({len(instruments)} instruments): **{q_us / c_us:,.0f}x**")
+            print(
+                f"Per instrument-day, `{expr}`: Qlib {q_us:.1f} us ({n_q} instruments), qcelery {c_us:.3f} us "
+                f"({len(instruments)} instruments): **{q_us / c_us:,.0f}x**"
+            )
         dump_check(args, qlib_python, statements, work)
     finally:
         if args.keep:
@@ -222,20 +234,34 @@ def dump_check(args, qlib_python: str, statements: dict, work: Path) -> None:
             csv_dir / f"{instrument.lower()}.csv", index=False
         )
     proc = subprocess.run(
-        [qlib_python, str(script), "dump", "--csv_path", str(csv_dir), "--qlib_dir", str(qlib_dir),
-         "--interval", "quarterly", "--max_workers", "1"],
-        capture_output=True, text=True, cwd=script.parent,
+        [
+            qlib_python,
+            str(script),
+            "dump",
+            "--csv_path",
+            str(csv_dir),
+            "--qlib_dir",
+            str(qlib_dir),
+            "--interval",
+            "quarterly",
+            "--max_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=script.parent,
     )
     if proc.returncode != 0:
         print(f"dump_pit byte check failed to run: {proc.stderr[-2000:]}")
         return
     same = 0
     for instrument in sample:
-        pair = [(d / "financial" / instrument.lower() / f"{FIELD}{suffix}") for d in (qlib_dir, ours_dir)
-                for suffix in (".data", ".index")]
+        pair = [(d / "financial" / instrument.lower() / f"{FIELD}{suffix}") for d in (qlib_dir, ours_dir) for suffix in (".data", ".index")]
         same += pair[0].read_bytes() == pair[2].read_bytes() and pair[1].read_bytes() == pair[3].read_bytes()
-    print(f"dump_pit byte check: {same} of {len(sample)} instruments byte-identical (.data and .index) "
-          f"between Qlib's {script.name} and PITStore.write")
+    print(
+        f"dump_pit byte check: {same} of {len(sample)} instruments byte-identical (.data and .index) "
+        f"between Qlib's {script.name} and PITStore.write"
+    )
 
 
 if __name__ == "__main__":

@@ -43,30 +43,37 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    from _servers import servers
     from celery import chord
 
     from qcelery import batch as batches
     from qcelery import status as st
     from qcelery.celery_app import CONTROL_QUEUE, make_app
-    from _servers import servers
     from qcelery.manage import TaskManager
     from qcelery.producer import _publish_chord
     from qcelery.settings import Settings, mask_url
     from qcelery.store import client, scans_find_and_modify
     from qcelery.worker import AGGREGATE, EXECUTE
 
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
-            servers(tmp, args.mongo_url, args.broker_url) as srv:
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, servers(tmp, args.mongo_url, args.broker_url) as srv:
         url, broker = srv.mongo_url, srv.broker_url
         queue = f"publish-{os.getpid()}"
-        settings = Settings(mongo_url=url, mongo_db=f"bench_publish_{os.getpid()}", broker_url=broker,
-                            result_backend=args.result_backend, run_dir=Path(tmp) / "run",
-                            default_queue=queue, task_func="qcelery.probes.noop")
+        settings = Settings(
+            mongo_url=url,
+            mongo_db=f"bench_publish_{os.getpid()}",
+            broker_url=broker,
+            result_backend=args.result_backend,
+            run_dir=Path(tmp) / "run",
+            default_queue=queue,
+            task_func="qcelery.probes.noop",
+        )
         app = make_app(settings)
         server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
-        print(f"mongo: {server}; broker: {mask_url(broker)}; result backend: "
-              f"{mask_url(settings.effective_result_backend)}; python {sys.version.split()[0]}; "
-              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"mongo: {server}; broker: {mask_url(broker)}; result backend: "
+            f"{mask_url(settings.effective_result_backend)}; python {sys.version.split()[0]}; "
+            f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}"
+        )
 
         with app.connection_for_write() as conn:
             channel = conn.default_channel
@@ -82,10 +89,8 @@ def main() -> None:
                 channel.queue_purge(queue)
 
             def canvas(pool: str, ids: list, bid: str) -> None:
-                header = [app.signature(EXECUTE, args=(pool, str(i), bid), queue=queue, immutable=True,
-                                        ignore_result=True) for i in ids]
-                body = app.signature(AGGREGATE, args=(pool, bid), queue=CONTROL_QUEUE, immutable=True,
-                                     ignore_result=True)
+                header = [app.signature(EXECUTE, args=(pool, str(i), bid), queue=queue, immutable=True, ignore_result=True) for i in ids]
+                body = app.signature(AGGREGATE, args=(pool, bid), queue=CONTROL_QUEUE, immutable=True, ignore_result=True)
                 result = chord(header)(body)
                 # building the GroupResult subscribed to every header task: undo it
                 consumer = getattr(app.backend, "result_consumer", None)
@@ -94,15 +99,21 @@ def main() -> None:
                         consumer.cancel_for(r.id)
 
             def qcelery(pool: str, ids: list, bid: str) -> None:
-                body = app.signature(AGGREGATE, args=(pool, bid), queue=CONTROL_QUEUE, immutable=True,
-                                     ignore_result=True)
+                body = app.signature(AGGREGATE, args=(pool, bid), queue=CONTROL_QUEUE, immutable=True, ignore_result=True)
                 _publish_chord(app, pool, ids, bid, queue, 0, body)
 
             # warm both paths (connections, declarations, registered scripts)
             tm = TaskManager("warm", settings)
-            doc, _ = batches.create(tm, [{"key": "warm"}], queue=queue, task_func="qcelery.probes.noop",
-                                    task_kwargs=None, before_status=st.WAITING, after_status=st.DONE,
-                                    aggregate=None)
+            doc, _ = batches.create(
+                tm,
+                [{"key": "warm"}],
+                queue=queue,
+                task_func="qcelery.probes.noop",
+                task_kwargs=None,
+                before_status=st.WAITING,
+                after_status=st.DONE,
+                aggregate=None,
+            )
             for fn in (qcelery, canvas):
                 fn("warm", doc["task_ids"], str(doc["_id"]))
                 drain(1)
@@ -111,9 +122,16 @@ def main() -> None:
             for n in args.n:
                 tm = TaskManager(f"pool_{n}", settings)
                 t0 = time.perf_counter()
-                doc, _ = batches.create(tm, [{"key": f"t{i}"} for i in range(n)], queue=queue,
-                                        task_func="qcelery.probes.noop", task_kwargs=None,
-                                        before_status=st.WAITING, after_status=st.DONE, aggregate=None)
+                doc, _ = batches.create(
+                    tm,
+                    [{"key": f"t{i}"} for i in range(n)],
+                    queue=queue,
+                    task_func="qcelery.probes.noop",
+                    task_kwargs=None,
+                    before_status=st.WAITING,
+                    after_status=st.DONE,
+                    aggregate=None,
+                )
                 create_s = time.perf_counter() - t0
                 ids, bid = doc["task_ids"], str(doc["_id"])
                 best = {"qcelery": float("inf"), "canvas": float("inf")}

@@ -37,8 +37,12 @@ def trial(settings, cluster, k: int, poll: float = 0.02) -> dict:
     from qcelery.producer import enqueue
 
     tm = TaskManager("recovery", settings)
-    enqueue([{"key": f"r{k}", "slow_times": 1, "slow_sleep": 3600, "sleep": 0}], "recovery", settings=settings,
-            task_func="qcelery.probes.counted")
+    enqueue(
+        [{"key": f"r{k}", "slow_times": 1, "slow_sleep": 3600, "sleep": 0}],
+        "recovery",
+        settings=settings,
+        task_func="qcelery.probes.counted",
+    )
     worker = cluster.procs[0]
     while True:  # running in a pool process, a few heartbeats in
         doc = tm.task_pool.find_one({"filter.key": f"r{k}"}, {"status": 1, "worker": 1, "started_at": 1, "lease_until": 1})
@@ -79,26 +83,36 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    from _servers import servers
+
     from qcelery.celery_app import app_for
     from qcelery.cluster import Cluster
-    from _servers import servers
     from qcelery.settings import Settings
     from qcelery.store import scans_find_and_modify
 
     results = []
-    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, \
-            servers(tmp, args.mongo_url, args.broker_url) as srv:
+    with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, servers(tmp, args.mongo_url, args.broker_url) as srv:
         url, broker = srv.mongo_url, srv.broker_url
         for c, config in enumerate(args.config):
             lease, heartbeat, recover = (float(x) for x in config.split(","))
-            settings = Settings(mongo_url=url, mongo_db=f"bench_recovery_{os.getpid()}_{c}", broker_url=broker,
-                                run_dir=Path(tmp) / f"run{c}", default_queue=f"recovery-{os.getpid()}-{c}",
-                                lease_seconds=lease, heartbeat_seconds=heartbeat, recover_interval=recover,
-                                sweep_interval=max(recover, 2.0), sweep_after=max(2 * lease, 10.0))
+            settings = Settings(
+                mongo_url=url,
+                mongo_db=f"bench_recovery_{os.getpid()}_{c}",
+                broker_url=broker,
+                run_dir=Path(tmp) / f"run{c}",
+                default_queue=f"recovery-{os.getpid()}-{c}",
+                lease_seconds=lease,
+                heartbeat_seconds=heartbeat,
+                recover_interval=recover,
+                sweep_interval=max(recover, 2.0),
+                sweep_after=max(2 * lease, 10.0),
+            )
             if c == 0:
                 server = "SecantusDB (embedded)" if scans_find_and_modify(settings) else "MongoDB"
-                print(f"server: {server}; broker: Redis; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
-                      f"load average {os.getloadavg()[0]:.2f} at start")
+                print(
+                    f"server: {server}; broker: Redis; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
+                    f"load average {os.getloadavg()[0]:.2f} at start"
+                )
             with Cluster(settings) as cluster:
                 cluster.start_worker(settings.default_queue, concurrency=2)
                 cluster.start_beat()
@@ -106,20 +120,26 @@ def main() -> None:
                 for k in range(args.trials):
                     r = trial(settings, cluster, k)
                     results.append((lease, heartbeat, recover, r))
-                    print(f"L={lease:g} H={heartbeat:g} R={recover:g} trial {k + 1}: kill -> running again "
-                          f"{r['kill_to_running']:.2f} s", flush=True)
+                    print(
+                        f"L={lease:g} H={heartbeat:g} R={recover:g} trial {k + 1}: kill -> running again {r['kill_to_running']:.2f} s",
+                        flush=True,
+                    )
 
-    print(f"\n{'L':>4}{'H':>4}{'R':>4}  {'lease left':>10}{'expiry->requeue':>16}{'kill->running':>14}{'kill->done':>11}"
-          f"{'bound L+R':>10}{'ratio':>7}")
+    print(
+        f"\n{'L':>4}{'H':>4}{'R':>4}  {'lease left':>10}{'expiry->requeue':>16}{'kill->running':>14}{'kill->done':>11}"
+        f"{'bound L+R':>10}{'ratio':>7}"
+    )
     for config in args.config:
         lease, heartbeat, recover = (float(x) for x in config.split(","))
-        rs = [r for (L, H, R, r) in results if (L, H, R) == (lease, heartbeat, recover)]
+        rs = [r for (L, H, R, r) in results if (lease, heartbeat, recover) == (L, H, R)]
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         worst = max(r["kill_to_running"] for r in rs)
         bound = lease + recover
-        print(f"{lease:>4g}{heartbeat:>4g}{recover:>4g}  {med['lease_left']:>10.2f}{med['expiry_to_requeue']:>16.2f}"
-              f"{med['kill_to_running']:>14.2f}{med['kill_to_done']:>11.2f}{bound:>10.1f}{med['kill_to_running'] / bound:>7.2f}"
-              f"   (medians of {len(rs)}; worst kill->running {worst:.2f} s)")
+        print(
+            f"{lease:>4g}{heartbeat:>4g}{recover:>4g}  {med['lease_left']:>10.2f}{med['expiry_to_requeue']:>16.2f}"
+            f"{med['kill_to_running']:>14.2f}{med['kill_to_done']:>11.2f}{bound:>10.1f}{med['kill_to_running'] / bound:>7.2f}"
+            f"   (medians of {len(rs)}; worst kill->running {worst:.2f} s)"
+        )
     print("\nRedis' visibility timeout is 7 days: every recovery above came from the lease and beat.")
 
 

@@ -14,7 +14,8 @@ so however many copies of the aggregation message arrive, one of them does the w
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from bson import ObjectId
 from pymongo import ReturnDocument
@@ -35,9 +36,18 @@ def ensure_indexes(db: Database) -> None:
     c.create_index([("state", 1), ("created_at", 1)], name="state")
 
 
-def create(manager: TaskManager, task_defs: list[dict], *, queue: str, task_func: str,
-           task_kwargs: dict | None, before_status: str, after_status: str,
-           aggregate: dict | None, priority: int = 0) -> tuple[dict, set[ObjectId]]:
+def create(
+    manager: TaskManager,
+    task_defs: list[dict],
+    *,
+    queue: str,
+    task_func: str,
+    task_kwargs: dict | None,
+    before_status: str,
+    after_status: str,
+    aggregate: dict | None,
+    priority: int = 0,
+) -> tuple[dict, set[ObjectId]]:
     """Create the tasks (new ones born tagged with the batch) and the batch document;
     returns the batch and the ids that were inserted now."""
     bid = ObjectId()
@@ -45,16 +55,30 @@ def create(manager: TaskManager, task_defs: list[dict], *, queue: str, task_func
     unique_ids = list(dict.fromkeys(ids))
     old = [i for i in unique_ids if i not in inserted]
     for start in range(0, len(old), _TAG_CHUNK):
-        manager.task_pool.update_many({"_id": {"$in": old[start:start + _TAG_CHUNK]}}, {"$addToSet": {"batch_ids": bid}})
+        manager.task_pool.update_many({"_id": {"$in": old[start : start + _TAG_CHUNK]}}, {"$addToSet": {"batch_ids": bid}})
     if priority:
         for start in range(0, len(unique_ids), _TAG_CHUNK):
-            manager.task_pool.update_many({"_id": {"$in": unique_ids[start:start + _TAG_CHUNK]}}, {"$max": {"priority": priority}})
+            manager.task_pool.update_many({"_id": {"$in": unique_ids[start : start + _TAG_CHUNK]}}, {"$max": {"priority": priority}})
     doc = {
-        "_id": bid, "pool": manager.name, "queue": queue, "task_ids": unique_ids, "n_tasks": len(unique_ids),
-        "task_func": task_func, "task_kwargs": task_kwargs or {}, "before_status": before_status,
-        "after_status": after_status, "aggregate": aggregate, "priority": priority, "state": OPEN,
-        "created_at": utcnow(), "next_check_at": None, "aggregator": None, "aggregating_since": None,
-        "aggregated_at": None, "aggregate_runs": 0, "summary": None,
+        "_id": bid,
+        "pool": manager.name,
+        "queue": queue,
+        "task_ids": unique_ids,
+        "n_tasks": len(unique_ids),
+        "task_func": task_func,
+        "task_kwargs": task_kwargs or {},
+        "before_status": before_status,
+        "after_status": after_status,
+        "aggregate": aggregate,
+        "priority": priority,
+        "state": OPEN,
+        "created_at": utcnow(),
+        "next_check_at": None,
+        "aggregator": None,
+        "aggregating_since": None,
+        "aggregated_at": None,
+        "aggregate_runs": 0,
+        "summary": None,
     }
     ensure_indexes(manager.db)
     manager.db[COLLECTION].insert_one(doc)
@@ -121,13 +145,16 @@ def stalled(db: Database, older_than: float) -> list[dict]:
     cutoff = now - _dt.timedelta(seconds=older_than)
     stuck = list(db[COLLECTION].find({"state": AGGREGATING, "aggregating_since": {"$lt": cutoff}}, {"_id": 1}))
     for d in stuck:
-        db[COLLECTION].update_one({"_id": d["_id"], "state": AGGREGATING, "aggregating_since": {"$lt": cutoff}},
-                                  {"$set": {"state": OPEN, "aggregator": None, "aggregating_since": None}})
-    return list(db[COLLECTION].find(
-        {"state": OPEN, "created_at": {"$lt": cutoff},
-         "$or": [{"next_check_at": None}, {"next_check_at": {"$lt": cutoff}}]},
-        {"_id": 1, "pool": 1},
-    ))
+        db[COLLECTION].update_one(
+            {"_id": d["_id"], "state": AGGREGATING, "aggregating_since": {"$lt": cutoff}},
+            {"$set": {"state": OPEN, "aggregator": None, "aggregating_since": None}},
+        )
+    return list(
+        db[COLLECTION].find(
+            {"state": OPEN, "created_at": {"$lt": cutoff}, "$or": [{"next_check_at": None}, {"next_check_at": {"$lt": cutoff}}]},
+            {"_id": 1, "pool": 1},
+        )
+    )
 
 
 def list_batches(db: Database, pool: str | None = None, limit: int = 50) -> Iterable[dict]:

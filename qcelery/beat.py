@@ -102,8 +102,7 @@ def sweep(app: Celery, beat: str | None = None, sent_at: str | None = None) -> d
 def gc_results(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Every pool: delete result files no task refers to, older than ``result_gc_after``."""
     settings: Settings = app.qcelery_settings
-    dropped = sum(TaskManager(pool, settings).drop_orphan_result_files(settings.result_gc_after)
-                  for pool in TaskManager.list(settings))
+    dropped = sum(TaskManager(pool, settings).drop_orphan_result_files(settings.result_gc_after) for pool in TaskManager.list(settings))
     result = {"result_files_dropped": dropped}
     _log_run(settings, "gc_results", beat, sent_at, result)
     return result
@@ -165,8 +164,7 @@ class LockedScheduler(PersistentScheduler):
         except ConnectionFailure as exc:
             # Mongo is away (restart, failover): the lock cannot be confirmed, so send
             # nothing and ask again; every job needs Mongo anyway. Raising here would end beat.
-            logger.warning("beat %s: lock store unreachable (%s); sending nothing until it answers",
-                           self.lock.owner, type(exc).__name__)
+            logger.warning("beat %s: lock store unreachable (%s); sending nothing until it answers", self.lock.owner, type(exc).__name__)
             held = False
         if held != self._held:
             logger.info("beat %s %s the lock", self.lock.owner, "holds" if held else "lost")

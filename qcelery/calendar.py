@@ -20,8 +20,9 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -112,7 +113,7 @@ class TradingCalendar:
         end: Any = None,
         *,
         future_end: Any = None,
-    ) -> "TradingCalendar":
+    ) -> TradingCalendar:
         """The sessions of exchange ``code`` (an ``exchange_calendars`` code: XSHG, XSHE, XNYS, ...).
 
         ``dates`` run from ``start`` (default 2005-01-01, or the first day the package
@@ -136,9 +137,7 @@ class TradingCalendar:
         bound_min = probe.bound_min()
         if bound_min is not None and start_ts < bound_min:
             if start is not None:
-                raise ConfigError(
-                    f"start {start!r} is before the first day exchange_calendars knows for {code} ({bound_min.date()})"
-                )
+                raise ConfigError(f"start {start!r} is before the first day exchange_calendars knows for {code} ({bound_min.date()})")
             start_ts = pd.Timestamp(bound_min)
         kwargs: dict[str, Any] = {"start": start_ts}
         if future_end is not None:
@@ -160,7 +159,7 @@ class TradingCalendar:
         return cls(plain, sessions, name=code.upper())
 
     @classmethod
-    def from_file(cls, path: str | Path, future_path: str | Path | None = None) -> "TradingCalendar":
+    def from_file(cls, path: str | Path, future_path: str | Path | None = None) -> TradingCalendar:
         """Read Qlib's calendar file (one day per line, e.g. ``calendars/day.txt``).
 
         The future part comes from ``future_path`` or, when not given, from the sibling
@@ -268,9 +267,7 @@ def resolve_calendar(calendar: TradingCalendar | str | None) -> TradingCalendar:
         return default_calendar(calendar)
     if isinstance(calendar, TradingCalendar):
         return calendar
-    raise TaskTypeError(
-        f"calendar must be a TradingCalendar, an exchange code or None, got {type(calendar).__name__}"
-    )
+    raise TaskTypeError(f"calendar must be a TradingCalendar, an exchange code or None, got {type(calendar).__name__}")
 
 
 class TimeAdjuster:
@@ -339,9 +336,7 @@ class TimeAdjuster:
     def cal_interval(self, time_point_A: Any, time_point_B: Any) -> int:
         """Trading days from ``time_point_B`` to ``time_point_A`` (A - B), both aligned as starts."""
         if time_point_A is None or time_point_B is None:
-            raise TaskDefinitionError(
-                f"cal_interval needs two dates, got {time_point_A!r} and {time_point_B!r} (None is an open bound)"
-            )
+            raise TaskDefinitionError(f"cal_interval needs two dates, got {time_point_A!r} and {time_point_B!r} (None is an open bound)")
         return self.align_idx(time_point_A) - self.align_idx(time_point_B)
 
     def align_time(self, time_point: Any, tp_type: str = "start") -> pd.Timestamp | None:
@@ -371,9 +366,7 @@ class TimeAdjuster:
         start, end = _pair(seg, name)
         out = self.align_time(start, tp_type="start"), self.align_time(end, tp_type="end")
         if out[0] is not None and out[1] is not None and out[0] > out[1]:
-            raise TaskDefinitionError(
-                f"segment {name} ({format_day(start)}, {format_day(end)}) holds no trading day of {self._range()}"
-            )
+            raise TaskDefinitionError(f"segment {name} ({format_day(start)}, {format_day(end)}) holds no trading day of {self._range()}")
         return out
 
     def truncate(self, segment: Sequence[Any], test_start: Any, days: int) -> tuple:
@@ -389,8 +382,7 @@ class TimeAdjuster:
         limit = self.align_idx(test_start) - days
         if limit < 0:
             raise OutOfCalendarError(
-                f"truncating {days} trading days before test start {format_day(test_start)} "
-                f"leaves no day in {self._range()}"
+                f"truncating {days} trading days before test start {format_day(test_start)} leaves no day in {self._range()}"
             )
         new_start = None if start is None else self.get(min(self.align_idx(start), limit))
         new_end = self.get(limit if end is None else min(self.align_idx(end), limit))

@@ -23,8 +23,9 @@ import pickle
 import re
 import sys
 import types
+from collections.abc import Mapping
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
@@ -144,8 +145,11 @@ def _normalize_other(value: Any) -> Any:
         return str(value)
     if isinstance(value, PurePath):
         return str(value)
-    if (isinstance(value, _PLAIN_CALLABLES) or (np is not None and isinstance(value, np.ufunc))
-            or (callable(value) and isinstance(getattr(value, "__qualname__", None), str))):
+    if (
+        isinstance(value, _PLAIN_CALLABLES)
+        or (np is not None and isinstance(value, np.ufunc))
+        or (callable(value) and isinstance(getattr(value, "__qualname__", None), str))
+    ):
         return _dotted(value)  # functions, classes, numpy's dispatchers; not partials or instances
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(value, (pd.Series, pd.DataFrame, pd.Index)):

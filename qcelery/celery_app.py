@@ -24,8 +24,7 @@ VISIBILITY_TIMEOUT = 7 * 24 * 3600
 
 def queue(name: str) -> Queue:
     """A durable direct queue for a worker pool, with message priorities enabled."""
-    return Queue(name, Exchange(name, type="direct"), routing_key=name,
-                 queue_arguments={"x-max-priority": MAX_PRIORITY})
+    return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments={"x-max-priority": MAX_PRIORITY})
 
 
 def _is_control(request) -> bool:

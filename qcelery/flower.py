@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import ConfigError
 from .settings import Settings
@@ -33,8 +33,7 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def basic_auth_from_env(environ: Mapping[str, str] | None = None, *, no_auth: bool = False,
-                        address: str = "127.0.0.1") -> str | None:
+def basic_auth_from_env(environ: Mapping[str, str] | None = None, *, no_auth: bool = False, address: str = "127.0.0.1") -> str | None:
     """The ``user:password[,user2:password2]`` Flower should require, or ``None`` when
     ``no_auth`` is allowed (loopback only). Raises :class:`ConfigError` otherwise."""
     environ = os.environ if environ is None else environ
@@ -59,8 +58,15 @@ def basic_auth_from_env(environ: Mapping[str, str] | None = None, *, no_auth: bo
     return value
 
 
-def run(settings: Settings, *, port: int = 5555, address: str = "127.0.0.1", auth: str | None = None,
-        broker_api: str | None = None, extra_args: list[str] | None = None) -> int | None:
+def run(
+    settings: Settings,
+    *,
+    port: int = 5555,
+    address: str = "127.0.0.1",
+    auth: str | None = None,
+    broker_api: str | None = None,
+    extra_args: list[str] | None = None,
+) -> int | None:
     """Run Flower in this process until it is stopped (SIGTERM or Ctrl-C).
 
     ``auth`` is handed to Flower through its environment variable, not its command

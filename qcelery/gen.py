@@ -45,7 +45,8 @@ import abc
 import copy
 import itertools
 import logging
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -94,9 +95,7 @@ def validate_template(task: Any, test_key: str | None = "test") -> None:
         raise TaskTypeError(f"a task template must be a dict, got {type(task).__name__}")
     segments = _segments_of(task)
     if not isinstance(segments, Mapping):
-        raise TaskDefinitionError(
-            f"dataset.kwargs.segments must map names to [start, end], got {type(segments).__name__}"
-        )
+        raise TaskDefinitionError(f"dataset.kwargs.segments must map names to [start, end], got {type(segments).__name__}")
     if test_key is not None and test_key not in segments:
         raise TaskDefinitionError(
             f"dataset.kwargs.segments has no {test_key!r} segment (keys: {', '.join(map(str, segments)) or 'none'}); "
@@ -173,7 +172,7 @@ def task_generator(tasks: Mapping[str, Any] | Sequence[Mapping[str, Any]], gener
     return task_list
 
 
-def handler_mod(task: dict, rolling_gen: "RollingGen") -> None:
+def handler_mod(task: dict, rolling_gen: RollingGen) -> None:
     """Extend the handler's ``end_time`` to cover the task's test segment (as Qlib does).
 
     When the test segment is open-ended the handler's ``end_time`` becomes ``None``;
@@ -247,7 +246,7 @@ class RollingGen(TaskGen):
         self,
         step: int = 40,
         rtype: str = ROLL_EX,
-        ds_extra_mod_func: Callable[[dict, "RollingGen"], None] | None = handler_mod,
+        ds_extra_mod_func: Callable[[dict, RollingGen], None] | None = handler_mod,
         test_key: str = "test",
         train_key: str = "train",
         trunc_days: int | None = None,
@@ -283,8 +282,7 @@ class RollingGen(TaskGen):
         # (non-future) trading day
         last = self.ta.calendar.end
         if aligned_end is None or aligned_end > last:
-            log.info("test segment ends at %s: rolling up to the last known trading day %s",
-                     format_day(aligned_end), last.date())
+            log.info("test segment ends at %s: rolling up to the last known trading day %s", format_day(aligned_end), last.date())
             return last
         return aligned_end
 

@@ -26,7 +26,8 @@ import inspect
 import logging
 import re
 import types
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .errors import ConfigError, TaskTypeError
 
@@ -42,15 +43,12 @@ def _import_module(module_path: Any, name: str) -> types.ModuleType:
         return module_path
     if not isinstance(module_path, str) or not module_path:
         raise ConfigError(
-            f"class {name!r} has no module: give 'module_path' (e.g. 'qcelery.models') or a dotted 'class' "
-            f"such as 'qcelery.models.{name}'"
+            f"class {name!r} has no module: give 'module_path' (e.g. 'qcelery.models') or a dotted 'class' such as 'qcelery.models.{name}'"
         )
     try:
         return importlib.import_module(module_path)
     except ImportError as exc:
-        raise ConfigError(
-            f"cannot import module {module_path!r} for class {name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"cannot import module {module_path!r} for class {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _public_names(module: types.ModuleType) -> str:
@@ -91,9 +89,7 @@ def get_callable_kwargs(config: Any, default_module: str | types.ModuleType | No
     try:
         obj = getattr(module, name)
     except AttributeError:
-        raise ConfigError(
-            f"module {module.__name__!r} has no class {name!r} (it offers: {_public_names(module)})"
-        ) from None
+        raise ConfigError(f"module {module.__name__!r} has no class {name!r} (it offers: {_public_names(module)})") from None
     if not callable(obj):
         raise ConfigError(f"{module.__name__}.{name} is not a class or function")
     return obj, dict(kwargs)
@@ -135,8 +131,7 @@ def init_instance_by_config(
     else:
         wanted = accept_types if isinstance(accept_types, tuple) else (accept_types,)
         raise TaskTypeError(
-            f"expected a config dict or an instance of {', '.join(t.__name__ for t in wanted)}, "
-            f"got {type(config).__name__}"
+            f"expected a config dict or an instance of {', '.join(t.__name__ for t in wanted)}, got {type(config).__name__}"
         )
     extra = accepted_kwargs(klass, try_kwargs or {})
     for key in set(extra) & set(cls_kwargs):

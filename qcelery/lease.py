@@ -20,7 +20,8 @@ import random
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pymongo
 from bson import ObjectId
@@ -58,14 +59,24 @@ class Leases:
         lease = lease_seconds if lease_seconds is not None else self.settings.lease_seconds
         return {
             "$set": {
-                "status": st.RUNNING, "worker": worker, "claimed_from": before_status,
-                "lease_until": now + _dt.timedelta(seconds=lease), "started_at": now, "updated_at": now,
+                "status": st.RUNNING,
+                "worker": worker,
+                "claimed_from": before_status,
+                "lease_until": now + _dt.timedelta(seconds=lease),
+                "started_at": now,
+                "updated_at": now,
             },
             "$inc": {"attempt": 1},
         }
 
-    def claim(self, task_id: Any, worker: str | None = None, before_status: str = st.WAITING,
-              lease_seconds: float | None = None, decode: bool = True) -> dict | None:
+    def claim(
+        self,
+        task_id: Any,
+        worker: str | None = None,
+        before_status: str = st.WAITING,
+        lease_seconds: float | None = None,
+        decode: bool = True,
+    ) -> dict | None:
         """Atomically take task ``task_id`` if it is in ``before_status``: it becomes
         ``running`` under a lease held by ``worker``, with ``attempt`` incremented.
         ``None`` when the task is not claimable (done, running elsewhere, removed)."""
@@ -104,8 +115,10 @@ class Leases:
         with self._server_checks(query):
             if not self._claim_in_two_steps:
                 doc = self.task_pool.find_one_and_update(
-                    q, self._claim_update(worker_name(), None, status),
-                    sort=[("priority", pymongo.DESCENDING)], return_document=ReturnDocument.AFTER,
+                    q,
+                    self._claim_update(worker_name(), None, status),
+                    sort=[("priority", pymongo.DESCENDING)],
+                    return_document=ReturnDocument.AFTER,
                 )
                 return self._decode_task(doc)
             while True:  # pick the best candidates, claim one by id; other workers may win some
@@ -128,8 +141,7 @@ class Leases:
         cache = self._fetch_cache
         if cache is not None and cache[0] == q and cache[1] > time.monotonic() and cache[2]:
             return cache[2]
-        rows = list(self.task_pool.find(q, {"_id": 1, "priority": 1}, sort=[("priority", pymongo.DESCENDING)],
-                                        limit=_FETCH_CANDIDATES))
+        rows = list(self.task_pool.find(q, {"_id": 1, "priority": 1}, sort=[("priority", pymongo.DESCENDING)], limit=_FETCH_CANDIDATES))
         groups: dict[Any, list] = {}
         for r in rows:
             groups.setdefault(r.get("priority"), []).append(r["_id"])
@@ -182,8 +194,15 @@ class Leases:
         old = task if "res_file" in task else self.task_pool.find_one({"_id": oid}, {"res_file": 1})
         res_set, fid = self._encode_res(res, oid)
         now = utcnow()
-        upd: dict[str, Any] = {**res_set, "status": status, "lease_until": None, "worker": None,
-                               "updated_at": now, "finished_at": now, "error": None}
+        upd: dict[str, Any] = {
+            **res_set,
+            "status": status,
+            "lease_until": None,
+            "worker": None,
+            "updated_at": now,
+            "finished_at": now,
+            "error": None,
+        }
         if status != st.DONE:  # a next phase gets its own attempt budget
             upd["attempt_base"] = task["attempt"]
         r = self.task_pool.update_one({"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": upd})
@@ -204,8 +223,17 @@ class Leases:
         now = utcnow()
         r = self.task_pool.update_one(
             {"_id": to_object_id(task), "status": st.RUNNING, "attempt": task["attempt"]},
-            {"$set": {"status": new, "error": error, "lease_until": None, "worker": None, "updated_at": now,
-                      "finished_at": now if new == st.FAILED else None, "published_at": None}},
+            {
+                "$set": {
+                    "status": new,
+                    "error": error,
+                    "lease_until": None,
+                    "worker": None,
+                    "updated_at": now,
+                    "finished_at": now if new == st.FAILED else None,
+                    "published_at": None,
+                }
+            },
         )
         return new if r.matched_count == 1 else None
 
@@ -215,11 +243,15 @@ class Leases:
         status = st.DONE if status is None else st.check(status)
         if task.get("attempt") and task.get("status") == st.RUNNING:
             if not self.commit(task, res, status):
-                raise LeaseLostError(f"task {task['_id']} in pool {self.name!r}: lease of attempt {task['attempt']} was lost; result not committed")
+                raise LeaseLostError(
+                    f"task {task['_id']} in pool {self.name!r}: lease of attempt {task['attempt']} was lost; result not committed"
+                )
             return
         oid = to_object_id(task)
         res_set, _ = self._encode_res(res, oid)
-        self.task_pool.update_one({"_id": oid}, {"$set": {**res_set, "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()}})
+        self.task_pool.update_one(
+            {"_id": oid}, {"$set": {**res_set, "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()}}
+        )
 
     def return_task(self, task: dict, status: str = st.WAITING) -> None:
         """Put a fetched task back to ``status`` (default ``waiting``), releasing its lease."""
@@ -227,7 +259,9 @@ class Leases:
         q: dict[str, Any] = {"_id": to_object_id(task)}
         if task.get("attempt") and task.get("status") == st.RUNNING:
             q.update(status=st.RUNNING, attempt=task["attempt"])
-        self.task_pool.update_one(q, {"$set": {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": None}})
+        self.task_pool.update_one(
+            q, {"$set": {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": None}}
+        )
 
     # ------------------------------------------------------------------ recovery
     def recover_expired(self, now: _dt.datetime | None = None) -> list[ObjectId]:
@@ -247,8 +281,12 @@ class Leases:
             new = st.FAILED if exhausted else (d.get("claimed_from") or st.WAITING)
             upd: dict[str, Any] = {"status": new, "lease_until": None, "worker": None, "updated_at": now, "published_at": None}
             if exhausted:
-                upd.update(finished_at=now, error=f"lease expired {max(used, 1)} time(s) (last worker {d.get('worker')}); attempts exhausted")
-            r = self.task_pool.update_one({"_id": d["_id"], "status": st.RUNNING, "attempt": d["attempt"], "lease_until": {"$lt": now}}, {"$set": upd})
+                upd.update(
+                    finished_at=now, error=f"lease expired {max(used, 1)} time(s) (last worker {d.get('worker')}); attempts exhausted"
+                )
+            r = self.task_pool.update_one(
+                {"_id": d["_id"], "status": st.RUNNING, "attempt": d["attempt"], "lease_until": {"$lt": now}}, {"$set": upd}
+            )
             if r.modified_count == 1:
                 logger.warning("task %s: lease of %s expired, now %s", d["_id"], d.get("worker"), new)
                 if not exhausted:
@@ -260,14 +298,17 @@ class Leases:
         ids = [to_object_id(i) for i in ids]
         when = when or utcnow()
         for start in range(0, len(ids), self._lookup_chunk):
-            self.task_pool.update_many({"_id": {"$in": ids[start:start + self._lookup_chunk]}}, {"$set": {"published_at": when}})
+            self.task_pool.update_many({"_id": {"$in": ids[start : start + self._lookup_chunk]}}, {"$set": {"published_at": when}})
 
     def stale_waiting(self, older_than: float, limit: int = 10_000) -> list[ObjectId]:
         """Claimable tasks of some batch whose last publish is older than ``older_than``
         seconds, or that were never re-published after a reset."""
         cutoff = utcnow() - _dt.timedelta(seconds=older_than)
-        q = {"status": {"$in": list(st.CLAIMABLE)}, "batch_ids.0": {"$exists": True},
-             "$or": [{"published_at": {"$lt": cutoff}}, {"published_at": None}]}
+        q = {
+            "status": {"$in": list(st.CLAIMABLE)},
+            "batch_ids.0": {"$exists": True},
+            "$or": [{"published_at": {"$lt": cutoff}}, {"published_at": None}],
+        }
         return [d["_id"] for d in self.task_pool.find(q, {"_id": 1}).limit(limit)]
 
 
@@ -294,7 +335,7 @@ class Heartbeat:
             except PyMongoError as exc:  # the store is briefly away: the lease has slack, try again
                 logger.warning("heartbeat for task %s failed: %s", self.task_id, exc)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 

@@ -32,7 +32,8 @@ import pprint
 import sys
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import bson
 import pymongo
@@ -118,9 +119,7 @@ class TaskManager(Leases):
     def list(settings: Settings | None = None) -> list[str]:
         """Names of the task pools in the database (qcelery's own collections left out)."""
         db = database(settings or load_settings(), ping=True)
-        return sorted(
-            n for n in db.list_collection_names() if not n.startswith((INTERNAL_PREFIX, "system."))
-        )
+        return sorted(n for n in db.list_collection_names() if not n.startswith((INTERNAL_PREFIX, "system.")))
 
     # ---------------------------------------------------------------- encoding
     def _encode_def(self, task_def: Any, index: int | None = None) -> Binary:
@@ -186,8 +185,7 @@ class TaskManager(Leases):
         connection and then retried (writing a second file), leaves a file behind. Files
         younger than ``older_than`` are kept: their commit may still be under way."""
         cutoff = utcnow() - _dt.timedelta(seconds=older_than)
-        old = [f["_id"] for f in self.db[f"{RESULT_BUCKET}.files"].find(
-            {"pool": self.name, "uploadDate": {"$lt": cutoff}}, {"_id": 1})]
+        old = [f["_id"] for f in self.db[f"{RESULT_BUCKET}.files"].find({"pool": self.name, "uploadDate": {"$lt": cutoff}}, {"_id": 1})]
         if not old:
             return 0
         # one pass over the pool's references (read after the files: a file referenced
@@ -227,7 +225,9 @@ class TaskManager(Leases):
             yield
         except OperationFailure as exc:
             if exc.code in _QUERY_ERROR_CODES:
-                raise TaskDefinitionError(f"malformed query {query!r} on pool {self.name!r}: {exc.details.get('errmsg', exc) if exc.details else exc}") from None
+                raise TaskDefinitionError(
+                    f"malformed query {query!r} on pool {self.name!r}: {exc.details.get('errmsg', exc) if exc.details else exc}"
+                ) from None
             raise
 
     def query(self, query: dict | None = None, decode: bool = True) -> Iterator[dict]:
@@ -261,11 +261,26 @@ class TaskManager(Leases):
     # ------------------------------------------------------------------ inserts
     def _new_doc(self, task_def: dict, encoded: Binary, filt: Any, fhash: str, now: _dt.datetime) -> dict:
         return {
-            "def": encoded, "filter": filt, "filter_hash": fhash, "status": st.WAITING,
-            "res": None, "res_file": None, "priority": 0, "attempt": 0, "attempt_base": 0,
-            "max_attempts": self.settings.max_attempts, "lease_until": None, "worker": None,
-            "claimed_from": None, "error": None, "batch_ids": [], "created_at": now, "updated_at": now,
-            "started_at": None, "finished_at": None, "published_at": None,
+            "def": encoded,
+            "filter": filt,
+            "filter_hash": fhash,
+            "status": st.WAITING,
+            "res": None,
+            "res_file": None,
+            "priority": 0,
+            "attempt": 0,
+            "attempt_base": 0,
+            "max_attempts": self.settings.max_attempts,
+            "lease_until": None,
+            "worker": None,
+            "claimed_from": None,
+            "error": None,
+            "batch_ids": [],
+            "created_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "published_at": None,
         }
 
     def insert_task(self, task: dict) -> pymongo.results.InsertOneResult:
@@ -335,8 +350,9 @@ class TaskManager(Leases):
         """
         return self.create_tasks(task_def_l, dry_run=dry_run, print_nt=print_nt)[0]
 
-    def create_tasks(self, task_def_l: list[dict], dry_run: bool = False, print_nt: bool = False,
-                     batch_id: ObjectId | None = None) -> tuple[list[ObjectId], set[ObjectId]]:
+    def create_tasks(
+        self, task_def_l: list[dict], dry_run: bool = False, print_nt: bool = False, batch_id: ObjectId | None = None
+    ) -> tuple[list[ObjectId], set[ObjectId]]:
         """``create_task`` that also returns the set of ids it inserted; new tasks are born
         tagged with ``batch_id`` and marked published (the producer publishes them next)."""
         if isinstance(task_def_l, dict) or not isinstance(task_def_l, (list, tuple)):
@@ -374,7 +390,7 @@ class TaskManager(Leases):
         self._fetch_cache = None
         lost: set[str] = set()
         for start in range(0, len(docs), _INSERT_CHUNK):
-            chunk = docs[start:start + _INSERT_CHUNK]
+            chunk = docs[start : start + _INSERT_CHUNK]
             try:
                 self.task_pool.insert_many(chunk, ordered=False)
             except BulkWriteError as exc:
@@ -414,7 +430,7 @@ class TaskManager(Leases):
         out: dict[str, ObjectId] = {}
         hl = list(hashes)
         for start in range(0, len(hl), self._lookup_chunk):
-            part = hl[start:start + self._lookup_chunk]
+            part = hl[start : start + self._lookup_chunk]
             for d in self.task_pool.find({"filter_hash": {"$in": part}}, {"filter_hash": 1}):
                 out[d["filter_hash"]] = d["_id"]
         return out
@@ -444,9 +460,7 @@ class TaskManager(Leases):
         except InvalidDocument as exc:
             raise TaskDefinitionError(f"replacement for task {oid} is not valid BSON: {exc}") from None
         except DuplicateKeyError:
-            raise TaskDefinitionError(
-                f"cannot replace task {oid} in pool {self.name!r}: another task already has that filter"
-            ) from None
+            raise TaskDefinitionError(f"cannot replace task {oid} in pool {self.name!r}: another task already has that filter") from None
 
     # ------------------------------------------------------------------- admin
     def remove(self, query: dict | None = None) -> int:
@@ -499,8 +513,16 @@ class TaskManager(Leases):
         for d in found:
             r = self.task_pool.update_one(
                 {"_id": d["_id"], "status": st.FAILED},
-                {"$set": {"status": d.get("claimed_from") or st.WAITING, "attempt_base": d.get("attempt", 0),
-                          "error": None, "finished_at": None, "published_at": None, "updated_at": utcnow()}},
+                {
+                    "$set": {
+                        "status": d.get("claimed_from") or st.WAITING,
+                        "attempt_base": d.get("attempt", 0),
+                        "error": None,
+                        "finished_at": None,
+                        "published_at": None,
+                        "updated_at": utcnow(),
+                    }
+                },
             )
             if r.modified_count:
                 ids.append(d["_id"])
@@ -549,12 +571,38 @@ class _MalformedQuery(Exception):
 
 # MongoDB's query operators: top level, and on a field
 _TOP_OPERATORS = frozenset({"$and", "$or", "$nor", "$expr", "$text", "$where", "$comment", "$jsonSchema"})
-_FIELD_OPERATORS = frozenset({
-    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$not", "$exists", "$type", "$mod",
-    "$regex", "$options", "$all", "$elemMatch", "$size", "$bitsAllSet", "$bitsAnySet", "$bitsAllClear",
-    "$bitsAnyClear", "$geoWithin", "$geoIntersects", "$near", "$nearSphere", "$maxDistance",
-    "$minDistance", "$comment",
-})
+_FIELD_OPERATORS = frozenset(
+    {
+        "$eq",
+        "$ne",
+        "$gt",
+        "$gte",
+        "$lt",
+        "$lte",
+        "$in",
+        "$nin",
+        "$not",
+        "$exists",
+        "$type",
+        "$mod",
+        "$regex",
+        "$options",
+        "$all",
+        "$elemMatch",
+        "$size",
+        "$bitsAllSet",
+        "$bitsAnySet",
+        "$bitsAllClear",
+        "$bitsAnyClear",
+        "$geoWithin",
+        "$geoIntersects",
+        "$near",
+        "$nearSphere",
+        "$maxDistance",
+        "$minDistance",
+        "$comment",
+    }
+)
 _ID_OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$all"})
 
 
@@ -620,7 +668,7 @@ def _check_statuses(value: Any) -> None:
         st.check(value)
     elif isinstance(value, Mapping):
         for op, v in value.items():
-            for s in (v if op in ("$in", "$nin") and isinstance(v, (list, tuple)) else [v] if op in ("$eq", "$ne") else []):
+            for s in v if op in ("$in", "$nin") and isinstance(v, (list, tuple)) else [v] if op in ("$eq", "$ne") else []:
                 if isinstance(s, str):
                     st.check(s)
 
@@ -661,8 +709,7 @@ def run_task(
     if after_status not in (st.WAITING, st.PART_DONE, st.DONE):
         raise TaskDefinitionError(f"run_task commits tasks as waiting, part_done or done, not {after_status!r}")
     tm = task_pool if isinstance(task_pool, TaskManager) else TaskManager(task_pool)
-    return pull_tasks(task_func, tm, query, before_status, after_status, force_release=force_release,
-                      task_kwargs=lambda task: kwargs) > 0
+    return pull_tasks(task_func, tm, query, before_status, after_status, force_release=force_release, task_kwargs=lambda task: kwargs) > 0
 
 
 def pull_tasks(
@@ -712,8 +759,7 @@ def pull_tasks(
                 if not record_failures:
                     raise
                 new = tm.fail(task, format_exception(exc))
-                logger.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], tm.name,
-                               type(exc).__name__, exc, new)
+                logger.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], tm.name, type(exc).__name__, exc, new)
                 continue
             if hb.lost.is_set() or not tm.commit(task, res, after_status):
                 logger.warning("task %s of pool %s: lease lost while running; result dropped", task["_id"], tm.name)

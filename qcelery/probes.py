@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bson import ObjectId
 from pymongo.errors import ConnectionFailure, DuplicateKeyError

@@ -9,7 +9,8 @@ then publishes one ``execute`` message per task that still needs work and an
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
 from celery.canvas import Signature
@@ -30,8 +31,7 @@ logger = logging.getLogger(__name__)
 PUBLISH_BATCH = 1000
 
 
-def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id: Any, queue: str, priority: int,
-                  **chord_part: Any) -> None:
+def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id: Any, queue: str, priority: int, **chord_part: Any) -> None:
     """Publish one id-only ``execute`` message through ``producer``.
 
     ``app.send_task`` builds the same protocol-2 message a signature's ``apply_async``
@@ -39,12 +39,21 @@ def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id:
     most of the cost of a large header."""
     args = (pool, str(task_id), str(batch_id) if batch_id else None)
     # the message's argsrepr (shown by Flower): three short strings need no saferepr
-    app.send_task(EXECUTE, args=args, argsrepr=repr(args), kwargsrepr="{}", queue=queue, priority=priority,
-                  ignore_result=True, producer=producer, add_to_parent=False, **chord_part)
+    app.send_task(
+        EXECUTE,
+        args=args,
+        argsrepr=repr(args),
+        kwargsrepr="{}",
+        queue=queue,
+        priority=priority,
+        ignore_result=True,
+        producer=producer,
+        add_to_parent=False,
+        **chord_part,
+    )
 
 
-def _publish_chord(app: Celery, pool: str, task_ids: list, batch_id: Any, queue: str, priority: int,
-                   body: Signature) -> None:
+def _publish_chord(app: Celery, pool: str, task_ids: list, batch_id: Any, queue: str, priority: int, body: Signature) -> None:
     """Publish a chord: one ``execute`` message per task, then ``body`` once all have run.
 
     This is what ``chord(header)(body)`` sends on a Redis result backend, built for a
@@ -58,8 +67,7 @@ def _publish_chord(app: Celery, pool: str, task_ids: list, batch_id: Any, queue:
     app.backend.set_chord_size(group_id, len(task_ids))
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
         for index, task_id in enumerate(task_ids):
-            _send_execute(app, producer, pool, task_id, batch_id, queue, priority,
-                          group_id=group_id, group_index=index, chord=body)
+            _send_execute(app, producer, pool, task_id, batch_id, queue, priority, group_id=group_id, group_index=index, chord=body)
 
 
 def enqueue(
@@ -104,16 +112,23 @@ def enqueue(
         resolve(aggregate["func"])
 
     tm = TaskManager(pool, settings)
-    doc, inserted = batches.create(tm, task_defs, queue=queue, task_func=func, task_kwargs=task_kwargs,
-                                   before_status=before_status, after_status=after_status,
-                                   aggregate=aggregate, priority=priority)
+    doc, inserted = batches.create(
+        tm,
+        task_defs,
+        queue=queue,
+        task_func=func,
+        task_kwargs=task_kwargs,
+        before_status=before_status,
+        after_status=after_status,
+        aggregate=aggregate,
+        priority=priority,
+    )
     app = app or app_for(settings)
     if before_status == st.WAITING and len(inserted) == doc["n_tasks"]:
         todo = doc["task_ids"]  # all new: no need to ask Mongo which are waiting
     else:
         todo = [d["_id"] for d in tm.task_pool.find({"batch_ids": doc["_id"], "status": before_status}, {"_id": 1})]
-    body = app.signature(AGGREGATE, args=(pool, str(doc["_id"])), queue=CONTROL_QUEUE, immutable=True,
-                         ignore_result=True)
+    body = app.signature(AGGREGATE, args=(pool, str(doc["_id"])), queue=CONTROL_QUEUE, immutable=True, ignore_result=True)
     if todo:
         _publish_chord(app, pool, todo, doc["_id"], queue, priority, body)
     else:
@@ -123,8 +138,9 @@ def enqueue(
     return str(doc["_id"])
 
 
-def publish(app: Celery, pool: str, task_ids: Iterable[Any], *, batch_id: Any = None, queue: str | None = None,
-            priority: int | None = None) -> int:
+def publish(
+    app: Celery, pool: str, task_ids: Iterable[Any], *, batch_id: Any = None, queue: str | None = None, priority: int | None = None
+) -> int:
     """Publish ``execute`` messages for ``task_ids`` again (recovery, sweep, retries).
 
     Each task goes to its batch's queue (its latest batch when it has several)."""
@@ -134,8 +150,11 @@ def publish(app: Celery, pool: str, task_ids: Iterable[Any], *, batch_id: Any = 
     tm = TaskManager(pool, app.qcelery_settings)
     by_batch: dict[Any, dict] = {}
     sent = 0
-    docs = [d for start in range(0, len(ids), 100)
-            for d in tm.task_pool.find({"_id": {"$in": ids[start:start + 100]}}, {"batch_ids": 1, "priority": 1})]
+    docs = [
+        d
+        for start in range(0, len(ids), 100)
+        for d in tm.task_pool.find({"_id": {"$in": ids[start : start + 100]}}, {"batch_ids": 1, "priority": 1})
+    ]
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
         for d in docs:
             bid = batch_id or (d.get("batch_ids") or [None])[-1]

@@ -31,8 +31,14 @@ from .exp import Recorder
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "RecordTemp", "SignalRecord", "SigAnaRecord", "PortAnaRecord", "RecordError",
-    "calc_ic", "long_short_return", "risk_analysis",
+    "RecordTemp",
+    "SignalRecord",
+    "SigAnaRecord",
+    "PortAnaRecord",
+    "RecordError",
+    "calc_ic",
+    "long_short_return",
+    "risk_analysis",
 ]
 
 
@@ -73,13 +79,15 @@ def risk_analysis(returns: pd.Series, ann_scaler: int = 252) -> pd.Series:
     mean, std = r.mean(), r.std()
     cum = r.cumsum()
     drawdown = (cum - cum.cummax()).min() if len(r) else np.nan
-    return pd.Series({
-        "mean_return": mean,
-        "std": std,
-        "annualized_return": mean * ann_scaler,
-        "information_ratio": mean / std * np.sqrt(ann_scaler) if std and std > 0 else np.nan,
-        "max_drawdown": drawdown,
-    })
+    return pd.Series(
+        {
+            "mean_return": mean,
+            "std": std,
+            "annualized_return": mean * ann_scaler,
+            "information_ratio": mean / std * np.sqrt(ann_scaler) if std and std > 0 else np.nan,
+            "max_drawdown": drawdown,
+        }
+    )
 
 
 def _ir(series: pd.Series) -> float:
@@ -95,7 +103,7 @@ class RecordTemp:
     raises ``FileNotFoundError`` if some are missing."""
 
     artifact_path: str | None = None
-    depend_cls: type["RecordTemp"] | None = None
+    depend_cls: type[RecordTemp] | None = None
 
     def __init__(self, recorder: Recorder | None = None):
         self._recorder = recorder
@@ -204,8 +212,15 @@ class SigAnaRecord(_Analysis):
 
     artifact_path = "sig_analysis"
 
-    def __init__(self, recorder: Recorder | None = None, ana_long_short: bool = False, ann_scaler: int = 252,
-                 label_col: int = 0, skip_existing: bool = False, topk: int | None = None):
+    def __init__(
+        self,
+        recorder: Recorder | None = None,
+        ana_long_short: bool = False,
+        ann_scaler: int = 252,
+        label_col: int = 0,
+        skip_existing: bool = False,
+        topk: int | None = None,
+    ):
         super().__init__(recorder, skip_existing, label_col)
         self.ana_long_short = ana_long_short
         self.ann_scaler = ann_scaler
@@ -221,10 +236,12 @@ class SigAnaRecord(_Analysis):
             n = pred.groupby(level="datetime").size().median()
             ls = long_short_return(pred, label, self.topk or max(1, int(n * 0.2)))
             long_avg = label.groupby(level="datetime").mean()
-            metrics.update({
-                "Long-Short Ann Return": ls.mean() * self.ann_scaler,
-                "Long-Short Ann Sharpe": _ir(ls) * self.ann_scaler ** 0.5,
-            })
+            metrics.update(
+                {
+                    "Long-Short Ann Return": ls.mean() * self.ann_scaler,
+                    "Long-Short Ann Sharpe": _ir(ls) * self.ann_scaler**0.5,
+                }
+            )
             objects.update({"long_short_r.pkl": ls, "long_avg_r.pkl": long_avg})
         self.recorder.log_metrics(**metrics)
         return objects
@@ -241,8 +258,15 @@ class PortAnaRecord(_Analysis):
     artifact_path = "portfolio_analysis"
     METRIC_PREFIX = "long_short"
 
-    def __init__(self, recorder: Recorder | None = None, topk: int = 10, ann_scaler: int = 252, label_col: int = 0,
-                 skip_existing: bool = False, config: Any = None):
+    def __init__(
+        self,
+        recorder: Recorder | None = None,
+        topk: int = 10,
+        ann_scaler: int = 252,
+        label_col: int = 0,
+        skip_existing: bool = False,
+        config: Any = None,
+    ):
         super().__init__(recorder, skip_existing, label_col)
         if config is not None:
             raise ConfigError(

@@ -47,67 +47,162 @@ import io
 import pickle
 import re
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import ConfigError, DecodeError, SerializableConfigError, TaskTypeError, UnsafePickleError
 
 #: module prefixes every decode accepts; a prefix admits its sub-modules too
 DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
-    "qcelery", "numpy", "pandas", "datetime", "collections", "builtins", "copyreg",
-    "decimal", "fractions", "uuid", "pathlib", "bson", "zoneinfo", "pytz", "dateutil",
-    "_codecs", "enum",
+    "qcelery",
+    "numpy",
+    "pandas",
+    "datetime",
+    "collections",
+    "builtins",
+    "copyreg",
+    "decimal",
+    "fractions",
+    "uuid",
+    "pathlib",
+    "bson",
+    "zoneinfo",
+    "pytz",
+    "dateutil",
+    "_codecs",
+    "enum",
 )
 
 #: sub-modules of allowed prefixes that open files or URLs, compile or run code;
 #: refused unless the caller allows the sub-module itself (not just its parent)
 _DENIED_MODULES: tuple[str, ...] = (
-    "numpy.f2py", "numpy.distutils", "numpy.testing", "numpy.ctypeslib", "numpy._pytesttester",
-    "numpy.lib.npyio", "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib._format_impl",
-    "numpy.lib._datasource", "numpy.lib._utils_impl", "numpy.lib.utils", "numpy._core._internal",
-    "numpy.core._internal", "numpy.conftest", "numpy.tests",
-    "pandas.io", "pandas._testing", "pandas.testing", "pandas.util", "pandas.plotting",
-    "pandas.core.computation", "pandas.compat", "pandas._config", "pandas.conftest", "pandas.tests",
-    "pandas._libs.parsers", "pandas._libs.json", "pandas._libs.writers", "pandas._libs.testing",
+    "numpy.f2py",
+    "numpy.distutils",
+    "numpy.testing",
+    "numpy.ctypeslib",
+    "numpy._pytesttester",
+    "numpy.lib.npyio",
+    "numpy.lib._npyio_impl",
+    "numpy.lib.format",
+    "numpy.lib._format_impl",
+    "numpy.lib._datasource",
+    "numpy.lib._utils_impl",
+    "numpy.lib.utils",
+    "numpy._core._internal",
+    "numpy.core._internal",
+    "numpy.conftest",
+    "numpy.tests",
+    "pandas.io",
+    "pandas._testing",
+    "pandas.testing",
+    "pandas.util",
+    "pandas.plotting",
+    "pandas.core.computation",
+    "pandas.compat",
+    "pandas._config",
+    "pandas.conftest",
+    "pandas.tests",
+    "pandas._libs.parsers",
+    "pandas._libs.json",
+    "pandas._libs.writers",
+    "pandas._libs.testing",
     "pandas._libs.sas",
     # qcelery modules that hold servers, processes, connections and settings, not values
-    "qcelery.embedded", "qcelery.cluster", "qcelery.cli", "qcelery.celery_app", "qcelery.worker",
-    "qcelery.beat", "qcelery.producer", "qcelery.probes", "qcelery.store", "qcelery.manage",
+    "qcelery.embedded",
+    "qcelery.cluster",
+    "qcelery.cli",
+    "qcelery.celery_app",
+    "qcelery.worker",
+    "qcelery.beat",
+    "qcelery.producer",
+    "qcelery.probes",
+    "qcelery.store",
+    "qcelery.manage",
     "qcelery.settings",
 )
 
 #: names that load, evaluate, spawn or open; refused anywhere in a global's path
-_DENIED_NAMES = frozenset({
-    "eval", "exec", "compile", "system", "popen", "spawn", "execv", "execve", "fork", "open",
-    "load", "loads", "read_pickle", "to_pickle", "import_module", "getattr", "setattr", "delattr",
-    "memmap", "fromfile", "tofile", "save", "savez", "savez_compressed", "savetxt", "loadtxt",
-    "genfromtxt", "fromregex", "DataSource", "dump", "dumps",
-})
+_DENIED_NAMES = frozenset(
+    {
+        "eval",
+        "exec",
+        "compile",
+        "system",
+        "popen",
+        "spawn",
+        "execv",
+        "execve",
+        "fork",
+        "open",
+        "load",
+        "loads",
+        "read_pickle",
+        "to_pickle",
+        "import_module",
+        "getattr",
+        "setattr",
+        "delattr",
+        "memmap",
+        "fromfile",
+        "tofile",
+        "save",
+        "savez",
+        "savez_compressed",
+        "savetxt",
+        "loadtxt",
+        "genfromtxt",
+        "fromregex",
+        "DataSource",
+        "dump",
+        "dumps",
+    }
+)
 
 #: builtins that are classes but would let a pickle build or reach arbitrary types
-_DENIED_BUILTINS = frozenset({
-    "type", "super", "property", "classmethod", "staticmethod", "memoryview",
-})
+_DENIED_BUILTINS = frozenset(
+    {
+        "type",
+        "super",
+        "property",
+        "classmethod",
+        "staticmethod",
+        "memoryview",
+    }
+)
 
 #: the functions pickles of the default modules' types are rebuilt with, each read and
 #: found to build only the value it is given (a name pattern would not do: numpy's
 #: ``_ufunc_reconstruct(module, name)`` imports anything, see ``_guarded_ufunc``)
-_RECONSTRUCTORS = frozenset({
-    ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("_codecs", "encode"),
-    *((core, name) for core in ("numpy._core", "numpy.core") for name in ("_DType_reconstruct",)),
-    *((f"{core}.multiarray", name) for core in ("numpy._core", "numpy.core") for name in ("_reconstruct", "scalar")),
-    *((f"{core}.numeric", "_frombuffer") for core in ("numpy._core", "numpy.core")),
-    ("numpy.ma.core", "_mareconstruct"), ("numpy.ma.mrecords", "_mrreconstruct"),
-    ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
-    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random", "__RandomState_ctor"),
-    ("pandas._libs.internals", "_unpickle_block"), ("pandas._libs.tslibs.nattype", "__nat_unpickle"),
-    ("pandas._libs.tslibs.timedeltas", "_timedelta_unpickle"), ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"),
-    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.datetimes", "_new_DatetimeIndex"),
-    ("pandas.core.indexes.interval", "_new_IntervalIndex"), ("pandas.core.indexes.period", "_new_PeriodIndex"),
-    ("pandas.core.internals.blocks", "new_block"),
-    ("pytz", "_p"), ("pytz", "_UTC"),
-})
+_RECONSTRUCTORS = frozenset(
+    {
+        ("copyreg", "_reconstructor"),
+        ("copyreg", "__newobj__"),
+        ("copyreg", "__newobj_ex__"),
+        ("_codecs", "encode"),
+        *((core, name) for core in ("numpy._core", "numpy.core") for name in ("_DType_reconstruct",)),
+        *((f"{core}.multiarray", name) for core in ("numpy._core", "numpy.core") for name in ("_reconstruct", "scalar")),
+        *((f"{core}.numeric", "_frombuffer") for core in ("numpy._core", "numpy.core")),
+        ("numpy.ma.core", "_mareconstruct"),
+        ("numpy.ma.mrecords", "_mrreconstruct"),
+        ("numpy.random._pickle", "__bit_generator_ctor"),
+        ("numpy.random._pickle", "__generator_ctor"),
+        ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy.random", "__RandomState_ctor"),
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas._libs.tslibs.nattype", "__nat_unpickle"),
+        ("pandas._libs.tslibs.timedeltas", "_timedelta_unpickle"),
+        ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas.core.indexes.datetimes", "_new_DatetimeIndex"),
+        ("pandas.core.indexes.interval", "_new_IntervalIndex"),
+        ("pandas.core.indexes.period", "_new_PeriodIndex"),
+        ("pandas.core.internals.blocks", "new_block"),
+        ("pytz", "_p"),
+        ("pytz", "_UTC"),
+    }
+)
 #: Cython's generated rebuilders (``__pyx_unpickle_X(type, checksum, state)`` makes an X
 #: with ``X.__new__`` and sets its fields)
 _CYTHON_RECONSTRUCTOR = re.compile(r"^__pyx_unpickle_\w+$")
@@ -143,11 +238,10 @@ class _Policy:
     exact: frozenset[tuple[str, str]]
 
     @classmethod
-    def build(cls, allowed_modules: Iterable[str]) -> "_Policy":
+    def build(cls, allowed_modules: Iterable[str]) -> _Policy:
         if isinstance(allowed_modules, str):
             raise TaskTypeError(
-                f"allowed_modules must be a list of module names, got the string {allowed_modules!r} "
-                f"(write [{allowed_modules!r}])"
+                f"allowed_modules must be a list of module names, got the string {allowed_modules!r} (write [{allowed_modules!r}])"
             )
         prefixes: list[str] = []
         exact: set[tuple[str, str]] = set()
@@ -163,8 +257,7 @@ class _Policy:
 
     def tier(self, module: str) -> str | None:
         """``"default"``/``"user"`` for an allowed module, ``"denied"`` or ``None``."""
-        best = max((p for p in (*DEFAULT_ALLOWED_MODULES, *self.user_prefixes) if _covers(p, module)),
-                   key=len, default=None)
+        best = max((p for p in (*DEFAULT_ALLOWED_MODULES, *self.user_prefixes) if _covers(p, module)), key=len, default=None)
         if best is None:
             return None
         user = best in self.user_prefixes
@@ -198,11 +291,15 @@ def _decide(policy: _Policy, module: str, name: str) -> tuple[Any, str | None]:
         return obj, None
     tier = policy.tier(module)
     if tier is None:
-        return None, (f"module {module!r} is not in the allow-list (add it to settings.allowed_modules / "
-                      "QCELERY_ALLOWED_MODULES if you trust all of its code)")
+        return None, (
+            f"module {module!r} is not in the allow-list (add it to settings.allowed_modules / "
+            "QCELERY_ALLOWED_MODULES if you trust all of its code)"
+        )
     if tier == "denied":
-        return None, (f"module {module!r} can read or write files or run code; it is refused even though "
-                      f"its parent package is allowed (add {module!r} itself to allowed_modules to trust it)")
+        return None, (
+            f"module {module!r} can read or write files or run code; it is refused even though "
+            f"its parent package is allowed (add {module!r} itself to allowed_modules to trust it)"
+        )
     parts = name.split(".")
     for part in parts:
         if _is_dunder(part) and (module, name) not in _RECONSTRUCTORS:
@@ -217,7 +314,7 @@ def _decide(policy: _Policy, module: str, name: str) -> tuple[Any, str | None]:
             return None, f"the path goes through {'.'.join(parts[:i])!r}, which is not a class"
         owner, obj = obj, getattr(obj, part)
         if isinstance(obj, types.ModuleType):
-            return None, f"{'.'.join(parts[:i + 1])!r} is a module object, which no pickle of data refers to"
+            return None, f"{'.'.join(parts[: i + 1])!r} is a module object, which no pickle of data refers to"
     problem = _origin_problem(policy, obj, module, name)
     if problem:
         return None, problem
@@ -237,8 +334,9 @@ def _decide(policy: _Policy, module: str, name: str) -> tuple[Any, str | None]:
         return obj, None
     if len(parts) == 1 and ((module, name) in _RECONSTRUCTORS or _CYTHON_RECONSTRUCTOR.match(name)):
         return obj, None
-    return None, (f"{module!r} is allowed for its classes, constants and pickle reconstruction helpers, "
-                  "not for its other functions and methods")
+    return None, (
+        f"{module!r} is allowed for its classes, constants and pickle reconstruction helpers, not for its other functions and methods"
+    )
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -311,8 +409,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def _guarded_ufunc(self, module: Any, name: Any) -> Any:
         """numpy's ``_ufunc_reconstruct``, limited to ufuncs of allowed modules."""
         where = f"_ufunc_reconstruct({module!r}, {name!r})"
-        if not (isinstance(module, str) and isinstance(name, str)) or self.policy.tier(module) not in (_DEFAULT, _USER) \
-                or _is_dunder(name):
+        if not (isinstance(module, str) and isinstance(name, str)) or self.policy.tier(module) not in (_DEFAULT, _USER) or _is_dunder(name):
             raise UnsafePickleError(f"{self.context}: refusing {where}: only ufuncs of allowed modules are rebuilt")
         value = getattr(importlib.import_module(module), name)
         if not _is_ufunc(value):
@@ -478,9 +575,7 @@ class Serializable:
             import dill
 
             return dill
-        raise ConfigError(
-            f"{cls.__qualname__}.pickle_backend is {cls.pickle_backend!r}; it must be 'pickle' or 'dill'"
-        )
+        raise ConfigError(f"{cls.__qualname__}.pickle_backend is {cls.pickle_backend!r}; it must be 'pickle' or 'dill'")
 
     def to_pickle(self, path: Path | str, **kwargs: Any) -> None:
         """Pickle this object to ``path`` with its class's backend.

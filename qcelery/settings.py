@@ -42,7 +42,7 @@ def _mask_one(url: str) -> str:
     user, colon, _ = rest[:at].partition(":")
     if not colon:
         return url
-    return f"{scheme}://{user}:***@{rest[at + 1:]}"
+    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
 
 
 def mask_url(url: str | None) -> str:
@@ -59,8 +59,7 @@ class Settings(BaseSettings):
     """Everything qcelery can be configured with; defaults serve the embedded servers."""
 
     # hide_input_in_errors: a ValidationError must not echo a URL with its password
-    model_config = SettingsConfigDict(env_prefix="QCELERY_", extra="forbid", validate_default=True,
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix="QCELERY_", extra="forbid", validate_default=True, hide_input_in_errors=True)
 
     mongo_url: str = "mongodb://127.0.0.1:27017"
     mongo_db: str = "qcelery"
@@ -138,8 +137,7 @@ class Settings(BaseSettings):
         if self.broker_url.startswith(REDIS_BACKEND_SCHEMES):
             return self.broker_url
         raise ConfigError(
-            f"broker {mask_url(self.broker_url)} is not Redis: set QCELERY_RESULT_BACKEND "
-            "(e.g. redis://host:6379/1) for chord results"
+            f"broker {mask_url(self.broker_url)} is not Redis: set QCELERY_RESULT_BACKEND (e.g. redis://host:6379/1) for chord results"
         )
 
     @property

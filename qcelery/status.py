@@ -26,16 +26,18 @@ UNDONE: tuple[str, ...] = (WAITING, RUNNING, PART_DONE)
 
 #: (from, to) pairs the pool's own operations perform; admin resets (``reset_status``)
 #: may move any task to any status, as Qlib allows.
-TRANSITIONS: frozenset[tuple[str, str]] = frozenset({
-    (WAITING, RUNNING),     # claim / fetch_task
-    (PART_DONE, RUNNING),   # claim of the second phase
-    (RUNNING, DONE),        # commit
-    (RUNNING, PART_DONE),   # commit of the first phase
-    (RUNNING, WAITING),     # fail with attempts left, lease recovered, return_task
-    (RUNNING, FAILED),      # attempts exhausted
-    (FAILED, WAITING),      # retry-failed
-    (FAILED, PART_DONE),    # retry-failed of a second-phase failure
-})
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        (WAITING, RUNNING),  # claim / fetch_task
+        (PART_DONE, RUNNING),  # claim of the second phase
+        (RUNNING, DONE),  # commit
+        (RUNNING, PART_DONE),  # commit of the first phase
+        (RUNNING, WAITING),  # fail with attempts left, lease recovered, return_task
+        (RUNNING, FAILED),  # attempts exhausted
+        (FAILED, WAITING),  # retry-failed
+        (FAILED, PART_DONE),  # retry-failed of a second-phase failure
+    }
+)
 
 
 def check(status: str, what: str = "status") -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import gridfs
 import pymongo
@@ -56,12 +57,14 @@ def _without_password(message: str, url: str) -> str:
     """pymongo's parse error, unless it quotes a piece of the URL's password (an unescaped
     '/' in a password makes it report the rest as a database name)."""
     scheme, _, rest = url.partition("://")
-    userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+    userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
     password = userinfo.partition(":")[2]
     pieces = [p for p in re.split(r"[/?#@:;]", password) if len(p) >= 2]
     if any(p in message for p in pieces):
-        return ("the URL does not parse (the parser's message quotes part of the password, so it is withheld); "
-                "escape the user name and password with urllib.parse.quote_plus")
+        return (
+            "the URL does not parse (the parser's message quotes part of the password, so it is withheld); "
+            "escape the user name and password with urllib.parse.quote_plus"
+        )
     return message
 
 
@@ -83,8 +86,9 @@ def client(settings: Settings) -> pymongo.MongoClient:
                     appname="qcelery",
                 )
             except (InvalidURI, ConfigurationError, ValueError) as exc:
-                raise ConfigError(f"invalid QCELERY_MONGO_URL {mask_url(settings.mongo_url)}: "
-                                  f"{_without_password(str(exc), settings.mongo_url)}") from None
+                raise ConfigError(
+                    f"invalid QCELERY_MONGO_URL {mask_url(settings.mongo_url)}: {_without_password(str(exc), settings.mongo_url)}"
+                ) from None
             _CLIENTS[key] = c
     return c
 
@@ -130,5 +134,3 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
-
-

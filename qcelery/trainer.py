@@ -32,7 +32,8 @@ import concurrent.futures
 import contextlib
 import logging
 import socket
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from . import status as st
 from .data import HandlerCache, replace_task_handler_with_cache
@@ -44,8 +45,15 @@ from .settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "task_train", "begin_task_train", "end_task_train",
-    "Trainer", "TrainerR", "DelayTrainerR", "TrainerRM", "DelayTrainerRM", "TrainingFailedError",
+    "task_train",
+    "begin_task_train",
+    "end_task_train",
+    "Trainer",
+    "TrainerR",
+    "DelayTrainerR",
+    "TrainerRM",
+    "DelayTrainerRM",
+    "TrainingFailedError",
 ]
 
 #: tag set on a run whose training raised (the first line of the error)
@@ -109,13 +117,12 @@ def _exe_task(rec: Recorder, task_config: Mapping[str, Any], settings: Settings)
     for i, record in enumerate(records):
         name = record.get("class", "?") if isinstance(record, Mapping) else type(record).__name__
         try:
-            r = init_instance_by_config(record, default_module="qcelery.records", recorder=rec,
-                                        try_kwargs={"model": model, "dataset": dataset})
+            r = init_instance_by_config(
+                record, default_module="qcelery.records", recorder=rec, try_kwargs={"model": model, "dataset": dataset}
+            )
             r.generate()
         except Exception as exc:
-            raise RecordError(
-                f"record #{i} {name} of run {rec.id} raised {type(exc).__name__}: {exc}"
-            ) from exc
+            raise RecordError(f"record #{i} {name} of run {rec.id} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _fail_run(rec: Recorder, exc: BaseException) -> None:
@@ -144,17 +151,20 @@ def _experiment(experiment_name: str | None, settings: Settings) -> Experiment:
 
 
 def _task_run(
-    task_config: Any, experiment_name: str, recorder_name: str | None, settings: Settings | None,
-    tags: Mapping[str, Any] | None, *, train: bool,
+    task_config: Any,
+    experiment_name: str,
+    recorder_name: str | None,
+    settings: Settings | None,
+    tags: Mapping[str, Any] | None,
+    *,
+    train: bool,
 ) -> Recorder:
     """A new run of ``experiment_name`` tagged for ``task_config`` and holding it
     (parameters, ``task`` artifact); with ``train`` the task is trained and its records
     run in it, and the run ends ``FINISHED``, else it ends ``SCHEDULED``."""
     _check_task(task_config)
     settings = settings or load_settings()
-    rec = _experiment(experiment_name, settings).create_recorder(
-        recorder_name, tags={**_task_tags(task_config), **dict(tags or {})}
-    )
+    rec = _experiment(experiment_name, settings).create_recorder(recorder_name, tags={**_task_tags(task_config), **dict(tags or {})})
     with _failing_run_on_error(rec):
         _log_task_info(rec, task_config)
         if train:
@@ -269,9 +279,15 @@ class TrainerR(Trainer):
     STATUS_BEGIN = "begin_task_train"
     STATUS_END = "end_task_train"
 
-    def __init__(self, experiment_name: str | None = None, train_func: Callable = task_train,
-                 call_in_subproc: bool = False, default_rec_name: str | None = None, *,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        train_func: Callable = task_train,
+        call_in_subproc: bool = False,
+        default_rec_name: str | None = None,
+        *,
+        settings: Settings | None = None,
+    ):
         super().__init__()
         self.experiment_name = experiment_name
         self.train_func = train_func
@@ -279,8 +295,9 @@ class TrainerR(Trainer):
         self._call_in_subproc = call_in_subproc
         self.settings = settings or load_settings()
 
-    def train(self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None,
-              **kwargs: Any) -> list[Recorder]:
+    def train(
+        self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None, **kwargs: Any
+    ) -> list[Recorder]:
         tasks = _as_list(tasks, Mapping)
         train_func = train_func or self.train_func
         experiment_name = experiment_name or self.experiment_name
@@ -306,14 +323,20 @@ class DelayTrainerR(TrainerR):
     """``train`` only records the tasks (:func:`begin_task_train`); ``end_train`` fits
     them (:func:`end_task_train`), skipping recorders already ended (Qlib's ``DelayTrainerR``)."""
 
-    def __init__(self, experiment_name: str | None = None, train_func: Callable = begin_task_train,
-                 end_train_func: Callable = end_task_train, **kwargs: Any):
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        train_func: Callable = begin_task_train,
+        end_train_func: Callable = end_task_train,
+        **kwargs: Any,
+    ):
         super().__init__(experiment_name, train_func, **kwargs)
         self.end_train_func = end_train_func
         self.delay = True
 
-    def end_train(self, models: list | Recorder, end_train_func: Callable | None = None,
-                  experiment_name: str | None = None, **kwargs: Any) -> list[Recorder]:
+    def end_train(
+        self, models: list | Recorder, end_train_func: Callable | None = None, experiment_name: str | None = None, **kwargs: Any
+    ) -> list[Recorder]:
         models = _as_list(models, Recorder)
         end_train_func = end_train_func or self.end_train_func
         experiment_name = experiment_name or self.experiment_name
@@ -347,8 +370,7 @@ def work_on_pool(
         tags = {"pool": manager.name, "task_id": str(task["_id"])}
         return _with_context(task_func, kwargs, manager.settings, tags)
 
-    return pull_tasks(task_func, manager, query, before_status, after_status,
-                      record_failures=True, task_kwargs=task_kwargs)
+    return pull_tasks(task_func, manager, query, before_status, after_status, record_failures=True, task_kwargs=task_kwargs)
 
 
 class TrainerRM(Trainer):
@@ -366,9 +388,16 @@ class TrainerRM(Trainer):
     STATUS_END = "end_task_train"
     TM_ID = "_id in TaskManager"
 
-    def __init__(self, experiment_name: str | None = None, task_pool: Any = None, train_func: Callable = task_train,
-                 skip_run_task: bool = False, default_rec_name: str | None = None, *,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        task_pool: Any = None,
+        train_func: Callable = task_train,
+        skip_run_task: bool = False,
+        default_rec_name: str | None = None,
+        *,
+        settings: Settings | None = None,
+    ):
         super().__init__()
         self.experiment_name = experiment_name
         self.train_func = train_func
@@ -389,9 +418,16 @@ class TrainerRM(Trainer):
             raise ConfigError("TrainerRM needs task_pool or experiment_name to name its task pool")
         return TaskManager(name, self.settings)
 
-    def train(self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None,
-              before_status: str = st.WAITING, after_status: str = st.DONE, default_rec_name: str | None = None,
-              **kwargs: Any) -> list[Recorder]:
+    def train(
+        self,
+        tasks: list | dict,
+        train_func: Callable | None = None,
+        experiment_name: str | None = None,
+        before_status: str = st.WAITING,
+        after_status: str = st.DONE,
+        default_rec_name: str | None = None,
+        **kwargs: Any,
+    ) -> list[Recorder]:
         tasks = _as_list(tasks, Mapping)
         if not tasks:
             return []
@@ -402,8 +438,16 @@ class TrainerRM(Trainer):
         _experiment(experiment_name, self.settings)  # once, before any worker races to create it
         query = {"_id": {"$in": list(dict.fromkeys(ids))}}
         if not self.skip_run_task:
-            work_on_pool(train_func, tm, query, before_status, after_status, experiment_name=experiment_name,
-                         recorder_name=default_rec_name or self.default_rec_name, **kwargs)
+            work_on_pool(
+                train_func,
+                tm,
+                query,
+                before_status,
+                after_status,
+                experiment_name=experiment_name,
+                recorder_name=default_rec_name or self.default_rec_name,
+                **kwargs,
+            )
         if not self.is_delay():
             tm.wait(query=query, progress=False)
         return self._recorders(tm, ids, self.STATUS_BEGIN)
@@ -424,7 +468,9 @@ class TrainerRM(Trainer):
             lines = "; ".join(f"task {f['task_id']} ({f['status']}): {f['error']}" for f in failures[:5])
             raise TrainingFailedError(
                 f"{len(failures)} of {len(recs) + len(failures)} tasks in pool {tm.name!r} did not train: {lines}"
-                + (" ..." if len(failures) > 5 else ""), failures, done,
+                + (" ..." if len(failures) > 5 else ""),
+                failures,
+                done,
             )
         return recs
 
@@ -437,8 +483,7 @@ class TrainerRM(Trainer):
     def worker(self, train_func: Callable | None = None, experiment_name: str | None = None) -> int:
         """Train waiting tasks of the pool until none is left; returns how many ran."""
         experiment_name = experiment_name or self.experiment_name
-        return work_on_pool(train_func or self.train_func, self.manager(experiment_name),
-                            experiment_name=experiment_name)
+        return work_on_pool(train_func or self.train_func, self.manager(experiment_name), experiment_name=experiment_name)
 
     def has_worker(self) -> bool:
         return True
@@ -448,25 +493,32 @@ class DelayTrainerRM(TrainerRM):
     """``train`` records the tasks (pool status ``part_done``); ``end_train`` trains them
     through the pool (Qlib's ``DelayTrainerRM``); ``worker()`` serves the second phase."""
 
-    def __init__(self, experiment_name: str | None = None, task_pool: Any = None,
-                 train_func: Callable = begin_task_train, end_train_func: Callable = end_task_train,
-                 skip_run_task: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        task_pool: Any = None,
+        train_func: Callable = begin_task_train,
+        end_train_func: Callable = end_task_train,
+        skip_run_task: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(experiment_name, task_pool, train_func, **kwargs)
         self.end_train_func = end_train_func
         self.delay = True
         self.skip_run_task = skip_run_task
 
-    def train(self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None,
-              **kwargs: Any) -> list[Recorder]:
+    def train(
+        self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None, **kwargs: Any
+    ) -> list[Recorder]:
         skip, self.skip_run_task = self.skip_run_task, False  # the first phase always runs here
         try:
-            return super().train(tasks, train_func=train_func, experiment_name=experiment_name,
-                                 after_status=st.PART_DONE, **kwargs)
+            return super().train(tasks, train_func=train_func, experiment_name=experiment_name, after_status=st.PART_DONE, **kwargs)
         finally:
             self.skip_run_task = skip
 
-    def end_train(self, recs: list | Recorder, end_train_func: Callable | None = None,
-                  experiment_name: str | None = None, **kwargs: Any) -> list[Recorder]:
+    def end_train(
+        self, recs: list | Recorder, end_train_func: Callable | None = None, experiment_name: str | None = None, **kwargs: Any
+    ) -> list[Recorder]:
         recs = _as_list(recs, Recorder)
         end_train_func = end_train_func or self.end_train_func
         experiment_name = experiment_name or self.experiment_name
@@ -485,8 +537,12 @@ class DelayTrainerRM(TrainerRM):
 
     def worker(self, end_train_func: Callable | None = None, experiment_name: str | None = None) -> int:
         experiment_name = experiment_name or self.experiment_name
-        return work_on_pool(end_train_func or self.end_train_func, self.manager(experiment_name),
-                            before_status=st.PART_DONE, experiment_name=experiment_name)
+        return work_on_pool(
+            end_train_func or self.end_train_func,
+            self.manager(experiment_name),
+            before_status=st.PART_DONE,
+            experiment_name=experiment_name,
+        )
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,8 @@ machine. The batch's aggregation (the built-in summary, or the collector passed 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from . import batch as batches
 from . import status as st
@@ -26,13 +27,13 @@ def _dotted(func: Callable | str) -> str:
         return func
     module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", "")
     if not module or "<" in name or module == "__main__":
-        raise TaskTypeError(f"train function {func!r} must be importable by the workers (a module-level function); "
-                            "pass it as 'package.module.function'")
+        raise TaskTypeError(
+            f"train function {func!r} must be importable by the workers (a module-level function); pass it as 'package.module.function'"
+        )
     return f"{module}.{name}"
 
 
-def wait_batch(tm: Any, batch_id: Any, *, poll: float = 0.5, timeout: float | None = None,
-               aggregated: bool = False) -> dict:
+def wait_batch(tm: Any, batch_id: Any, *, poll: float = 0.5, timeout: float | None = None, aggregated: bool = False) -> dict:
     """Block until every task of the batch is final for it (``after_status``, ``done`` or
     ``failed``), and with ``aggregated`` until its aggregation has run; returns the batch."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -45,8 +46,10 @@ def wait_batch(tm: Any, batch_id: Any, *, poll: float = 0.5, timeout: float | No
             if doc["state"] == batches.AGGREGATED:
                 return doc
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"batch {batch_id} of pool {tm.name!r} not finished after {timeout}s: "
-                               f"{batches.progress(tm, doc)}, aggregation {doc['state']}")
+            raise TimeoutError(
+                f"batch {batch_id} of pool {tm.name!r} not finished after {timeout}s: "
+                f"{batches.progress(tm, doc)}, aggregation {doc['state']}"
+            )
         time.sleep(poll)
 
 
@@ -59,37 +62,57 @@ class TrainerCelery(TrainerRM):
     ``wait_aggregated`` makes ``train`` also wait for the batch's aggregation.
     """
 
-    def __init__(self, experiment_name: str | None = None, task_pool: Any = None,
-                 train_func: Callable | str = task_train, *, queue: str | None = None, priority: int = 0,
-                 aggregate: dict | str | None = None, wait_aggregated: bool = False, timeout: float | None = None,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        task_pool: Any = None,
+        train_func: Callable | str = task_train,
+        *,
+        queue: str | None = None,
+        priority: int = 0,
+        aggregate: dict | str | None = None,
+        wait_aggregated: bool = False,
+        timeout: float | None = None,
+        settings: Settings | None = None,
+    ):
         super().__init__(experiment_name, task_pool, train_func, settings=settings)
         self.queue, self.priority, self.aggregate = queue, priority, aggregate
         self.wait_aggregated, self.timeout = wait_aggregated, timeout
         self.last_batch_id: str | None = None
 
-    def _run_batch(self, tm: Any, task_defs: list[Mapping], train_func: Callable | str, experiment_name: str,
-                   before_status: str, after_status: str) -> list:
+    def _run_batch(
+        self, tm: Any, task_defs: list[Mapping], train_func: Callable | str, experiment_name: str, before_status: str, after_status: str
+    ) -> list:
         from .producer import enqueue
 
         _experiment(experiment_name, self.settings)  # once, before workers race to create it
         self.last_batch_id = enqueue(
-            list(task_defs), tm.name, settings=self.settings, queue=self.queue, priority=self.priority,
-            aggregate=self.aggregate, task_func=_dotted(train_func), task_kwargs={"experiment_name": experiment_name},
-            before_status=before_status, after_status=after_status,
+            list(task_defs),
+            tm.name,
+            settings=self.settings,
+            queue=self.queue,
+            priority=self.priority,
+            aggregate=self.aggregate,
+            task_func=_dotted(train_func),
+            task_kwargs={"experiment_name": experiment_name},
+            before_status=before_status,
+            after_status=after_status,
         )
         doc = wait_batch(tm, self.last_batch_id, timeout=self.timeout, aggregated=self.wait_aggregated)
         return doc["task_ids"]
 
-    def train(self, tasks: list | dict, train_func: Callable | str | None = None, experiment_name: str | None = None,
-              **kwargs: Any) -> list[Recorder]:
+    def train(
+        self, tasks: list | dict, train_func: Callable | str | None = None, experiment_name: str | None = None, **kwargs: Any
+    ) -> list[Recorder]:
         """Enqueue ``tasks`` as one batch, wait, and return their recorders in task order.
 
         Raises :class:`~qcelery.trainer.TrainingFailedError` listing the failed tasks
         (after every other task finished)."""
         if kwargs:
-            raise TaskTypeError(f"TrainerCelery.train takes no extra keyword arguments (got {sorted(kwargs)}): "
-                                "task functions get experiment_name, settings and tags from the worker")
+            raise TaskTypeError(
+                f"TrainerCelery.train takes no extra keyword arguments (got {sorted(kwargs)}): "
+                "task functions get experiment_name, settings and tags from the worker"
+            )
         tasks = _as_list(tasks, Mapping)
         if not tasks:
             return []
@@ -97,8 +120,9 @@ class TrainerCelery(TrainerRM):
         if not experiment_name:
             raise ConfigError("TrainerCelery needs an experiment_name")
         tm = self.manager(experiment_name)
-        ids = self._run_batch(tm, tasks, train_func or self.train_func, experiment_name, st.WAITING,
-                              st.PART_DONE if self.is_delay() else st.DONE)
+        ids = self._run_batch(
+            tm, tasks, train_func or self.train_func, experiment_name, st.WAITING, st.PART_DONE if self.is_delay() else st.DONE
+        )
         return self._recorders(tm, ids, self.STATUS_BEGIN)
 
     def worker(self, *args: Any, **kwargs: Any) -> int:
@@ -112,15 +136,21 @@ class DelayTrainerCelery(TrainerCelery):
     """Two phases on Celery workers (qcelery's twin of ``DelayTrainerRM``): ``train``
     records every task (pool status ``part_done``), ``end_train`` trains them."""
 
-    def __init__(self, experiment_name: str | None = None, task_pool: Any = None,
-                 train_func: Callable | str = begin_task_train, end_train_func: Callable | str = end_task_train,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        task_pool: Any = None,
+        train_func: Callable | str = begin_task_train,
+        end_train_func: Callable | str = end_task_train,
+        **kwargs: Any,
+    ):
         super().__init__(experiment_name, task_pool, train_func, **kwargs)
         self.end_train_func = end_train_func
         self.delay = True
 
-    def end_train(self, recs: list | Recorder, end_train_func: Callable | str | None = None,
-                  experiment_name: str | None = None, **kwargs: Any) -> list[Recorder]:
+    def end_train(
+        self, recs: list | Recorder, end_train_func: Callable | str | None = None, experiment_name: str | None = None, **kwargs: Any
+    ) -> list[Recorder]:
         """Train, on the workers, the tasks whose first phase made ``recs``; returns the
         recorders in the same order."""
         recs = _as_list(recs, Recorder)
@@ -134,6 +164,5 @@ class DelayTrainerCelery(TrainerCelery):
             if not task_id:
                 raise ConfigError(f"recorder {rec.id} has no {self.TM_ID!r} tag: it was not made by DelayTrainerCelery.train")
             task_defs.append(tm.re_query(task_id)["def"])  # the same definitions: same tasks, a new batch
-        ids = self._run_batch(tm, task_defs, end_train_func or self.end_train_func, experiment_name,
-                              st.PART_DONE, st.DONE)
+        ids = self._run_batch(tm, task_defs, end_train_func or self.end_train_func, experiment_name, st.PART_DONE, st.DONE)
         return self._recorders(tm, ids, self.STATUS_END)

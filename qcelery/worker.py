@@ -19,7 +19,8 @@ import importlib
 import inspect
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -93,8 +94,9 @@ def _batch_spec(app: Celery, tm: TaskManager, batch_id: Any) -> dict:
     return _BATCHES[key]
 
 
-def execute_task(app: Celery, pool: str, task_id: str, batch_id: str | None = None,
-                 before_status: str = st.WAITING, after_status: str = st.DONE) -> dict:
+def execute_task(
+    app: Celery, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
+) -> dict:
     settings: Settings = app.qcelery_settings
     tm = manager(app, pool)
     spec = _batch_spec(app, tm, batch_id) if batch_id else {}
@@ -190,8 +192,7 @@ def run_aggregation(tm: TaskManager, batch: dict) -> dict:
     base = default_summary(tm, batch)
     if spec.get("func"):
         func = resolve(spec["func"])
-        extra = call_task_function(func, tm, dict(spec.get("kwargs") or {}),
-                                   {"settings": tm.settings, "batch": batch, "summary": base})
+        extra = call_task_function(func, tm, dict(spec.get("kwargs") or {}), {"settings": tm.settings, "batch": batch, "summary": base})
         if isinstance(extra, dict):
             base.update(extra)
     return base
@@ -230,8 +231,9 @@ def register(app: Celery) -> None:
     """Register ``execute`` and ``aggregate`` on ``app``."""
 
     @app.task(name=EXECUTE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
-    def execute(self, pool: str, task_id: str, batch_id: str | None = None,
-                before_status: str = st.WAITING, after_status: str = st.DONE) -> dict:
+    def execute(
+        self, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
+    ) -> dict:
         return execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
 
     @app.task(name=AGGREGATE, bind=True, shared=False, acks_late=True)

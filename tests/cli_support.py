@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -36,14 +36,17 @@ def cli_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
 
 def qcelery(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``qcelery ARGS`` and return the completed process (text output)."""
-    return subprocess.run([*QCELERY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run([*QCELERY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def qcelery_many(commands: list[list[str]], *, cwd: Path, env: dict[str, str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
     """Run several ``qcelery`` commands at once (independent ones: saves the start-up time)."""
-    procs = [subprocess.Popen([*QCELERY, *args], cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    procs = [
+        subprocess.Popen(
+            [*QCELERY, *args], cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for args in commands
+    ]
     done = []
     for args, p in zip(commands, procs):
         out, err = p.communicate(timeout=timeout)
@@ -55,8 +58,9 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-def probe_workflow(path: Path, *, windows: int = 3, sleep: float = 0.0, fail: bool = False,
-                   experiment: str = "probes", extra: dict | None = None) -> Path:
+def probe_workflow(
+    path: Path, *, windows: int = 3, sleep: float = 0.0, fail: bool = False, experiment: str = "probes", extra: dict | None = None
+) -> Path:
     """A workflow of ``windows`` rolling windows for the ``counted`` probe task. The
     probe ignores model and dataset; they name importable classes so the workflow
     passes the class check like a real one."""
@@ -68,7 +72,8 @@ def probe_workflow(path: Path, *, windows: int = 3, sleep: float = 0.0, fail: bo
         "task": {
             "model": {"class": "OrderedDict", "module_path": "collections"},
             "dataset": {
-                "class": "OrderedDict", "module_path": "collections",
+                "class": "OrderedDict",
+                "module_path": "collections",
                 "kwargs": {"segments": {"train": ["2020-01-02", "2020-06-30"], "test": ["2020-07-01", None]}},
             },
             "sleep": sleep,
@@ -89,8 +94,7 @@ def probe_workflow(path: Path, *, windows: int = 3, sleep: float = 0.0, fail: bo
 
 def table_rows(text: str) -> list[list[str]]:
     """The body rows of the rich tables in ``text``, as lists of cell texts."""
-    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in text.splitlines()
-            if line.startswith("│")]
+    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in text.splitlines() if line.startswith("│")]
 
 
 def batch_id_from(proc: subprocess.CompletedProcess) -> str:

@@ -17,8 +17,16 @@ def tm(settings, mongo_db):
 
 
 def new_batch(tm: TaskManager, key: str, *, age: float = 0.0, **fields) -> dict:
-    doc, _ = batches.create(tm, [{"key": key}], queue="q", task_func="qcelery.probes.noop", task_kwargs=None,
-                            before_status=st.WAITING, after_status=st.DONE, aggregate=None)
+    doc, _ = batches.create(
+        tm,
+        [{"key": key}],
+        queue="q",
+        task_func="qcelery.probes.noop",
+        task_kwargs=None,
+        before_status=st.WAITING,
+        after_status=st.DONE,
+        aggregate=None,
+    )
     fields["created_at"] = utcnow() - _dt.timedelta(seconds=age)
     tm.db[batches.COLLECTION].update_one({"_id": doc["_id"]}, {"$set": fields})
     return batches.load(tm.db, doc["_id"])
@@ -46,10 +54,8 @@ def test_a_recent_or_pending_check_keeps_an_old_batch_off_the_list(tm):
 
 def test_an_aggregation_whose_aggregator_vanished_is_reopened(tm):
     now = utcnow()
-    lost = new_batch(tm, "lost", age=300, state=batches.AGGREGATING, aggregator="w1",
-                     aggregating_since=now - _dt.timedelta(seconds=120))
-    busy = new_batch(tm, "busy", age=300, state=batches.AGGREGATING, aggregator="w2",
-                     aggregating_since=now - _dt.timedelta(seconds=5))
+    lost = new_batch(tm, "lost", age=300, state=batches.AGGREGATING, aggregator="w1", aggregating_since=now - _dt.timedelta(seconds=120))
+    busy = new_batch(tm, "busy", age=300, state=batches.AGGREGATING, aggregator="w2", aggregating_since=now - _dt.timedelta(seconds=5))
     done = new_batch(tm, "done", age=300, state=batches.AGGREGATED)
     assert stalled_ids(tm, 60) == {lost["_id"]}
     reopened = batches.load(tm.db, lost["_id"])

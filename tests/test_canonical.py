@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from bson import ObjectId
-from hypothesis import given, settings as hsettings, strategies as hs
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as hs
 
 from qcelery.canonical import filter_hash, normalize
 from qcelery.errors import TaskDefinitionError
@@ -55,8 +57,7 @@ def test_tuples_become_lists_and_dict_keys_strings():
 
 
 def test_dates_and_timestamps_of_one_day_are_one_filter():
-    forms = ["2020-01-02", dt.date(2020, 1, 2), dt.datetime(2020, 1, 2), pd.Timestamp("2020-01-02"),
-             np.datetime64("2020-01-02")]
+    forms = ["2020-01-02", dt.date(2020, 1, 2), dt.datetime(2020, 1, 2), pd.Timestamp("2020-01-02"), np.datetime64("2020-01-02")]
     assert {normalize(f) for f in forms} == {"2020-01-02"}
 
 
@@ -163,9 +164,14 @@ def test_hash_tells_different_tasks_apart():
 
 def test_hash_is_the_same_in_another_process():
     # another interpreter has another PYTHONHASHSEED and other memory addresses
-    task = {"model": {"class": "LGBModel", "module_path": "qlib.contrib.model.gbdt"},
-            "seg": (pd.Timestamp("2020-01-02"), dt.date(2020, 6, 30)), "tags": {"b", "a", "c"},
-            "n": np.int64(5), "obj": Plain(3), "f": functools.partial(scale, k=2)}
+    task = {
+        "model": {"class": "LGBModel", "module_path": "qlib.contrib.model.gbdt"},
+        "seg": (pd.Timestamp("2020-01-02"), dt.date(2020, 6, 30)),
+        "tags": {"b", "a", "c"},
+        "n": np.int64(5),
+        "obj": Plain(3),
+        "f": functools.partial(scale, k=2),
+    }
     code = (
         "import sys, numpy as np, pandas as pd, datetime as dt, functools;"
         "sys.path.insert(0, 'tests');"
@@ -190,17 +196,21 @@ def _run_fresh(code: str) -> str:
 
 def test_a_status_command_does_not_load_pandas():
     # the modules `qcelery status` / `wait` / `list` import: pandas is most of their start-up
-    code = ("import sys, qcelery.cli.main, qcelery.manage, qcelery.batch, qcelery.store;"
-            "print(sorted(m for m in ('pandas', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys, qcelery.cli.main, qcelery.manage, qcelery.batch, qcelery.store;"
+        "print(sorted(m for m in ('pandas', 'numpy') if m in sys.modules))"
+    )
     assert _run_fresh(code) == "[]"
 
 
 def test_numpy_values_normalise_the_same_before_pandas_is_imported():
     # datetime64 is read through pandas, which canonical imports only then
-    code = ("import datetime as dt, numpy as np;"
-            "from qcelery.canonical import normalize;"
-            "print(normalize([np.datetime64('2020-01-02'), np.datetime64('NaT'), np.int64(5), np.float32(1.5),"
-            " np.bool_(True), np.arange(2), np.sqrt, dt.datetime(2020, 1, 2, 3)]))")
+    code = (
+        "import datetime as dt, numpy as np;"
+        "from qcelery.canonical import normalize;"
+        "print(normalize([np.datetime64('2020-01-02'), np.datetime64('NaT'), np.int64(5), np.float32(1.5),"
+        " np.bool_(True), np.arange(2), np.sqrt, dt.datetime(2020, 1, 2, 3)]))"
+    )
     assert _run_fresh(code) == "['2020-01-02', None, 5, 1.5, True, [0, 1], 'numpy.sqrt', '2020-01-02T03:00:00']"
 
 
@@ -216,10 +226,16 @@ def _as_module_objects(task):
 
 
 values = hs.recursive(
-    hs.none() | hs.booleans() | hs.integers() | hs.floats(allow_nan=True) | hs.text(max_size=5)
-    | hs.dates().map(lambda d: d) | hs.builds(np.int32, hs.integers(-1000, 1000)),
-    lambda inner: hs.lists(inner, max_size=4) | hs.tuples(inner, inner)
-    | hs.dictionaries(hs.text(max_size=4) | hs.integers(-5, 5), inner, max_size=4),
+    hs.none()
+    | hs.booleans()
+    | hs.integers()
+    | hs.floats(allow_nan=True)
+    | hs.text(max_size=5)
+    | hs.dates().map(lambda d: d)
+    | hs.builds(np.int32, hs.integers(-1000, 1000)),
+    lambda inner: (
+        hs.lists(inner, max_size=4) | hs.tuples(inner, inner) | hs.dictionaries(hs.text(max_size=4) | hs.integers(-5, 5), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -107,7 +107,6 @@ def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):
     assert int(backend.client.get(backend.get_key_for_group(group_id, ".s"))) == 3
 
 
-
 def test_a_header_of_several_publish_batches_reaches_the_broker_whole(csettings, broker):
     from qcelery.producer import PUBLISH_BATCH
 

@@ -12,16 +12,26 @@ import os
 import signal
 import stat
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pymongo
 import pytest
+import tomllib
 from bson import ObjectId
-
 from cli_support import (
-    PROBE, QCELERY, alive_groups, batch_id_from, cli_env, probe_workflow, qcelery, qcelery_many, state_pids, table_rows, wait_until,
+    PROBE,
+    QCELERY,
+    alive_groups,
+    batch_id_from,
+    cli_env,
+    probe_workflow,
+    qcelery,
+    qcelery_many,
+    state_pids,
+    table_rows,
+    wait_until,
 )
+
 from qcelery.manage import TaskManager
 from qcelery.probes import RUNS
 from qcelery.settings import Settings
@@ -89,8 +99,7 @@ def test_enqueue_wait_status_collect(up):
     assert waited.returncode == 0, waited.stderr
     assert f"batch {bid}: 3 done, 0 failed" in waited.stdout
 
-    status, collected, as_json, pools = up.many(["status"], ["collect", "--batch", bid],
-                                                ["collect", "--batch", bid, "--json"], ["pools"])
+    status, collected, as_json, pools = up.many(["status"], ["collect", "--batch", bid], ["collect", "--batch", bid, "--json"], ["pools"])
     row = next(line for line in status.stdout.splitlines() if bid in line)
     assert "probes" in row and "aggregated" in row
     assert collected.returncode == 0, collected.stderr
@@ -167,8 +176,9 @@ def test_prioritize_and_remove(up):
     db = up.db()
     assert wait_until(lambda: db["prio"].count_documents({"status": "done"}) == 2, timeout=60)
     one = str(db["prio"].find_one()["_id"])
-    by_id, recovered, refused = up.many(["prioritize", "7", one, "--pool", "prio"], ["recover"],
-                                        ["remove", "--batch", bid])  # no terminal to confirm on
+    by_id, recovered, refused = up.many(
+        ["prioritize", "7", one, "--pool", "prio"], ["recover"], ["remove", "--batch", bid]
+    )  # no terminal to confirm on
     assert by_id.returncode == 0, by_id.stderr
     assert db["prio"].find_one({"_id": ObjectId(one)})["priority"] == 7
     assert "recovered 0 task(s) with an expired lease" in recovered.stdout
@@ -186,8 +196,9 @@ def test_prioritize_and_remove(up):
 def test_down_cleans_up_after_a_crashed_up(tmp_path):
     env = cli_env(**FAST)
     run_dir = tmp_path / ".qcelery"
-    proc = subprocess.Popen([*QCELERY, "up", "--workers", "1", "--no-beat"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*QCELERY, "up", "--workers", "1", "--no-beat"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         state = run_dir / "state.json"
         assert wait_until(lambda: state.exists() and "worker-cpu-1" in state.read_text(), timeout=60)
@@ -205,8 +216,14 @@ def test_down_cleans_up_after_a_crashed_up(tmp_path):
 
 def test_up_in_the_foreground_stops_everything_on_sigterm(tmp_path):
     env = cli_env(**FAST)
-    proc = subprocess.Popen([*QCELERY, "up", "--workers", "0", "--no-beat", "--foreground"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*QCELERY, "up", "--workers", "0", "--no-beat", "--foreground"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         lines = []
         for line in proc.stdout:

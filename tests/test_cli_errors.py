@@ -9,10 +9,9 @@ from __future__ import annotations
 import subprocess
 
 from bson import ObjectId
-
+from cli_support import PROBE, cli_env, error_lines, probe_workflow, qcelery, qcelery_many
 from typer.testing import CliRunner
 
-from cli_support import PROBE, cli_env, error_lines, probe_workflow, qcelery, qcelery_many
 from qcelery.cli.main import app
 from qcelery.embedded import free_port
 
@@ -80,8 +79,7 @@ def test_unknown_model_class_is_named_and_nothing_is_enqueued(tmp_path, settings
 def test_unreachable_mongo_is_one_line_with_the_password_masked(tmp_path):
     url = f"mongodb://alice:hunter2@127.0.0.1:{free_port()}"
     wf = probe_workflow(tmp_path / "wf.yaml")
-    procs = qcelery_many([["enqueue", str(wf)], ["status"], ["wait"]], cwd=tmp_path,
-                         env=cli_env(QCELERY_MONGO_URL=url), timeout=30)
+    procs = qcelery_many([["enqueue", str(wf)], ["status"], ["wait"]], cwd=tmp_path, env=cli_env(QCELERY_MONGO_URL=url), timeout=30)
     for proc in procs:
         _assert_one_line_error(proc, "MongoDB", "did not answer", "alice:***@")
         assert "hunter2" not in proc.stderr + proc.stdout
@@ -126,8 +124,7 @@ def test_an_invalid_setting_names_its_variable(tmp_path):
 
 
 def test_flower_refuses_to_start_without_credentials(tmp_path, settings):
-    no_auth, open_to_all = qcelery_many([["flower"], ["flower", "--no-auth", "--address", "0.0.0.0"]],
-                                        cwd=tmp_path, env=cli_env(settings))
+    no_auth, open_to_all = qcelery_many([["flower"], ["flower", "--no-auth", "--address", "0.0.0.0"]], cwd=tmp_path, env=cli_env(settings))
     _assert_one_line_error(no_auth, "FLOWER_BASIC_AUTH")
     _assert_one_line_error(open_to_all, "loopback")
     half = qcelery("flower", cwd=tmp_path, env=cli_env(settings, FLOWER_BASIC_AUTH="admin"))

@@ -9,7 +9,6 @@ import signal
 import subprocess
 
 import pytest
-
 from cli_support import PROBE, QCELERY, alive_groups, batch_id_from, cli_env, probe_workflow, qcelery, wait_until
 
 
@@ -19,8 +18,9 @@ def processes():
 
     def start(*args: str, cwd, env) -> subprocess.Popen:
         log = open(cwd / f"{args[0]}-{len(started)}.log", "wb")
-        p = subprocess.Popen([*QCELERY, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            [*QCELERY, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
         started.append(p)
         return p

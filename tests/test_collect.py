@@ -33,9 +33,11 @@ def frame(days: pd.DatetimeIndex, seed: int, column: str = "score") -> pd.DataFr
 
 
 def window_task(model: str, window: tuple) -> dict:
-    return {"model": {"class": model, "module_path": "qcelery.models"},
-            "dataset": {"class": "DatasetH", "kwargs": {"segments": {"test": window}}},
-            "record": [{"class": "PortAnaRecord", "kwargs": {"topk": 3}}]}
+    return {
+        "model": {"class": model, "module_path": "qcelery.models"},
+        "dataset": {"class": "DatasetH", "kwargs": {"segments": {"test": window}}},
+        "record": [{"class": "PortAnaRecord", "kwargs": {"topk": 3}}],
+    }
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def rolling_runs(settings):
     recs = []
     for m, model in enumerate(["LinearModel", "LGBModel"]):
         for w in range(3):
-            days = DAYS[w * 20:(w + 1) * 20]
+            days = DAYS[w * 20 : (w + 1) * 20]
             window = (days[0], days[-1])
             rec = exp.create_recorder(tags={"task_id": f"{model}-{w}"})
             noise = frame(days, 10 * m + w)["score"]
@@ -66,8 +68,13 @@ def rec_key(rec):
 def test_recorder_collector_keys_filters_and_status(rolling_runs):
     exp, recs = rolling_runs
     unfinished = exp.create_recorder()  # RUNNING: not collected by default
-    collected = RecorderCollector(exp, rec_key_func=rec_key, rec_filter_func=lambda r: rec_key(r)[0] == "LinearModel",
-                                  artifacts_path={"pred": "pred.pkl", "label": "label.pkl"}, artifacts_key="pred").collect()
+    collected = RecorderCollector(
+        exp,
+        rec_key_func=rec_key,
+        rec_filter_func=lambda r: rec_key(r)[0] == "LinearModel",
+        artifacts_path={"pred": "pred.pkl", "label": "label.pkl"},
+        artifacts_key="pred",
+    ).collect()
     assert list(collected) == ["pred"]
     assert {k[0] for k in collected["pred"]} == {"LinearModel"} and len(collected["pred"]) == 3
 
@@ -133,8 +140,9 @@ def test_summarize_batch_scores_each_model_over_the_whole_test_span_and_writes_a
     assert "Model comparison" in html and html.count("data:image/png;base64,") == 2 and "Nope" in html
     summary_exp = get_experiment(out["experiment_name"], settings, create=False)
     run = summary_exp.get_recorder(recorder_id=out["summary_run_id"])
-    assert {"models.csv", "tasks.csv", "failures.csv", "ic_by_window.png", "cumulative_long_short.png",
-            "report.html"} <= set(run.list_artifacts())
+    assert {"models.csv", "tasks.csv", "failures.csv", "ic_by_window.png", "cumulative_long_short.png", "report.html"} <= set(
+        run.list_artifacts()
+    )
     assert run.list_tags()["batch_id"] == "b1" and run.status == Recorder.STATUS_FI
     # the task experiment stays clean for Qlib-style collectors
     assert set(exp.list_recorders()) == {r.id for r in recs}

@@ -65,8 +65,7 @@ def test_shipped_workflow_loads_and_uses_the_builtin_classes(path: Path) -> None
         handler = dataset["kwargs"]["handler"]
         assert (handler["class"], handler["module_path"]) == ("SyntheticAlphaHandler", "qcelery.data")
         hk = handler["kwargs"]
-        assert set(hk) == {"instruments", "start_time", "end_time", "fit_start_time", "fit_end_time", "seed",
-                           "signal_strength", "calendar"}
+        assert set(hk) == {"instruments", "start_time", "end_time", "fit_start_time", "fit_end_time", "seed", "signal_strength", "calendar"}
         assert isinstance(hk["instruments"], int) and isinstance(hk["seed"], int)
         assert isinstance(hk["signal_strength"], float) and hk["calendar"] == "XSHG"
         # handler_mod: the handler's data reach the end of the window's test segment
@@ -107,12 +106,15 @@ def test_lightgbm_workflow_resolves_qlib_style_anchors_and_merges() -> None:
 
 
 def test_loaded_templates_do_not_share_objects_through_yaml_aliases(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         shared: &shared {alpha: 1.0}
         task:
             model: {class: A, kwargs: *shared}
             dataset: {class: D, kwargs: {segments: {test: [2022-07-01, null]}, extra: *shared}}
-    """)
+    """,
+    )
     templates, _ = load_workflow(path, calendar=xshg())
     tpl = templates[0]
     assert tpl["model"]["kwargs"] == tpl["dataset"]["kwargs"]["extra"]
@@ -120,13 +122,17 @@ def test_loaded_templates_do_not_share_objects_through_yaml_aliases(tmp_path: Pa
 
 
 def test_generators_section_builds_each_generator_in_order(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + textwrap.dedent("""
+    path = write(
+        tmp_path,
+        MINIMAL
+        + textwrap.dedent("""
         generators:
             - rolling: {step: 125, rtype: sliding, trunc_days: 2}
             - horizon: {horizon: [1, 5], label_leak_n: 1}
             - models: [{class: LinearModel, module_path: qcelery.models, kwargs: {alpha: 0.1}}]
             - grid: [{model.kwargs.alpha: 0.5}, {model.kwargs.alpha: 5.0}]
-    """))
+    """),
+    )
     templates, generators = load_workflow(path, calendar=xshg())
     assert [type(g).__name__ for g in generators] == ["RollingGen", "LabelHorizonGen", "ModelGen", "GridGen"]
     assert generators[0].step == 125 and generators[0].rtype == "sliding" and generators[0].trunc_days == 2
@@ -183,12 +189,15 @@ def test_yaml_syntax_error_reports_the_line(tmp_path: Path) -> None:
 
 
 def test_merge_keys_may_be_overridden_without_a_duplicate_key_error(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         base: &base {class: A, kwargs: {alpha: 1}}
         task:
             model: {<<: *base, class: B}
             dataset: {class: D, kwargs: {segments: {test: [2022-07-01, null]}}}
-    """)
+    """,
+    )
     assert load_workflow(path, calendar=xshg())[0][0]["model"] == {"class": "B", "kwargs": {"alpha": 1}}
 
 

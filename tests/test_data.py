@@ -15,8 +15,7 @@ from qcelery.data.cache import BUCKET, clear_memory
 from qcelery.data.features import alpha_features, next_day_return_label
 from qcelery.errors import ConfigError, TaskTypeError
 
-KW = dict(instruments=20, start_time="2020-01-02", end_time="2020-12-31",
-          fit_start_time="2020-01-02", fit_end_time="2020-06-30", seed=5)
+KW = dict(instruments=20, start_time="2020-01-02", end_time="2020-12-31", fit_start_time="2020-01-02", fit_end_time="2020-06-30", seed=5)
 CONFIG = {"class": "SyntheticAlphaHandler", "module_path": "qcelery.data", "kwargs": KW}
 
 
@@ -45,11 +44,11 @@ def test_same_seed_same_data_other_seed_other_data_and_a_longer_span_keeps_the_p
     other = SyntheticAlphaHandler(**{**KW, "seed": 6}).fetch(data_key="raw")
     assert not np.allclose(raw["feature"].to_numpy(), other["feature"].to_numpy(), equal_nan=True)
     longer = SyntheticAlphaHandler(**{**KW, "end_time": "2021-03-31"})
-    pd.testing.assert_frame_equal(longer.fetch(slice(None, "2020-12-28"), data_key="raw"),
-                                  raw.loc[:"2020-12-28"])
+    pd.testing.assert_frame_equal(longer.fetch(slice(None, "2020-12-28"), data_key="raw"), raw.loc[:"2020-12-28"])
     # normalisation is fitted on the fit period only: more data afterwards changes nothing
-    pd.testing.assert_frame_equal(longer.fetch(slice(None, "2020-12-28"), col_set="feature"),
-                                  handler.fetch(slice(None, "2020-12-28"), col_set="feature"))
+    pd.testing.assert_frame_equal(
+        longer.fetch(slice(None, "2020-12-28"), col_set="feature"), handler.fetch(slice(None, "2020-12-28"), col_set="feature")
+    )
 
 
 def test_features_are_robust_zscored_with_fit_period_statistics(handler):
@@ -81,8 +80,13 @@ def test_label_is_the_return_from_t_plus_1_to_t_plus_2_and_learn_label_is_zscore
 def test_features_use_only_the_past():
     rng = np.random.default_rng(0)
     close = pd.DataFrame(100 * np.exp(np.cumsum(rng.normal(0, 0.01, (120, 3)), axis=0)))
-    frames = dict(open_=close.shift(1).fillna(100), high=close * 1.01, low=close * 0.99, close=close,
-                  volume=pd.DataFrame(rng.uniform(1e5, 2e5, (120, 3))))
+    frames = dict(
+        open_=close.shift(1).fillna(100),
+        high=close * 1.01,
+        low=close * 0.99,
+        close=close,
+        volume=pd.DataFrame(rng.uniform(1e5, 2e5, (120, 3))),
+    )
     full = alpha_features(**frames)
     cut = alpha_features(**{k: v.iloc[:100] for k, v in frames.items()})
     for name in full:
@@ -102,13 +106,16 @@ def test_dataset_prepares_segments_like_qlib(handler):
         DatasetH(handler, {"test": ("2020-12-31", "2020-07-01")})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"start_time": "2021-01-04", "end_time": "2020-01-02"}, "start_time 2021-01-04 is after end_time"),
-    ({"calendar": "NOPE"}, "unknown exchange calendar 'NOPE'"),
-    ({"instruments": 1}, "instruments must be an int >= 2"),
-    ({"signal_strength": 1.5}, "signal_strength must be a number in"),
-    ({"start_time": "yesterday-ish"}, "start_time: 'yesterday-ish' is not a date"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"start_time": "2021-01-04", "end_time": "2020-01-02"}, "start_time 2021-01-04 is after end_time"),
+        ({"calendar": "NOPE"}, "unknown exchange calendar 'NOPE'"),
+        ({"instruments": 1}, "instruments must be an int >= 2"),
+        ({"signal_strength": 1.5}, "signal_strength must be a number in"),
+        ({"start_time": "yesterday-ish"}, "start_time: 'yesterday-ish' is not a date"),
+    ],
+)
 def test_bad_handler_config_is_a_clear_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SyntheticAlphaHandler(**{**KW, **kwargs})
@@ -198,10 +205,8 @@ def test_a_feature_with_no_value_in_the_fit_period_is_left_unscaled_and_named(tm
     from qcelery.pit import PITStore, write_synthetic_statements
 
     # statements of 2020 only: the first is published in spring, after the fit period ends
-    write_synthetic_statements(PITStore(tmp_path / "pit"), [f"SYN{i:04d}" for i in range(4)], 2020, 2020,
-                               ["roewa_q"], seed=1)
-    kw = {**KW, "instruments": 4, "fit_end_time": "2020-02-28",
-          "pit": {"fields": {"roe": "P($$roewa_q)"}, "store": str(tmp_path / "pit")}}
+    write_synthetic_statements(PITStore(tmp_path / "pit"), [f"SYN{i:04d}" for i in range(4)], 2020, 2020, ["roewa_q"], seed=1)
+    kw = {**KW, "instruments": 4, "fit_end_time": "2020-02-28", "pit": {"fields": {"roe": "P($$roewa_q)"}, "store": str(tmp_path / "pit")}}
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's "All-NaN slice" no more
         h = SyntheticAlphaHandler(**kw)
@@ -211,7 +216,5 @@ def test_a_feature_with_no_value_in_the_fit_period_is_left_unscaled_and_named(tm
     assert raw.loc[fit_days, "roe"].isna().all() and raw["roe"].notna().any()
     # unscaled: the processed column is the raw one (median 0, MAD 1), the others are scaled
     later = raw["roe"].notna()
-    np.testing.assert_allclose(learn.loc[later, "roe"].to_numpy(), raw.loc[later, "roe"].clip(-3, 3).to_numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(learn.loc[later, "roe"].to_numpy(), raw.loc[later, "roe"].clip(-3, 3).to_numpy(), rtol=1e-6)
     assert "no value of roe in the fit period" in caplog.text
-

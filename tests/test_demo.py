@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
 from cli_support import QCELERY, alive_groups, cli_env, probe_workflow, qcelery, wait_until
+
 from qcelery.calendar import default_calendar
 from qcelery.cli.demo import prepare_run_dir
 
@@ -43,9 +43,14 @@ def small_demo(path: Path, windows: int = 2) -> Path:
 def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
     wf = small_demo(tmp_path / "small_demo.yaml")
     run_dir = tmp_path / "demo"
-    proc = subprocess.Popen([*QCELERY, "--run-dir", str(run_dir), "demo", "--config", str(wf), "--workers", "1",
-                             "--poll", "0.2"],
-                            cwd=tmp_path, env=cli_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*QCELERY, "--run-dir", str(run_dir), "demo", "--config", str(wf), "--workers", "1", "--poll", "0.2"],
+        cwd=tmp_path,
+        env=cli_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # while it runs, the run directory names every process it started
     state = run_dir / "state.json"
     seen: set[int] = set()
@@ -65,7 +70,7 @@ def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
     assert "(pool 'small_demo'): 4 tasks, 4 done" in out
     assert "4/4" in errout  # the progress bar reached the end
 
-    table = out[out.index("model comparison"):]
+    table = out[out.index("model comparison") :]
     for model in ("linear_alpha_0.1", "linear_alpha_10"):
         row = next(line for line in table.splitlines() if model in line)
         assert "│" in row and len(row.split("│")) > 5  # a row of metrics
@@ -81,17 +86,25 @@ def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
 
     # the printed MLflow command works as it is: the UI serves the demo's experiments
     port = free_port()
-    ui_proc = subprocess.Popen(f"{ui} --host 127.0.0.1 --port {port}", shell=True, cwd=tmp_path,
-                               env={k: v for k, v in cli_env().items() if not k.startswith("MLFLOW_")},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ui_proc = subprocess.Popen(
+        f"{ui} --host 127.0.0.1 --port {port}",
+        shell=True,
+        cwd=tmp_path,
+        env={k: v for k, v in cli_env().items() if not k.startswith("MLFLOW_")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         names: list[str] = []
 
         def experiments() -> bool:
             assert ui_proc.poll() is None, ui_proc.stderr.read()
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search"
-                                            "?max_results=100", timeout=5) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=100", timeout=5
+                ) as r:
                     names.extend(e["name"] for e in json.load(r)["experiments"])
                     return True
             except OSError:

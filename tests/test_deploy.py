@@ -26,10 +26,26 @@ SYSTEMD = DEPLOY / "systemd"
 
 #: the subcommands of ``qcelery`` (mirrors qcelery.cli; checked against the real typer
 #: app below when it can be imported)
-CLI_SUBCOMMANDS = frozenset({
-    "up", "down", "enqueue", "status", "wait", "recover", "reset-waiting", "retry-failed", "prioritize",
-    "remove", "pools", "collect", "worker", "beat", "flower", "demo",
-})
+CLI_SUBCOMMANDS = frozenset(
+    {
+        "up",
+        "down",
+        "enqueue",
+        "status",
+        "wait",
+        "recover",
+        "reset-waiting",
+        "retry-failed",
+        "prioritize",
+        "remove",
+        "pools",
+        "collect",
+        "worker",
+        "beat",
+        "flower",
+        "demo",
+    }
+)
 #: options of the long-running subcommands the deploy files may use (mirrors qcelery.cli)
 CLI_OPTIONS = {
     "worker": {"--pool": True, "--concurrency": True, "--autoscale": True, "--loglevel": True},
@@ -83,6 +99,7 @@ def env_file(path: Path) -> dict[str, str]:
 
 def interpolate(value: str) -> str:
     """Compose's ``${VAR:-default}`` / ``${VAR:?message}`` / ``${VAR}`` with nothing set."""
+
     def sub(m: re.Match) -> str:
         op, arg = m.group(2), m.group(3) or ""
         if op in (":-", "-"):
@@ -168,8 +185,7 @@ def real_cli():
 
 def all_commands() -> list[tuple[str, list[str]]]:
     """Every qcelery command line in deploy/ (where it is found, argv)."""
-    found = [(f"compose {name}", svc["command"]) for name, svc in compose()["services"].items()
-             if name in QCELERY_SERVICES]
+    found = [(f"compose {name}", svc["command"]) for name, svc in compose()["services"].items() if name in QCELERY_SERVICES]
     for name, dep in k8s("Deployment").items():
         found.append((f"k8s {name}", dep["spec"]["template"]["spec"]["containers"][0]["command"]))
     for path in SYSTEMD.glob("*.service"):
@@ -229,7 +245,7 @@ def test_every_qcelery_variable_is_a_settings_field():
     fields = setting_fields()
     for where, key in deploy_variables():
         if key.startswith("QCELERY_"):
-            assert key[len("QCELERY_"):].lower() in fields, f"{where}: {key} is not a field of Settings"
+            assert key[len("QCELERY_") :].lower() in fields, f"{where}: {key} is not a field of Settings"
         else:
             assert key in OTHER_VARIABLES | NON_SETTING_VARIABLES, f"{where}: unexpected variable {key}"
 
@@ -302,8 +318,11 @@ def test_worker_gpu_is_a_profile_with_a_gpu():
 
 
 def test_compose_runs_exactly_one_beat():
-    beats = {name: svc for name, svc in compose()["services"].items()
-             if isinstance(svc.get("command"), list) and svc["command"][:2] == ["qcelery", "beat"]}
+    beats = {
+        name: svc
+        for name, svc in compose()["services"].items()
+        if isinstance(svc.get("command"), list) and svc["command"][:2] == ["qcelery", "beat"]
+    }
     assert list(beats) == ["beat"]
     assert beats["beat"].get("deploy", {}).get("replicas", 1) == 1
 
@@ -355,8 +374,9 @@ def test_k8s_worker_deployments_serve_their_pool():
 
 
 def test_k8s_runs_exactly_one_beat_with_recreate():
-    beats = {n: d for n, d in k8s("Deployment").items()
-             if d["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["qcelery", "beat"]}
+    beats = {
+        n: d for n, d in k8s("Deployment").items() if d["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["qcelery", "beat"]
+    }
     assert list(beats) == ["qcelery-beat"]
     assert beats["qcelery-beat"]["spec"]["replicas"] == 1
     assert beats["qcelery-beat"]["spec"]["strategy"]["type"] == "Recreate"
@@ -439,8 +459,7 @@ def test_systemd_beat_and_flower_commands():
 def test_every_deployment_runs_the_same_known_pools():
     from workers.pools import POOLS
 
-    compose_pools = {option(command_of(compose()["services"][n]["command"])[1], "--pool")
-                     for n in ("worker-cpu", "worker-gpu")}
+    compose_pools = {option(command_of(compose()["services"][n]["command"])[1], "--pool") for n in ("worker-cpu", "worker-gpu")}
     k8s_pools = {pool_of(d) for n, d in k8s("Deployment").items() if n.startswith("qcelery-worker-")}
     keda_pools = {t["metadata"]["listName"] for so in k8s("ScaledObject").values() for t in so["spec"]["triggers"]}
     assert compose_pools == k8s_pools == keda_pools == set(POOLS)

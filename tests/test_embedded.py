@@ -71,11 +71,10 @@ def test_start_answers_and_stop_leaves_no_process(tmp_path):
 
 
 def test_exception_inside_with_stops_the_server(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"):
-        with EmbeddedMongo(tmp_path) as mongo:
-            pid, port = mongo.proc.pid, mongo.port
-            assert port_open("127.0.0.1", port)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), EmbeddedMongo(tmp_path) as mongo:
+        pid, port = mongo.proc.pid, mongo.port
+        assert port_open("127.0.0.1", port)
+        raise RuntimeError("boom")
     assert gone(pid) and closed(port)
 
 
@@ -116,8 +115,9 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(tmp_path, *args, signal_to_send=None):
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
@@ -189,8 +189,7 @@ def test_a_forked_child_exiting_does_not_stop_the_parents_servers(tmp_path):
                 s.sendall(b"PING\\r\\n")
                 print(s.recv(16).decode().strip(), redis.proc.pid, redis.port, flush=True)
     """)
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     pong, pid, port = out.stdout.split()
     assert pong == "+PONG"
@@ -198,8 +197,10 @@ def test_a_forked_child_exiting_does_not_stop_the_parents_servers(tmp_path):
 
 
 def test_importing_installs_no_signal_handler():
-    code = ("import signal, qcelery.embedded; "
-            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)")
+    code = (
+        "import signal, qcelery.embedded; "
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
 
@@ -214,6 +215,5 @@ def test_an_applications_own_sigterm_handler_is_left_alone(tmp_path):
         with EmbeddedRedis(sys.argv[1]):
             print(signal.getsignal(signal.SIGTERM) is mine)
     """)
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "True"

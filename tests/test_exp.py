@@ -27,8 +27,12 @@ def test_recorder_logs_params_tags_metrics_and_objects_and_reports_its_status(se
     rec.log_params(**{"model.class": "LinearModel", "model.kwargs.alpha": 0.5})
     rec.log_metrics(IC=0.03, **{"Rank IC": 0.04})
     rec.set_tags(stage="fit")
-    frame = pd.DataFrame({"score": [0.1, 0.2]}, index=pd.MultiIndex.from_tuples(
-        [(pd.Timestamp("2020-01-02"), "A"), (pd.Timestamp("2020-01-02"), "B")], names=["datetime", "instrument"]))
+    frame = pd.DataFrame(
+        {"score": [0.1, 0.2]},
+        index=pd.MultiIndex.from_tuples(
+            [(pd.Timestamp("2020-01-02"), "A"), (pd.Timestamp("2020-01-02"), "B")], names=["datetime", "instrument"]
+        ),
+    )
     rec.save_objects(**{"pred.pkl": frame, "task": {"model": {"class": "LinearModel"}}})
     rec.save_objects(artifact_path="sig_analysis", **{"ic.pkl": pd.Series([0.1])})
 
@@ -128,10 +132,25 @@ def mlflow_server(tmp_path_factory):
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", (root / "store").as_uri(),
-         "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            (root / "store").as_uri(),
+            "--artifacts-destination",
+            (root / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -198,13 +217,25 @@ def test_task_train_against_an_mlflow_server(settings, mongo_db, mlflow_server):
     server_settings = settings.model_copy(update={"mlflow_tracking_uri": mlflow_server})
     task = {
         "model": {"class": "LinearModel", "module_path": "qcelery.models"},
-        "dataset": {"class": "DatasetH", "module_path": "qcelery.data", "kwargs": {
-            "handler": {"class": "SyntheticAlphaHandler", "module_path": "qcelery.data", "kwargs": {
-                "instruments": 20, "start_time": "2020-01-02", "end_time": "2020-12-31",
-                "fit_start_time": "2020-01-02", "fit_end_time": "2020-06-30"}},
-            "segments": {"train": ("2020-01-02", "2020-06-30"), "test": ("2020-07-01", "2020-12-31")}}},
-        "record": [{"class": "SignalRecord", "module_path": "qcelery.records",
-                    "kwargs": {"model": "<MODEL>", "dataset": "<DATASET>"}}],
+        "dataset": {
+            "class": "DatasetH",
+            "module_path": "qcelery.data",
+            "kwargs": {
+                "handler": {
+                    "class": "SyntheticAlphaHandler",
+                    "module_path": "qcelery.data",
+                    "kwargs": {
+                        "instruments": 20,
+                        "start_time": "2020-01-02",
+                        "end_time": "2020-12-31",
+                        "fit_start_time": "2020-01-02",
+                        "fit_end_time": "2020-06-30",
+                    },
+                },
+                "segments": {"train": ("2020-01-02", "2020-06-30"), "test": ("2020-07-01", "2020-12-31")},
+            },
+        },
+        "record": [{"class": "SignalRecord", "module_path": "qcelery.records", "kwargs": {"model": "<MODEL>", "dataset": "<DATASET>"}}],
     }
     (rec,) = TrainerR("served", settings=server_settings).train([task])
     assert rec.uri == mlflow_server and rec.status == Recorder.STATUS_FI

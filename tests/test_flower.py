@@ -13,14 +13,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from cli_support import PROBE, alive_groups, batch_id_from, cli_env, probe_workflow, qcelery, state_pids, wait_until
+
 from qcelery.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "quant", "flower-test-pw"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 def chromium() -> str:
@@ -32,8 +38,13 @@ def chromium() -> str:
 def browse(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     """One headless Chromium run on ``url`` with a fresh profile; JavaScript gets a few
     seconds of virtual time so the pages' AJAX tables are filled."""
-    return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=8000",
-                           *args, url], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=8000", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
@@ -99,6 +110,8 @@ def test_flower_shows_the_worker_and_the_tasks_of_a_running_batch(flower_up):
 def succeeded_executions(response: tuple[int, str]) -> float:
     status, metrics = response
     assert status == 200
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("flower_events_total{") and 'task="qcelery.execute"' in line
-               and 'type="task-succeeded"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("flower_events_total{") and 'task="qcelery.execute"' in line and 'type="task-succeeded"' in line
+    )

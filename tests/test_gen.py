@@ -92,14 +92,16 @@ def test_rolling_parameters_are_checked_at_construction(kwargs: dict, error: typ
     ("segments", "error", "fragment"),
     [
         ({"train": ["2020-01-01", "2021-12-31"]}, TaskDefinitionError, "no 'test' segment .*keys: train"),
-        ({"train": ["2021-01-01", "2020-01-01"], "test": ["2022-01-04", None]}, TaskDefinitionError,
-         r"segments\.train: start 2021-01-01 is after end 2020-01-01"),
+        (
+            {"train": ["2021-01-01", "2020-01-01"], "test": ["2022-01-04", None]},
+            TaskDefinitionError,
+            r"segments\.train: start 2021-01-01 is after end 2020-01-01",
+        ),
         ({"test": [None, "2022-12-30"]}, TaskDefinitionError, "test needs a start"),
         ({"test": ["2022-01-04"]}, TaskDefinitionError, r"segments\.test must be a \[start, end\] pair"),
         ({"test": ["soon", None]}, TaskDefinitionError, "'soon' is not a date"),
         ({"test": ["2025-03-03", None]}, OutOfCalendarError, "2025-03-03 is after the last day"),
-        ({"train": ["2021-01-02", "2021-01-03"], "test": ["2022-01-04", None]}, TaskDefinitionError,
-         "'train'.*holds no trading day"),
+        ({"train": ["2021-01-02", "2021-01-03"], "test": ["2022-01-04", None]}, TaskDefinitionError, "'train'.*holds no trading day"),
     ],
 )
 def test_bad_segments_name_the_key_or_value(segments: dict, error: type, fragment: str) -> None:
@@ -145,8 +147,7 @@ def test_generators_never_mutate_the_template_even_with_a_shallow_copy_func() ->
         tasks = rolling(step=60, task_copy_func=copy_func, trunc_days=2).generate(tpl)
         assert tpl == snapshot
         assert len({days(test_segments(t)) for t in tasks}) == len(tasks) > 1
-    for gen in (LabelHorizonGen([1, 5], calendar=xshg()), GridGen({"model.kwargs.alpha": [1, 2]}),
-                ModelGen([{"class": "M"}])):
+    for gen in (LabelHorizonGen([1, 5], calendar=xshg()), GridGen({"model.kwargs.alpha": [1, 2]}), ModelGen([{"class": "M"}])):
         tpl = template()
         snapshot = copy.deepcopy(tpl)
         gen.generate(tpl)
@@ -222,7 +223,9 @@ def test_multi_horizon_truncates_by_horizon_plus_leak_on_the_future_calendar() -
 def test_label_horizon_gen_writes_qlibs_return_label() -> None:
     tasks = LabelHorizonGen([1, 5], calendar=xshg()).generate(template())
     assert [t["dataset"]["kwargs"]["handler"]["kwargs"]["label"] for t in tasks] == [
-        ["Ref($close, -2) / Ref($close, -1) - 1"], ["Ref($close, -6) / Ref($close, -1) - 1"]]
+        ["Ref($close, -2) / Ref($close, -1) - 1"],
+        ["Ref($close, -6) / Ref($close, -1) - 1"],
+    ]
     custom = LabelHorizonGen([3], label=["h{hr}"], label_path="model.kwargs.target", calendar=xshg())
     assert custom.generate(template())[0]["model"]["kwargs"]["target"] == ["h3"]
 
@@ -232,7 +235,13 @@ def test_grid_is_a_cartesian_product_in_key_order() -> None:
     gen = GridGen({"model.kwargs.alpha": [0.1, 1.0], "dataset.kwargs.handler.kwargs.seed": [1, 2, 3]})
     tasks = gen.generate(template())
     assert [(t["model"]["kwargs"]["alpha"], t["dataset"]["kwargs"]["handler"]["kwargs"]["seed"]) for t in tasks] == [
-        (0.1, 1), (0.1, 2), (0.1, 3), (1.0, 1), (1.0, 2), (1.0, 3)]
+        (0.1, 1),
+        (0.1, 2),
+        (0.1, 3),
+        (1.0, 1),
+        (1.0, 2),
+        (1.0, 3),
+    ]
 
 
 def test_grid_as_a_list_of_points_and_paths_into_lists() -> None:
@@ -264,12 +273,15 @@ def test_set_path_sets_nested_values() -> None:
 
 
 def test_model_gen_swaps_the_model_section_and_names_it() -> None:
-    models = {"ridge_small": {"class": "LinearModel", "kwargs": {"alpha": 0.1}},
-              "ridge_big": {"class": "LinearModel", "kwargs": {"alpha": 10.0}}}
+    models = {
+        "ridge_small": {"class": "LinearModel", "kwargs": {"alpha": 0.1}},
+        "ridge_big": {"class": "LinearModel", "kwargs": {"alpha": 10.0}},
+    }
     tasks = ModelGen(models).generate(template())
     assert [t["model"] for t in tasks] == [
         {"class": "LinearModel", "kwargs": {"alpha": 0.1}, "name": "ridge_small"},
-        {"class": "LinearModel", "kwargs": {"alpha": 10.0}, "name": "ridge_big"}]
+        {"class": "LinearModel", "kwargs": {"alpha": 10.0}, "name": "ridge_big"},
+    ]
     assert list(tasks[0]) == ["model", "dataset", "record"]
     assert "name" not in models["ridge_small"]
     unnamed = ModelGen([{"class": "LGBModel"}]).generate({"dataset": template()["dataset"]})
@@ -281,13 +293,18 @@ def test_model_gen_swaps_the_model_section_and_names_it() -> None:
 
 
 def test_generators_compose_in_order_as_a_cartesian_product() -> None:
-    gens: list[TaskGen] = [rolling(step=125), ModelGen([{"class": "A"}, {"class": "B"}]),
-                           GridGen({"model.kwargs.alpha": [1, 2, 3]})]
+    gens: list[TaskGen] = [rolling(step=125), ModelGen([{"class": "A"}, {"class": "B"}]), GridGen({"model.kwargs.alpha": [1, 2, 3]})]
     tasks = task_generator([template(), template()], gens)
     windows = len(rolling(step=125).generate(template()))
     assert windows == 2 and len(tasks) == 2 * windows * 2 * 3
     assert [(t["model"]["class"], t["model"]["kwargs"]["alpha"]) for t in tasks[:6]] == [
-        ("A", 1), ("A", 2), ("A", 3), ("B", 1), ("B", 2), ("B", 3)]
+        ("A", 1),
+        ("A", 2),
+        ("A", 3),
+        ("B", 1),
+        ("B", 2),
+        ("B", 3),
+    ]
     assert task_generator(template(), rolling(step=125)) == rolling(step=125).generate(template())
 
 
@@ -306,6 +323,5 @@ def test_a_window_past_the_future_calendar_is_open_ended_and_so_is_its_handler()
     cal = TradingCalendar(pd.bdate_range("2024-01-01", periods=30))  # last day 2024-02-09
     tpl = template(train=["2024-01-01", "2024-01-19"], test=["2024-01-22", None])
     tasks = RollingGen(step=7, calendar=cal).generate(tpl)
-    assert [days(test_segments(t)) for t in tasks] == [
-        ("2024-01-22", "2024-01-30"), ("2024-01-31", "2024-02-08"), ("2024-02-09", None)]
+    assert [days(test_segments(t)) for t in tasks] == [("2024-01-22", "2024-01-30"), ("2024-01-31", "2024-02-08"), ("2024-02-09", None)]
     assert [t["dataset"]["kwargs"]["handler"]["kwargs"]["end_time"] for t in tasks][1:] == [pd.Timestamp("2024-02-08"), None]

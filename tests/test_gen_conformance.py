@@ -69,9 +69,7 @@ class QlibLabelHorizonGen(MultiHorizonGenBase):
 
 def _generator(kind: str, params: dict[str, Any], calendar: TradingCalendar) -> TaskGen:
     if kind in ("rolling", "RollingGen"):
-        return RollingGen(
-            step=params["step"], rtype=params["rtype"], trunc_days=params.get("trunc_days"), calendar=calendar
-        )
+        return RollingGen(step=params["step"], rtype=params["rtype"], trunc_days=params.get("trunc_days"), calendar=calendar)
     if kind in ("multi_horizon", "MultiHorizon"):
         return QlibLabelHorizonGen(horizon=params["horizon"], label_leak_n=params["label_leak_n"], calendar=calendar)
     raise AssertionError(f"conformance file names an unknown generator {kind!r}")

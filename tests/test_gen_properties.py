@@ -90,8 +90,7 @@ def idx(case: Case, day: pd.Timestamp) -> int:
 
 
 @PROPS
-@given(case=cases(), rtype=st.sampled_from([RollingGen.ROLL_EX, RollingGen.ROLL_SD]),
-       trunc_days=st.one_of(st.none(), st.integers(0, 6)))
+@given(case=cases(), rtype=st.sampled_from([RollingGen.ROLL_EX, RollingGen.ROLL_SD]), trunc_days=st.one_of(st.none(), st.integers(0, 6)))
 def test_rolling_properties(case: Case, rtype: str, trunc_days: int | None) -> None:
     snapshot = copy.deepcopy(case.template)
     gen = RollingGen(step=case.step, rtype=rtype, trunc_days=trunc_days, calendar=case.calendar)

@@ -27,8 +27,12 @@ def task_def(i: int, model: str = "LinearModel") -> dict:
     """A Qlib-shaped task definition."""
     return {
         "model": {"class": model, "module_path": "qlib.contrib.model.linear", "kwargs": {"alpha": 0.1 * i}},
-        "dataset": {"class": "DatasetH", "kwargs": {"segments": {"train": ("2010-01-01", "2014-12-31"),
-                                                                  "test": (pd.Timestamp("2015-01-01"), pd.Timestamp("2015-12-31"))}}},
+        "dataset": {
+            "class": "DatasetH",
+            "kwargs": {
+                "segments": {"train": ("2010-01-01", "2014-12-31"), "test": (pd.Timestamp("2015-01-01"), pd.Timestamp("2015-12-31"))}
+            },
+        },
         "record": [{"class": "SignalRecord"}],
         "i": i,
     }
@@ -223,10 +227,9 @@ def test_fetch_task_with_query_and_status(tm):
 
 def test_safe_fetch_task_returns_the_task_when_the_body_raises(tm):
     _id = tm.create_task([task_def(0)])[0]
-    with pytest.raises(RuntimeError, match="boom"):
-        with tm.safe_fetch_task() as task:
-            assert task["_id"] == _id and tm.re_query(_id)["status"] == "running"
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), tm.safe_fetch_task() as task:
+        assert task["_id"] == _id and tm.re_query(_id)["status"] == "running"
+        raise RuntimeError("boom")
     t = tm.re_query(_id)
     assert t["status"] == "waiting" and t["worker"] is None and t["lease_until"] is None
     with tm.safe_fetch_task() as task:
@@ -582,7 +585,6 @@ def test_a_lost_commit_leaves_no_gridfs_file(settings, mongo_db):
     tm.claim(_id)
     assert tm.commit(zombie, np.zeros(10_000)) is False
     assert mongo_db[f"{RESULT_BUCKET}.files"].count_documents({}) == 0
-
 
 
 def test_result_files_left_by_interrupted_commits_are_collected_once_old(settings, mongo_db):

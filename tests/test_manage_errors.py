@@ -130,8 +130,13 @@ def test_statuses_a_loop_cannot_fetch_or_commit(tm):
 @pytest.mark.parametrize("query", ["status", 5, ["status", "waiting"]])
 def test_non_dict_query_is_a_type_error(tm, query):
     tm.create_task([task_def(0)])
-    for call in (lambda: tm.query(query), lambda: tm.task_stat(query), lambda: tm.fetch_task(query),
-                 lambda: tm.remove(query), lambda: tm.reset_status(query, "done")):
+    for call in (
+        lambda: tm.query(query),
+        lambda: tm.task_stat(query),
+        lambda: tm.fetch_task(query),
+        lambda: tm.remove(query),
+        lambda: tm.reset_status(query, "done"),
+    ):
         with pytest.raises(TaskTypeError, match="query must be a dict"):
             call()
     assert tm.task_stat() == {"waiting": 1}

@@ -16,16 +16,21 @@ SEGMENTS = {"train": ("2019-01-02", "2020-06-30"), "valid": ("2020-07-01", "2020
 
 
 def dataset(signal_strength: float, seed: int = 11) -> DatasetH:
-    handler = SyntheticAlphaHandler(instruments=40, start_time="2019-01-02", end_time="2021-06-30",
-                                    fit_start_time="2019-01-02", fit_end_time="2020-06-30",
-                                    seed=seed, signal_strength=signal_strength)
+    handler = SyntheticAlphaHandler(
+        instruments=40,
+        start_time="2019-01-02",
+        end_time="2021-06-30",
+        fit_start_time="2019-01-02",
+        fit_end_time="2020-06-30",
+        seed=seed,
+        signal_strength=signal_strength,
+    )
     return DatasetH(handler, SEGMENTS)
 
 
 @pytest.fixture(scope="module")
 def strong():
     return dataset(0.15)
-
 
 
 @pytest.fixture(scope="module")

@@ -112,8 +112,7 @@ def test_files_written_by_qlib_are_read(tmp_path):
     assert back["value"].tolist() == expected["value"].tolist()
     p = store.P("SH600000", "roe_q", ["2019-10-21", "2019-11-05", "2020-06-01"], window=4, how="sum")
     # windows 201803..201902, then 201804..201903 (201804 revised that day), then 201902..202001
-    assert p.tolist() == [0.40625 + 0.53125 + 0.0625 - 0.1875, 0.5625 + 0.0625 - 0.1875 + 0.3125,
-                          -0.125 + 0.3125 + 0.75 + 0.09375]
+    assert p.tolist() == [0.40625 + 0.53125 + 0.0625 - 0.1875, 0.5625 + 0.0625 - 0.1875 + 0.3125, -0.125 + 0.3125 + 0.75 + 0.09375]
 
 
 @needs_little_endian
@@ -174,8 +173,11 @@ def test_repeated_same_day_statements_in_one_batch_are_all_kept(tmp_path):
 def test_annual_field_has_one_index_entry_per_year(tmp_path):
     store = PITStore(tmp_path)
     rows = pd.DataFrame(
-        {"date": pd.to_datetime(["2018-03-30", "2019-04-20", "2019-06-01", "2021-04-01"]),
-         "period": [2017, 2018, 2017, 2020], "value": [1.0, 2.0, 1.25, 4.0]}
+        {
+            "date": pd.to_datetime(["2018-03-30", "2019-04-20", "2019-06-01", "2021-04-01"]),
+            "period": [2017, 2018, 2017, 2020],
+            "value": [1.0, 2.0, 1.25, 4.0],
+        }
     )
     store.write("SH600000", "eps_a", rows)
     data, index = files(store, field="eps_a")
@@ -199,8 +201,7 @@ def test_a_rewrite_is_seen_by_the_same_store(tmp_path):
     assert store.P("SH600000", "roe_q", ["2020-12-31"]).iloc[0] == -0.1875
     store.write("SH600000", "roe_q", table(BATCH_2))
     assert store.P("SH600000", "roe_q", ["2020-12-31"]).iloc[0] == 0.09375
-    store.write("SH600000", "roe_q", pd.DataFrame({"date": [20210101], "period": [202001], "value": [7.0]}),
-                overwrite=True)
+    store.write("SH600000", "roe_q", pd.DataFrame({"date": [20210101], "period": [202001], "value": [7.0]}), overwrite=True)
     assert len(store.read("SH600000", "roe_q")) == 1
 
 

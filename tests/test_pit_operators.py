@@ -63,9 +63,7 @@ values = st.one_of(st.floats(-100, 100, allow_nan=False), st.just(math.nan))
 def statements(draw):
     """Statements over up to 12 periods with many revisions, some published the same day."""
     spread = draw(st.sampled_from([30, 400, 1500]))
-    rows = draw(
-        st.lists(st.tuples(st.integers(0, spread), st.integers(0, 11), values), min_size=1, max_size=40)
-    )
+    rows = draw(st.lists(st.tuples(st.integers(0, spread), st.integers(0, 11), values), min_size=1, max_size=40))
     rows.sort(key=lambda r: r[0])  # stable: same-day statements keep their drawn order, as the store does
     return [(day_int(d), k, v) for d, k, v in rows], spread
 
@@ -80,8 +78,7 @@ def store_with(rows, quarterly: bool, directory: str) -> tuple[PITStore, str]:
     field = "roe_q" if quarterly else "roe_a"
     store = PITStore(directory)
     frame = pd.DataFrame(
-        {"date": [r[0] for r in rows], "period": [period_of(r[1], quarterly) for r in rows],
-         "value": [r[2] for r in rows]}
+        {"date": [r[0] for r in rows], "period": [period_of(r[1], quarterly) for r in rows], "value": [r[2] for r in rows]}
     )
     store.write("SH600000", field, frame)
     return store, field
@@ -133,8 +130,11 @@ def test_pref_equals_the_reference(data, quarterly):
 def store(tmp_path) -> PITStore:
     store = PITStore(tmp_path)
     rows = [
-        ("2019-04-26", 201901, 1.0), ("2019-08-20", 201902, 2.0), ("2019-10-22", 201903, 3.0),
-        ("2020-03-30", 201904, 4.0), ("2020-04-28", 202001, 5.0),
+        ("2019-04-26", 201901, 1.0),
+        ("2019-08-20", 201902, 2.0),
+        ("2019-10-22", 201903, 3.0),
+        ("2020-03-30", 201904, 4.0),
+        ("2020-04-28", 202001, 5.0),
         ("2020-05-15", 201902, 20.0),  # a revision of an old quarter, after newer quarters
     ]
     store.write("SH600000", "roe_q", pd.DataFrame(rows, columns=["date", "period", "value"]))
@@ -215,10 +215,12 @@ def test_future_period_in_pref_is_nan_until_published(store):
         ("P(Mean($$roewa_q, 4))", ("P", "roewa_q", {"window": 4, "how": "mean"}), "P(Mean($$roewa_q, 4))"),
         ("P(Sum($$ROEWA_Q,4))", ["P", "$$roewa_q", {"window": 4, "how": "sum"}], "P(Sum($$roewa_q, 4))"),
         ("P(Ref($$roewa_q, 1))", ("P", "roewa_q", {"offset": 1}), "P(Ref($$roewa_q, 1))"),
-        (" P( Mean( Ref($$roewa_q, 1), 4) ) ", ("P", "roewa_q", {"window": 4, "how": "mean", "offset": 1}),
-         "P(Mean(Ref($$roewa_q, 1), 4))"),
-        ("P(Ref(Mean($$roewa_q, 4), 1))", ("P", "roewa_q", {"window": 4, "how": "mean", "offset": 1}),
-         "P(Mean(Ref($$roewa_q, 1), 4))"),
+        (
+            " P( Mean( Ref($$roewa_q, 1), 4) ) ",
+            ("P", "roewa_q", {"window": 4, "how": "mean", "offset": 1}),
+            "P(Mean(Ref($$roewa_q, 1), 4))",
+        ),
+        ("P(Ref(Mean($$roewa_q, 4), 1))", ("P", "roewa_q", {"window": 4, "how": "mean", "offset": 1}), "P(Mean(Ref($$roewa_q, 1), 4))"),
         ("P(Ref(Ref($$eps_a, 1), 2))", ("P", "eps_a", {"offset": 3}), "P(Ref($$eps_a, 3))"),
         ("PRef($$roewa_q, 201904)", ("PRef", "roewa_q", 201904), "PRef($$roewa_q, 201904)"),
     ],

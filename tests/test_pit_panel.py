@@ -51,15 +51,9 @@ def test_panel_is_indexed_by_day_then_instrument_and_equals_the_operators(store)
     for instrument in instruments:
         rows = panel.xs(instrument, level="instrument")
         pd.testing.assert_series_equal(rows["roe"], store.P(instrument, "roewa_q", days), check_names=False)
-        pd.testing.assert_series_equal(
-            rows["roe_4q"], store.P(instrument, "roewa_q", days, window=4, how="mean"), check_names=False
-        )
-        pd.testing.assert_series_equal(
-            rows["roe_2017q4"], store.PRef(instrument, "roewa_q", 201704, days), check_names=False
-        )
-        pd.testing.assert_series_equal(
-            rows["eps_2y"], store.P(instrument, "eps_a", days, window=2, how="sum"), check_names=False
-        )
+        pd.testing.assert_series_equal(rows["roe_4q"], store.P(instrument, "roewa_q", days, window=4, how="mean"), check_names=False)
+        pd.testing.assert_series_equal(rows["roe_2017q4"], store.PRef(instrument, "roewa_q", 201704, days), check_names=False)
+        pd.testing.assert_series_equal(rows["eps_2y"], store.P(instrument, "eps_a", days, window=2, how="sum"), check_names=False)
     assert panel["roe"].notna().mean() > 0.9
 
 
@@ -144,18 +138,33 @@ def test_synthetic_pit_panel_is_pit_panel_over_synthetic_statements(tmp_path):
 def rolling_tasks(pit_store: str) -> list[dict]:
     """A rolling experiment whose handler carries the PIT columns of SPEC (its ``pit=`` option)."""
     handler = {
-        "class": "SyntheticAlphaHandler", "module_path": "qcelery.data",
-        "kwargs": {"instruments": 4, "start_time": "2017-01-03", "end_time": "2019-06-28",
-                   "fit_start_time": "2017-01-03", "fit_end_time": "2017-12-29", "seed": 3, "calendar": "XSHG",
-                   "pit": {"fields": SPEC, "store": pit_store}},
+        "class": "SyntheticAlphaHandler",
+        "module_path": "qcelery.data",
+        "kwargs": {
+            "instruments": 4,
+            "start_time": "2017-01-03",
+            "end_time": "2019-06-28",
+            "fit_start_time": "2017-01-03",
+            "fit_end_time": "2017-12-29",
+            "seed": 3,
+            "calendar": "XSHG",
+            "pit": {"fields": SPEC, "store": pit_store},
+        },
     }
     template = {
         "model": {"class": "LinearModel", "module_path": "qcelery.models"},
-        "dataset": {"class": "DatasetH", "module_path": "qcelery.data", "kwargs": {
-            "handler": handler,
-            "segments": {"train": ["2017-01-03", "2017-12-29"], "valid": ["2018-01-02", "2018-06-29"],
-                         "test": ["2018-07-02", "2019-06-28"]},
-        }},
+        "dataset": {
+            "class": "DatasetH",
+            "module_path": "qcelery.data",
+            "kwargs": {
+                "handler": handler,
+                "segments": {
+                    "train": ["2017-01-03", "2017-12-29"],
+                    "valid": ["2018-01-02", "2018-06-29"],
+                    "test": ["2018-07-02", "2019-06-28"],
+                },
+            },
+        },
         "record": [],
     }
     return task_generator(template, RollingGen(step=60, calendar="XSHG"))
@@ -163,10 +172,7 @@ def rolling_tasks(pit_store: str) -> list[dict]:
 
 def test_no_value_published_after_a_day_appears_in_that_days_features_across_rolling_tasks(tmp_path):
     instruments = [f"SYN{i:04d}" for i in range(4)]  # SyntheticAlphaHandler's names
-    statements = {
-        field: synthetic_statements(instruments, 2015, 2019, field, seed=23, revision_rate=0.5)
-        for field in ("roewa_q", "eps_a")
-    }
+    statements = {field: synthetic_statements(instruments, 2015, 2019, field, seed=23, revision_rate=0.5) for field in ("roewa_q", "eps_a")}
     store = PITStore(tmp_path / "full")
     for field, by_instrument in statements.items():
         for instrument, frame in by_instrument.items():
@@ -175,11 +181,15 @@ def test_no_value_published_after_a_day_appears_in_that_days_features_across_rol
     assert len(tasks) >= 4
     # (instrument, field, value) -> the day it was first published. Values are continuous,
     # hence unique, also after the handler's cast of its features to float32.
-    published = pd.concat(
-        frame.assign(instrument=instrument, field=field, value=frame["value"].astype(np.float32))
-        for field, by_instrument in statements.items()
-        for instrument, frame in by_instrument.items()
-    ).groupby(["instrument", "field", "value"])["date"].min()
+    published = (
+        pd.concat(
+            frame.assign(instrument=instrument, field=field, value=frame["value"].astype(np.float32))
+            for field, by_instrument in statements.items()
+            for instrument, frame in by_instrument.items()
+        )
+        .groupby(["instrument", "field", "value"])["date"]
+        .min()
+    )
 
     checked = 0
     panels = []
@@ -207,9 +217,9 @@ def test_no_value_published_after_a_day_appears_in_that_days_features_across_rol
     # truncated store per "statements published so far" state covers every day.
     seen = pd.concat(panels)
     seen = seen[~seen.index.duplicated()].sort_index()
-    all_dates = np.sort(np.concatenate(
-        [frame["date"].to_numpy() for by_instrument in statements.values() for frame in by_instrument.values()]
-    ))
+    all_dates = np.sort(
+        np.concatenate([frame["date"].to_numpy() for by_instrument in statements.values() for frame in by_instrument.values()])
+    )
     state = np.searchsorted(all_dates, seen.index.get_level_values("datetime").to_numpy(), side="right")
     revised_after = 0
     for n_known in np.unique(state):

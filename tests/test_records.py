@@ -12,8 +12,7 @@ from qcelery.records import PortAnaRecord, SigAnaRecord, SignalRecord, calc_ic, 
 
 
 def panel(values: dict[str, list[float]], days: int = 2) -> pd.Series:
-    idx = pd.MultiIndex.from_product([pd.date_range("2021-01-04", periods=days), list(values)],
-                                     names=["datetime", "instrument"])
+    idx = pd.MultiIndex.from_product([pd.date_range("2021-01-04", periods=days), list(values)], names=["datetime", "instrument"])
     return pd.Series([values[i][d] for d in range(days) for i in values], index=idx)
 
 

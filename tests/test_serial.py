@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from bson import Binary, ObjectId
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from qcelery.errors import ConfigError, DecodeError, TaskTypeError, UnsafePickleError
 from qcelery.serial import (
@@ -363,45 +365,48 @@ def test_a_nested_pickle_loads_is_refused(tmp_path):
     assert restricted_loads(dumps({"blob": inner})) == {"blob": inner}
 
 
-@pytest.mark.parametrize("module, name, why", [
-    ("builtins", "__import__", "dunder"),
-    ("builtins", "object.__subclasses__", "dunder"),  # the classic sandbox escape
-    ("builtins", "list.__getitem__", "dunder"),
-    ("builtins", "print", "builtin functions"),
-    ("builtins", "type", "arbitrary types"),
-    ("builtins", "license", "_sitebuiltins"),  # a callable instance defined elsewhere
-    ("builtins", "open", "opens"),
-    ("numpy", "load", "loads"),
-    ("numpy", "savetxt", "opens"),
-    ("numpy", "memmap", "opens"),  # a class that creates and truncates files
-    ("numpy", "frompyfunc", "not for its other functions"),
-    ("numpy.f2py", "compile", "run code"),
-    ("numpy.ctypeslib", "load_library", "run code"),
-    ("numpy.testing", "assert_equal", "run code"),
-    ("numpy.lib.npyio", "NpzFile", "run code"),
-    ("pandas", "read_csv", "pandas.io.parsers"),
-    ("pandas", "read_pickle", "loads"),
-    ("pandas.io.pickle", "read_pickle", "run code"),
-    ("pandas.io.parsers.readers", "read_csv", "run code"),
-    ("pandas", "HDFStore", "pandas.io.pytables"),
-    ("pandas", "eval", "loads, evaluates"),
-    ("pandas", "set_option", "pandas._config"),
-    ("pandas", "DataFrame.to_csv", "not for its other functions"),
-    ("pandas", "DataFrame.from_dict", "not for its other functions"),  # class methods only when listed
-    ("numpy._core", "_internal", "module object"),
-    ("pandas.io.formats.style", "Styler", "run code"),
-    ("collections", "namedtuple", "not for its other functions"),  # namedtuple runs exec
-    ("qcelery.worker", "resolve", "run code"),  # imports any dotted path
-    ("qcelery.embedded", "EmbeddedMongo", "run code"),  # starts a server
-    ("copyreg", "add_extension", "not for its other functions"),
-    ("_codecs", "decode", "not for its other functions"),
-    ("numpy._core.multiarray", "_reconstruct.__globals__", "dunder"),
-    ("pandas.core.algorithms", "_reconstruct_data", "not for its other functions"),  # private is not enough
-    ("os", "system", "not in the allow-list"),
-    ("posix", "system", "not in the allow-list"),
-    ("subprocess", "Popen", "not in the allow-list"),
-    ("pickle", "loads", "not in the allow-list"),
-])
+@pytest.mark.parametrize(
+    "module, name, why",
+    [
+        ("builtins", "__import__", "dunder"),
+        ("builtins", "object.__subclasses__", "dunder"),  # the classic sandbox escape
+        ("builtins", "list.__getitem__", "dunder"),
+        ("builtins", "print", "builtin functions"),
+        ("builtins", "type", "arbitrary types"),
+        ("builtins", "license", "_sitebuiltins"),  # a callable instance defined elsewhere
+        ("builtins", "open", "opens"),
+        ("numpy", "load", "loads"),
+        ("numpy", "savetxt", "opens"),
+        ("numpy", "memmap", "opens"),  # a class that creates and truncates files
+        ("numpy", "frompyfunc", "not for its other functions"),
+        ("numpy.f2py", "compile", "run code"),
+        ("numpy.ctypeslib", "load_library", "run code"),
+        ("numpy.testing", "assert_equal", "run code"),
+        ("numpy.lib.npyio", "NpzFile", "run code"),
+        ("pandas", "read_csv", "pandas.io.parsers"),
+        ("pandas", "read_pickle", "loads"),
+        ("pandas.io.pickle", "read_pickle", "run code"),
+        ("pandas.io.parsers.readers", "read_csv", "run code"),
+        ("pandas", "HDFStore", "pandas.io.pytables"),
+        ("pandas", "eval", "loads, evaluates"),
+        ("pandas", "set_option", "pandas._config"),
+        ("pandas", "DataFrame.to_csv", "not for its other functions"),
+        ("pandas", "DataFrame.from_dict", "not for its other functions"),  # class methods only when listed
+        ("numpy._core", "_internal", "module object"),
+        ("pandas.io.formats.style", "Styler", "run code"),
+        ("collections", "namedtuple", "not for its other functions"),  # namedtuple runs exec
+        ("qcelery.worker", "resolve", "run code"),  # imports any dotted path
+        ("qcelery.embedded", "EmbeddedMongo", "run code"),  # starts a server
+        ("copyreg", "add_extension", "not for its other functions"),
+        ("_codecs", "decode", "not for its other functions"),
+        ("numpy._core.multiarray", "_reconstruct.__globals__", "dunder"),
+        ("pandas.core.algorithms", "_reconstruct_data", "not for its other functions"),  # private is not enough
+        ("os", "system", "not in the allow-list"),
+        ("posix", "system", "not in the allow-list"),
+        ("subprocess", "Popen", "not in the allow-list"),
+        ("pickle", "loads", "not in the allow-list"),
+    ],
+)
 def test_globals_that_could_run_code_or_touch_files_are_refused(module, name, why):
     data = _pickle(_global(module, name))
     with pytest.raises(UnsafePickleError, match=f"{module}.{name}".replace(".", r"\.")) as info:
@@ -478,9 +483,12 @@ def test_numpy_ufunc_reconstruct_only_rebuilds_ufuncs():
     for core in ("numpy.core", "numpy._core"):
         rebuild = _global(core, "_ufunc_reconstruct")
         assert restricted_loads(_pickle(_call(rebuild, _str("numpy"), _str("add")))) is np.add
-        for module, name, why in [("os", "system", "only ufuncs of allowed modules"),
-                                  ("posix", "system", "only ufuncs of allowed modules"),
-                                  ("numpy", "savetxt", "not a ufunc"), ("numpy", "__builtins__", "only ufuncs")]:
+        for module, name, why in [
+            ("os", "system", "only ufuncs of allowed modules"),
+            ("posix", "system", "only ufuncs of allowed modules"),
+            ("numpy", "savetxt", "not a ufunc"),
+            ("numpy", "__builtins__", "only ufuncs"),
+        ]:
             with pytest.raises(UnsafePickleError, match=why):
                 restricted_loads(_pickle(_call(rebuild, _str(module), _str(name))))
 
@@ -500,8 +508,9 @@ ACCEPTED = {
     "dataframe": pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"], "t": pd.to_datetime(["2020-01-01", "2020-01-02"])}),
     "multiindex": pd.DataFrame(
         {"label": [0.1, 0.2]},
-        index=pd.MultiIndex.from_tuples([(pd.Timestamp("2020-01-02"), "SH600000"), (pd.Timestamp("2020-01-03"), "SZ000001")],
-                                        names=["datetime", "instrument"]),
+        index=pd.MultiIndex.from_tuples(
+            [(pd.Timestamp("2020-01-02"), "SH600000"), (pd.Timestamp("2020-01-03"), "SZ000001")], names=["datetime", "instrument"]
+        ),
     ),
     "series_tz": pd.Series([1, 2], index=pd.date_range("2020-01-01", periods=2, tz="Asia/Shanghai")),
     "categorical": pd.Categorical(["a", "b", "a"]),
@@ -519,10 +528,24 @@ ACCEPTED = {
     "datetimes": [dt.datetime(2020, 1, 2, 3, tzinfo=dt.timezone.utc), dt.date(2020, 1, 2), dt.timedelta(3), dt.time(4)],
     "zones": [zoneinfo.ZoneInfo("Asia/Shanghai"), __import__("pytz").timezone("Asia/Shanghai"), __import__("dateutil").tz.tzutc()],
     "values": [decimal.Decimal("1.1"), uuid.UUID(int=7), ObjectId("65f000000000000000000000"), uuid.SafeUUID.safe, ValueError("x")],
-    "collections": [collections.OrderedDict(a=1), collections.defaultdict(list, a=[1]), collections.deque([1]),
-                    collections.Counter("aab"), {1, 2}, frozenset([3]), bytearray(b"x"), range(3), slice(1, 2), 1j],
-    "nested": {"model": {"class": "LGBModel", "kwargs": {"lr": 0.1, "segments": {"train": ("2008-01-01", "2014-12-31")}}},
-               "record": [{"class": "SignalRecord"}], "empty": {}, "none": None},
+    "collections": [
+        collections.OrderedDict(a=1),
+        collections.defaultdict(list, a=[1]),
+        collections.deque([1]),
+        collections.Counter("aab"),
+        {1, 2},
+        frozenset([3]),
+        bytearray(b"x"),
+        range(3),
+        slice(1, 2),
+        1j,
+    ],
+    "nested": {
+        "model": {"class": "LGBModel", "kwargs": {"lr": 0.1, "segments": {"train": ("2008-01-01", "2014-12-31")}}},
+        "record": [{"class": "SignalRecord"}],
+        "empty": {},
+        "none": None,
+    },
 }
 
 
@@ -562,10 +585,20 @@ def test_the_default_allow_list_and_unpickler_keep_their_public_shape():
 
 
 plain = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-    | st.binary(max_size=20) | st.datetimes() | st.decimals(allow_nan=False),
-    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4) | st.frozensets(st.integers(), max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+    | st.datetimes()
+    | st.decimals(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        | st.frozensets(st.integers(), max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -61,12 +61,10 @@ def test_mlflow_tracking_uri_is_honoured(monkeypatch):
 
 def test_toml_file_named_by_qcelery_config(monkeypatch, tmp_path):
     (tmp_path / "conf").mkdir()
-    cfg = write_toml(tmp_path / "conf" / "q.toml", (
-        'mongo_url = "mongodb://from-toml:27017/"\n'
-        'mongo_db = "toml_db"\n'
-        "max_attempts = 5\n"
-        'allowed_modules = ["tomlpkg"]\n'
-    ))
+    cfg = write_toml(
+        tmp_path / "conf" / "q.toml",
+        ('mongo_url = "mongodb://from-toml:27017/"\nmongo_db = "toml_db"\nmax_attempts = 5\nallowed_modules = ["tomlpkg"]\n'),
+    )
     monkeypatch.setenv("QCELERY_CONFIG", str(cfg))
     s = Settings()
     assert s.mongo_url == "mongodb://from-toml:27017/" and s.mongo_db == "toml_db"
@@ -130,7 +128,6 @@ def test_result_backend_is_required_for_a_non_redis_broker():
     assert "secret" not in str(err.value) and "guest:***@mq" in str(err.value)
 
 
-
 def test_result_backend_must_be_redis():
     s = Settings(broker_url="amqp://guest@mq:5672//", result_backend="db+postgresql://u:pw@pg/celery")
     with pytest.raises(ConfigError, match="is not a Redis URL") as err:
@@ -138,26 +135,34 @@ def test_result_backend_must_be_redis():
     assert "pw" not in str(err.value) and "u:***@pg" in str(err.value)
     assert Settings(broker_url="amqp://mq//", result_backend="rediss://r:6380/1").effective_result_backend == "rediss://r:6380/1"
 
+
 # ---------------------------------------------------------------------- secrets
-@pytest.mark.parametrize("url, masked", [
-    ("mongodb://user:secret@h1:27017,h2:27017/db?authSource=admin", "mongodb://user:***@h1:27017,h2:27017/db?authSource=admin"),
-    ("redis://:secret@cache:6379/0", "redis://:***@cache:6379/0"),
-    ("amqp://guest:secret@mq:5672//;amqp://guest:secret@mq2:5672//", "amqp://guest:***@mq:5672//;amqp://guest:***@mq2:5672//"),
-    ("mongodb+srv://user:secret@cluster.example.net/", "mongodb+srv://user:***@cluster.example.net/"),
-    ("http://admin:secret@mlflow:5000", "http://admin:***@mlflow:5000"),
-    ("mongodb://user:p@ss/wo;rd?#secret@host/", "mongodb://user:***@host/"),  # unescaped specials
-    ("redis://cache:6379/0", "redis://cache:6379/0"),
-    ("mongodb://user@host/", "mongodb://user@host/"),
-    ("file:///tmp/mlruns", "file:///tmp/mlruns"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "url, masked",
+    [
+        ("mongodb://user:secret@h1:27017,h2:27017/db?authSource=admin", "mongodb://user:***@h1:27017,h2:27017/db?authSource=admin"),
+        ("redis://:secret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("amqp://guest:secret@mq:5672//;amqp://guest:secret@mq2:5672//", "amqp://guest:***@mq:5672//;amqp://guest:***@mq2:5672//"),
+        ("mongodb+srv://user:secret@cluster.example.net/", "mongodb+srv://user:***@cluster.example.net/"),
+        ("http://admin:secret@mlflow:5000", "http://admin:***@mlflow:5000"),
+        ("mongodb://user:p@ss/wo;rd?#secret@host/", "mongodb://user:***@host/"),  # unescaped specials
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("mongodb://user@host/", "mongodb://user@host/"),
+        ("file:///tmp/mlruns", "file:///tmp/mlruns"),
+        ("", ""),
+    ],
+)
 def test_mask_url(url, masked):
     assert mask_url(url) == masked
 
 
 def test_repr_and_str_of_settings_hide_passwords():
-    s = Settings(mongo_url="mongodb://u:secret1@h/", broker_url="redis://:secret2@h:6379/0",
-                 result_backend="redis://:secret3@h:6379/1", mlflow_tracking_uri="http://a:secret4@m:5000")
+    s = Settings(
+        mongo_url="mongodb://u:secret1@h/",
+        broker_url="redis://:secret2@h:6379/0",
+        result_backend="redis://:secret3@h:6379/1",
+        mlflow_tracking_uri="http://a:secret4@m:5000",
+    )
     for text in (repr(s), str(s), str(s.masked())):
         assert "secret" not in text, text
         assert "u:***@h" in text

@@ -19,8 +19,19 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from hypothesis import HealthCheck, settings as hsettings, strategies as hs
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule, run_state_machine_as_test
+from hypothesis import HealthCheck
+from hypothesis import settings as hsettings
+from hypothesis import strategies as hs
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from qcelery import status as st
 from qcelery.manage import TaskManager, utcnow
@@ -161,8 +172,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.tm.reset_waiting()
             self.admin_reset = True
         else:
-            failed = {d["_id"]: d.get("claimed_from") for d in
-                      self.tm.task_pool.find({"status": st.FAILED}, {"claimed_from": 1})}
+            failed = {d["_id"]: d.get("claimed_from") for d in self.tm.task_pool.find({"status": st.FAILED}, {"claimed_from": 1})}
             assert set(self.tm.retry_failed()) == set(failed)
             for i, claimed_from in failed.items():  # back to the phase that failed
                 assert self.doc(i)["status"] == (claimed_from or st.WAITING)
@@ -194,6 +204,5 @@ def test_status_machine(settings, mongo_db):
 
     run_state_machine_as_test(
         Machine,
-        settings=hsettings(max_examples=30, stateful_step_count=20, deadline=None,
-                           suppress_health_check=[HealthCheck.too_slow]),
+        settings=hsettings(max_examples=30, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]),
     )

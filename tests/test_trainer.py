@@ -37,13 +37,21 @@ HANDLER = {
     "class": "SyntheticAlphaHandler",
     "module_path": "qcelery.data",
     "kwargs": {
-        "instruments": 30, "start_time": "2019-01-02", "end_time": "2020-12-31",
-        "fit_start_time": "2019-01-02", "fit_end_time": "2019-12-31", "seed": 3, "signal_strength": 0.08,
+        "instruments": 30,
+        "start_time": "2019-01-02",
+        "end_time": "2020-12-31",
+        "fit_start_time": "2019-01-02",
+        "fit_end_time": "2019-12-31",
+        "seed": 3,
+        "signal_strength": 0.08,
     },
 }
 LINEAR = {"class": "LinearModel", "module_path": "qcelery.models", "kwargs": {"alpha": 1.0}}
-LGB = {"class": "LGBModel", "module_path": "qcelery.models",
-       "kwargs": {"num_boost_round": 20, "num_leaves": 8, "learning_rate": 0.1, "num_threads": 1}}
+LGB = {
+    "class": "LGBModel",
+    "module_path": "qcelery.models",
+    "kwargs": {"num_boost_round": 20, "num_leaves": 8, "learning_rate": 0.1, "num_threads": 1},
+}
 RECORDS = [
     {"class": "SignalRecord", "module_path": "qcelery.records", "kwargs": {"model": "<MODEL>", "dataset": "<DATASET>"}},
     {"class": "SigAnaRecord", "module_path": "qcelery.records", "kwargs": {"ann_scaler": 252}},
@@ -55,7 +63,8 @@ def make_task(model: dict = LINEAR, records: list | None = None, test=("2020-04-
     return {
         "model": copy.deepcopy(model),
         "dataset": {
-            "class": "DatasetH", "module_path": "qcelery.data",
+            "class": "DatasetH",
+            "module_path": "qcelery.data",
             "kwargs": {
                 "handler": copy.deepcopy(HANDLER),
                 "segments": {"train": ("2019-01-02", "2019-12-31"), "valid": ("2020-01-02", "2020-03-31"), "test": test},
@@ -82,8 +91,15 @@ def test_task_train_makes_one_finished_run_with_params_model_predictions_and_met
     days = pred.index.get_level_values("datetime")
     assert days.min() >= pd.Timestamp("2020-04-01") and days.max() <= pd.Timestamp("2020-12-31")
     metrics = rec.list_metrics()
-    for key in ("IC", "ICIR", "Rank IC", "Rank ICIR", "long_short.annualized_return",
-                "long_short.information_ratio", "long_short.max_drawdown"):
+    for key in (
+        "IC",
+        "ICIR",
+        "Rank IC",
+        "Rank ICIR",
+        "long_short.annualized_return",
+        "long_short.information_ratio",
+        "long_short.max_drawdown",
+    ):
         assert key in metrics
     assert metrics["IC"] > 0  # the planted signal is found out of sample
     ic = rec.load_object("sig_analysis/ic.pkl")
@@ -124,7 +140,7 @@ def test_bad_model_class_fails_that_task_with_a_clear_error(settings, mongo_db):
     assert failed["status"] == st.FAILED
     assert "module 'qcelery.models' has no class 'NoSuchModel'" in failed["error"]
     assert failed["attempt"] == settings.max_attempts
-    (good_id, good_rec), = err.recorders.items()
+    ((good_id, good_rec),) = err.recorders.items()
     assert tm.re_query(good_id)["status"] == st.DONE
     assert good_rec.status == Recorder.STATUS_FI
 
@@ -224,8 +240,10 @@ def test_rolling_tasks_of_two_models_trained_by_two_worker_processes_and_collect
         return rec_key(recorder)[0] == "LGBModel"
 
     collector = RecorderCollector(
-        experiment=get_experiment(exp_name, settings), process_list=RollingGroup(),
-        rec_key_func=rec_key, rec_filter_func=only_lgb,
+        experiment=get_experiment(exp_name, settings),
+        process_list=RollingGroup(),
+        rec_key_func=rec_key,
+        rec_filter_func=only_lgb,
     )
     collected = collector()
     assert list(collected) == ["pred"]

@@ -47,8 +47,14 @@ def _test_days(task: dict) -> set[pd.Timestamp]:
 def test_rolling_experiment_on_celery_aggregates_once(settings, workers, mongo_db):
     tasks = demo_tasks()
     assert len(tasks) == 16
-    trainer = TrainerCelery("celery_rolling", task_pool="rolling", aggregate="qcelery.collect.summarize_batch",
-                            wait_aggregated=True, timeout=600, settings=settings)
+    trainer = TrainerCelery(
+        "celery_rolling",
+        task_pool="rolling",
+        aggregate="qcelery.collect.summarize_batch",
+        wait_aggregated=True,
+        timeout=600,
+        settings=settings,
+    )
     recs = trainer.train(tasks)
 
     # one finished run per task, in task order, each leading back to its task
@@ -72,7 +78,8 @@ def test_rolling_experiment_on_celery_aggregates_once(settings, workers, mongo_d
     # the joined rolling predictions cover every test day of every window exactly once
     by_run = {r.id: t for r, t in zip(recs, tasks)}
     joined = RecorderCollector(
-        experiment=lambda: recs, process_list=RollingGroup(),
+        experiment=lambda: recs,
+        process_list=RollingGroup(),
         rec_key_func=lambda r: (by_run[r.id]["model"]["name"], str(by_run[r.id]["dataset"]["kwargs"]["segments"]["test"])),
         artifacts_path={"pred": "pred.pkl"},
     )()
@@ -101,8 +108,9 @@ def test_two_phase_training_through_part_done(settings, workers):
 def test_unknown_model_class_fails_only_its_task(settings, workers, mongo_db):
     good = [t for t in demo_tasks() if t["model"]["name"] == "linear_alpha_10"][:2]
     bad = {**good[0], "model": {"class": "NoSuchModel", "module_path": "qcelery.models", "kwargs": {}}}
-    trainer = TrainerCelery("celery_bad", task_pool="bad", aggregate="qcelery.collect.summarize_batch",
-                            wait_aggregated=True, timeout=300, settings=settings)
+    trainer = TrainerCelery(
+        "celery_bad", task_pool="bad", aggregate="qcelery.collect.summarize_batch", wait_aggregated=True, timeout=300, settings=settings
+    )
     with pytest.raises(TrainingFailedError) as info:
         trainer.train([*good, bad])
     assert "NoSuchModel" in str(info.value)

@@ -19,8 +19,14 @@ def main() -> None:
     p.add_argument("--hostname")
     a = p.parse_args()
     autoscale = tuple(int(x) for x in a.autoscale.split(",")) if a.autoscale else None
-    spec = spec_for(a.pool, concurrency=a.concurrency, autoscale=autoscale, time_limit=a.time_limit,
-                    soft_time_limit=a.soft_time_limit, max_tasks_per_child=a.max_tasks_per_child)
+    spec = spec_for(
+        a.pool,
+        concurrency=a.concurrency,
+        autoscale=autoscale,
+        time_limit=a.time_limit,
+        soft_time_limit=a.soft_time_limit,
+        max_tasks_per_child=a.max_tasks_per_child,
+    )
     start(spec, a.loglevel, a.hostname)
 
 

@@ -18,11 +18,11 @@ from qcelery.celery_app import CONTROL_QUEUE
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
-    concurrency: int | None = None          # fixed number of processes (None: number of cores)
+    concurrency: int | None = None  # fixed number of processes (None: number of cores)
     autoscale: tuple[int, int] | None = None  # (max, min) processes, grows with the queue
-    soft_time_limit: float | None = None     # seconds; the task sees SoftTimeLimitExceeded
-    time_limit: float | None = None          # seconds; the process is killed, the lease recovers the task
-    max_tasks_per_child: int | None = 50     # recycle processes (memory of model training)
+    soft_time_limit: float | None = None  # seconds; the task sees SoftTimeLimitExceeded
+    time_limit: float | None = None  # seconds; the process is killed, the lease recovers the task
+    max_tasks_per_child: int | None = 50  # recycle processes (memory of model training)
     prefetch_multiplier: int = 1
 
 
@@ -51,8 +51,19 @@ def spec_for(name: str, **overrides: object) -> PoolSpec:
 
 def worker_argv(spec: PoolSpec, loglevel: str = "INFO", hostname: str | None = None) -> list[str]:
     """The ``celery worker`` arguments for ``spec``."""
-    argv = ["worker", "-Q", f"{spec.name},{CONTROL_QUEUE}", "-n", hostname or f"{spec.name}-{os.getpid()}@{socket.gethostname()}",
-            "--loglevel", loglevel, "--prefetch-multiplier", str(spec.prefetch_multiplier), "-O", "fair"]
+    argv = [
+        "worker",
+        "-Q",
+        f"{spec.name},{CONTROL_QUEUE}",
+        "-n",
+        hostname or f"{spec.name}-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel",
+        loglevel,
+        "--prefetch-multiplier",
+        str(spec.prefetch_multiplier),
+        "-O",
+        "fair",
+    ]
     if spec.autoscale:
         argv += ["--autoscale", f"{spec.autoscale[0]},{spec.autoscale[1]}"]
     elif spec.concurrency:

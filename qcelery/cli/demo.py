@@ -41,6 +41,7 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     env = "MLFLOW_ALLOW_FILE_STORE=true " if tracking_uri.startswith("file:") else ""
     return f"{env}{shlex.quote(exe)} ui --backend-store-uri {shlex.quote(mask_url(tracking_uri))}"
 
+
 def prepare_run_dir(run_dir: Path) -> None:
     """Start from an empty demo directory; never wipe a directory the demo did not make."""
     state = RunState.load(run_dir)
@@ -85,8 +86,11 @@ def demo(
         err.print(f"[dim]{workers} worker(s) and beat up in {time.monotonic() - t0:.0f}s; logs in {run_dir / 'logs'}[/dim]")
         sub = submit(wf, live, priority=0)
         done_before = sub.existing.get(st.DONE, 0)
-        out.print(f"batch {sub.batch_id}: {sub.n_tasks} tasks ({_models_line(wf)}) on {workers} worker(s); "
-                  f"{sub.n_new} new, {done_before} already done", markup=False)
+        out.print(
+            f"batch {sub.batch_id}: {sub.n_tasks} tasks ({_models_line(wf)}) on {workers} worker(s); "
+            f"{sub.n_new} new, {done_before} already done",
+            markup=False,
+        )
         doc = batches.load(database(live), sub.batch_id)
         stat = follow(live, doc, timeout=timeout, poll=poll)
         doc = batches.load(database(live), sub.batch_id)

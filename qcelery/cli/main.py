@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -83,8 +83,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     ctx: typer.Context,
-    run_dir: Optional[Path] = typer.Option(
-        None, "--run-dir", envvar="QCELERY_RUN_DIR", show_envvar=True,
+    run_dir: Path | None = typer.Option(
+        None,
+        "--run-dir",
+        envvar="QCELERY_RUN_DIR",
+        show_envvar=True,
         help="Run directory of `up` (servers' data, logs, state). Default: .qcelery",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (INFO) to stderr."),
@@ -92,8 +95,9 @@ def main(
 ) -> None:
     """Settings: QCELERY_* variables, ./qcelery.toml (or QCELERY_CONFIG), and after
     `qcelery up` the run directory's qcelery.toml."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     ctx.obj = CliState(run_dir=run_dir, verbose=verbose)
 
 

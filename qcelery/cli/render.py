@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from rich.table import Table
 
@@ -13,8 +14,7 @@ from .. import status as st
 
 STATUS_COLUMNS = (st.WAITING, st.RUNNING, st.PART_DONE, st.DONE, st.FAILED)
 #: the model table's columns in a terminal (the HTML report and `collect --json` have them all)
-MODEL_COLUMNS = ("model", "name", "n_tasks", "IC", "ICIR", "Rank IC", "Rank ICIR", "annualized_return",
-                 "information_ratio", "max_drawdown")
+MODEL_COLUMNS = ("model", "name", "n_tasks", "IC", "ICIR", "Rank IC", "Rank ICIR", "annualized_return", "information_ratio", "max_drawdown")
 _STYLE = {st.DONE: "green", st.FAILED: "red", st.RUNNING: "cyan", st.WAITING: "yellow", st.PART_DONE: "blue"}
 
 
@@ -76,8 +76,15 @@ def batches_table(rows: Iterable[tuple[Mapping[str, Any], Mapping[str, int]]]) -
         t.add_column(col, justify="right" if col in ("tasks", *STATUS_COLUMNS) else "left", no_wrap=True)
     for doc, stat in rows:
         created = ago(doc.get("created_at"))
-        t.add_row(str(doc["_id"]), doc.get("pool", ""), doc.get("queue", ""), f"{created} ago" if created else "",
-                  str(doc.get("n_tasks", sum(stat.values()))), *counts_cells(stat), doc.get("state", ""))
+        t.add_row(
+            str(doc["_id"]),
+            doc.get("pool", ""),
+            doc.get("queue", ""),
+            f"{created} ago" if created else "",
+            str(doc.get("n_tasks", sum(stat.values()))),
+            *counts_cells(stat),
+            doc.get("state", ""),
+        )
     return t
 
 
@@ -104,8 +111,9 @@ def running_table(docs: Iterable[Mapping[str, Any]]) -> Table:
         left = duration((lease - now).total_seconds()) if lease else ""
         if lease and lease < now:
             left = f"[red]expired {duration((now - lease).total_seconds())} ago[/]"
-        t.add_row(str(d["_id"]), d.get("_pool", ""), str(d.get("worker") or ""), str(d.get("attempt", "")),
-                  ago(d.get("started_at"), now), left)
+        t.add_row(
+            str(d["_id"]), d.get("_pool", ""), str(d.get("worker") or ""), str(d.get("attempt", "")), ago(d.get("started_at"), now), left
+        )
     return t
 
 
@@ -118,8 +126,12 @@ def failures_table(docs: Iterable[Mapping[str, Any]]) -> Table:
     t.add_column("attempts", justify="right", min_width=8)
     t.add_column("error", overflow="ellipsis", no_wrap=True, max_width=110)
     for d in docs:
-        t.add_row(str(d.get("_id") or d.get("task_id")), d.get("_pool", ""), str(d.get("attempt", "")),
-                  error_line(d.get("error")), )
+        t.add_row(
+            str(d.get("_id") or d.get("task_id")),
+            d.get("_pool", ""),
+            str(d.get("attempt", "")),
+            error_line(d.get("error")),
+        )
     return t
 
 
@@ -145,11 +157,15 @@ def summary_lines(doc: Mapping[str, Any]) -> tuple[list[str], list[Table]]:
     counts = summary.get("counts") or {}
     lines = []
     parts = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUS_COLUMNS if counts.get(s))
-    lines.append(f"batch {doc['_id']} (pool {doc.get('pool')!r}): {summary.get('n_tasks', doc.get('n_tasks'))} tasks, {parts or 'none final'}")
+    lines.append(
+        f"batch {doc['_id']} (pool {doc.get('pool')!r}): {summary.get('n_tasks', doc.get('n_tasks'))} tasks, {parts or 'none final'}"
+    )
     dur = summary.get("duration_s") or {}
     if dur.get("total") is not None:
-        lines.append(f"run time: {duration(dur.get('total'))} in all, median {duration(dur.get('median'))} per task, "
-                     f"longest {duration(dur.get('max'))}")
+        lines.append(
+            f"run time: {duration(dur.get('total'))} in all, median {duration(dur.get('median'))} per task, "
+            f"longest {duration(dur.get('max'))}"
+        )
     tables: list[Table] = []
     models = summary.get("models")
     if models:
@@ -168,8 +184,11 @@ def where_lines(summary: Mapping[str, Any], tracking_uri: str | None = None) -> 
     lines = []
     if summary.get("summary_run_id"):
         exp = summary.get("experiment_name") or summary.get("experiment")
-        lines.append(f"summary run: {summary['summary_run_id']}" + (f" (experiment {exp!r})" if exp else "")
-                     + (f" in {tracking_uri}" if tracking_uri else ""))
+        lines.append(
+            f"summary run: {summary['summary_run_id']}"
+            + (f" (experiment {exp!r})" if exp else "")
+            + (f" in {tracking_uri}" if tracking_uri else "")
+        )
     if summary.get("report_path"):
         lines.append(f"report: {summary['report_path']}")
     plots = summary.get("plots") or summary.get("plot_paths")

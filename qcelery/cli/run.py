@@ -4,7 +4,6 @@ foreground (what a systemd unit, a container or ``qcelery up`` runs)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,11 +29,11 @@ def parse_autoscale(value: str | None) -> tuple[int, int] | None:
 def worker(
     ctx: typer.Context,
     pool: str = typer.Option("cpu", "--pool", "-p", help="Worker pool: the queue served (cpu, gpu or any name)."),
-    autoscale: Optional[str] = typer.Option(None, "--autoscale", help="MAX,MIN task processes, grown with the queue."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, help="Fixed number of task processes."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Hard limit per task, seconds (the lease recovers it)."),
-    soft_time_limit: Optional[float] = typer.Option(None, "--soft-time-limit", help="Soft limit per task, seconds."),
-    hostname: Optional[str] = typer.Option(None, "--hostname", "-n", help="Worker name, e.g. cpu-1@%h."),
+    autoscale: str | None = typer.Option(None, "--autoscale", help="MAX,MIN task processes, grown with the queue."),
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="Fixed number of task processes."),
+    time_limit: float | None = typer.Option(None, "--time-limit", help="Hard limit per task, seconds (the lease recovers it)."),
+    soft_time_limit: float | None = typer.Option(None, "--soft-time-limit", help="Soft limit per task, seconds."),
+    hostname: str | None = typer.Option(None, "--hostname", "-n", help="Worker name, e.g. cpu-1@%h."),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Celery log level."),
 ) -> None:
     """Run a worker of pool `--pool` here until stopped. It serves the pool's queue and
@@ -50,15 +49,16 @@ def worker(
     if autoscale is not None and concurrency is not None:
         raise ConfigError("give either --autoscale or --concurrency, not both")
     checks.check_all(settings)
-    spec = spec_for(pool, concurrency=concurrency, autoscale=parse_autoscale(autoscale), time_limit=time_limit,
-                    soft_time_limit=soft_time_limit)
+    spec = spec_for(
+        pool, concurrency=concurrency, autoscale=parse_autoscale(autoscale), time_limit=time_limit, soft_time_limit=soft_time_limit
+    )
     make_app(settings).worker_main(worker_argv(spec, loglevel, hostname))
 
 
 @app.command(rich_help_panel=PANEL)
 def beat(
     ctx: typer.Context,
-    schedule: Optional[Path] = typer.Option(None, "--schedule", "-s", help="Beat's schedule file. Default: <run_dir>/celerybeat-schedule"),
+    schedule: Path | None = typer.Option(None, "--schedule", "-s", help="Beat's schedule file. Default: <run_dir>/celerybeat-schedule"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Celery log level."),
 ) -> None:
     """Run celery beat here: it recovers expired leases, re-publishes lost messages
@@ -72,8 +72,7 @@ def beat(
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     app_ = make_app(settings)
-    app_.start(["beat", "--loglevel", loglevel, "-s", str(schedule or run_dir / "celerybeat-schedule"),
-                "--max-interval", "1"])
+    app_.start(["beat", "--loglevel", loglevel, "-s", str(schedule or run_dir / "celerybeat-schedule"), "--max-interval", "1"])
 
 
 @app.command(rich_help_panel=PANEL)
@@ -82,8 +81,9 @@ def flower(
     port: int = typer.Option(5555, "--port", help="Port to serve on."),
     address: str = typer.Option("127.0.0.1", "--address", help="Address to bind (0.0.0.0: every interface)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="No authentication; allowed on a loopback address only."),
-    broker_api: Optional[str] = typer.Option(None, "--broker-api", envvar="FLOWER_BROKER_API",
-                                             help="RabbitMQ management API URL (queue lengths)."),
+    broker_api: str | None = typer.Option(
+        None, "--broker-api", envvar="FLOWER_BROKER_API", help="RabbitMQ management API URL (queue lengths)."
+    ),
 ) -> None:
     """Run Flower (the Celery dashboard, with /metrics for Prometheus) here.
 

@@ -16,9 +16,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ..settings import Settings
 
@@ -42,7 +42,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
         raw = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces
     return fields[0], int(fields[2]), int(fields[19])
 
 
@@ -109,7 +109,7 @@ class RunState:
         return self.run_dir / CONFIG_FILE
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunState | None":
+    def load(cls, run_dir: Path) -> RunState | None:
         path = Path(run_dir) / STATE_FILE
         try:
             data = json.loads(path.read_text())
@@ -129,8 +129,11 @@ class RunState:
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data = {
-            "run_dir": str(self.run_dir), "up_pid": self.up_pid, "started_at": self.started_at,
-            "urls": self.urls, "processes": [asdict(p) for p in self.processes],
+            "run_dir": str(self.run_dir),
+            "up_pid": self.up_pid,
+            "started_at": self.started_at,
+            "urls": self.urls,
+            "processes": [asdict(p) for p in self.processes],
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))

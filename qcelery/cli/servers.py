@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -30,13 +30,17 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def print_stack(stack: "Stack", settings: Settings, *, detached: bool) -> None:
+def print_stack(stack: Stack, settings: Settings, *, detached: bool) -> None:
     state = stack.state
     out.print(f"qcelery is up in {stack.run_dir}")
     rows = [
         ("mongo", mask_url(settings.mongo_url), "embedded SecantusDB" if stack.mongo else "configured"),
         ("broker", mask_url(settings.broker_url), "embedded redis-server" if stack.redis else "configured"),
-        ("mlflow", mask_url(settings.mlflow_tracking_uri), "local store" if str(settings.mlflow_tracking_uri).startswith("file:") else "configured"),
+        (
+            "mlflow",
+            mask_url(settings.mlflow_tracking_uri),
+            "local store" if str(settings.mlflow_tracking_uri).startswith("file:") else "configured",
+        ),
     ]
     for rec in state.processes:
         if rec.kind == "service":
@@ -53,12 +57,12 @@ def print_stack(stack: "Stack", settings: Settings, *, detached: bool) -> None:
 def up(
     ctx: typer.Context,
     workers: int = typer.Option(2, "--workers", "-w", min=0, help="Worker processes to start."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Worker pool (queue) they serve. Default: settings.default_queue (cpu)."),
+    pool: str | None = typer.Option(None, "--pool", help="Worker pool (queue) they serve. Default: settings.default_queue (cpu)."),
     concurrency: int = typer.Option(1, "--concurrency", "-c", min=1, help="Task processes per worker."),
-    autoscale: Optional[str] = typer.Option(None, "--autoscale", help="MAX,MIN processes per worker (instead of --concurrency)."),
+    autoscale: str | None = typer.Option(None, "--autoscale", help="MAX,MIN processes per worker (instead of --concurrency)."),
     beat: bool = typer.Option(True, "--beat/--no-beat", help="Start celery beat (lease recovery, sweeps)."),
     flower: bool = typer.Option(False, "--flower", help="Start Flower too (basic auth from FLOWER_BASIC_AUTH=user:password)."),
-    flower_port: Optional[int] = typer.Option(None, "--flower-port", help="Default 5555, or a free port if 5555 is taken."),
+    flower_port: int | None = typer.Option(None, "--flower-port", help="Default 5555, or a free port if 5555 is taken."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Flower without authentication (localhost only)."),
     foreground: bool = typer.Option(False, "--foreground", help="Stay attached; Ctrl-C or SIGTERM stops everything."),
 ) -> None:
@@ -69,15 +73,25 @@ def up(
     Their data, logs and state live in the run directory; the servers' URLs are
     written to `<run_dir>/qcelery.toml`, which the other commands read, so
     `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it."""
-    from .stack import Stack, StackOptions
-
     from .run import parse_autoscale
+    from .stack import Stack, StackOptions
 
     state: CliState = ctx.obj
     parse_autoscale(autoscale)  # refuse a malformed value before starting anything
     base = state.settings(use_run_config=False)
-    stack = Stack(base, StackOptions(workers=workers, pool=pool, concurrency=concurrency, autoscale=autoscale,
-                                     beat=beat, flower=flower, flower_port=flower_port, flower_no_auth=no_auth))
+    stack = Stack(
+        base,
+        StackOptions(
+            workers=workers,
+            pool=pool,
+            concurrency=concurrency,
+            autoscale=autoscale,
+            beat=beat,
+            flower=flower,
+            flower_port=flower_port,
+            flower_no_auth=no_auth,
+        ),
+    )
     if flower:
         from ..flower import basic_auth_from_env
 

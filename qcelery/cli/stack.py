@@ -14,9 +14,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..cluster import Cluster, Proc
 from ..embedded import EmbeddedMongo, EmbeddedRedis, free_port, port_open
@@ -114,7 +114,8 @@ class Stack:
         checks.check_tracking(settings)
         self.settings = settings
         state.urls = {
-            "mongo": mask_url(settings.mongo_url), "broker": mask_url(settings.broker_url),
+            "mongo": mask_url(settings.mongo_url),
+            "broker": mask_url(settings.broker_url),
             "mlflow": mask_url(settings.mlflow_tracking_uri),
         }
         state.write_config(settings)
@@ -123,8 +124,7 @@ class Stack:
         self.cluster = Cluster(settings)
         pool = opts.pool or settings.default_queue
         for _ in range(opts.workers):
-            p = self.cluster.start_worker(pool, concurrency=None if opts.autoscale else opts.concurrency,
-                                          autoscale=opts.autoscale)
+            p = self.cluster.start_worker(pool, concurrency=None if opts.autoscale else opts.concurrency, autoscale=opts.autoscale)
             self._record(p, f"{p.name}@{socket.gethostname()}")
         if opts.beat:
             self._record(self.cluster.start_beat(), "celery beat, qcelery.beat:LockedScheduler")

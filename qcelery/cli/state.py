@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
 from rich.console import Console
 
 from ..errors import ConfigError

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -90,7 +91,7 @@ def statuses_by_hash(tm: TaskManager, tasks: list[dict]) -> dict[str, str]:
     hashes = list(dict.fromkeys(filter_hash(normalize(t)) for t in tasks))
     found: dict[str, str] = {}
     for start in range(0, len(hashes), _CHUNK):
-        for d in tm.task_pool.find({"filter_hash": {"$in": hashes[start:start + _CHUNK]}}, {"filter_hash": 1, "status": 1}):
+        for d in tm.task_pool.find({"filter_hash": {"$in": hashes[start : start + _CHUNK]}}, {"filter_hash": 1, "status": 1}):
             found[d["filter_hash"]] = d["status"]
     return found
 
@@ -103,8 +104,9 @@ def existing_statuses(tm: TaskManager, tasks: list[dict]) -> dict[str, int]:
     return counts
 
 
-def submit(wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, queue: str | None = None,
-           priority: int = 0, check: bool = True) -> Submitted:
+def submit(
+    wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, queue: str | None = None, priority: int = 0, check: bool = True
+) -> Submitted:
     """Enqueue the workflow's tasks as one batch (servers checked first)."""
     from ..manage import TaskManager
     from ..producer import enqueue as produce
@@ -118,8 +120,16 @@ def submit(wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, que
     task_func = settings.task_func
     experiment = wf.experiment_name or pool
     kwargs = {"experiment_name": experiment} if wfl.accepts(task_func, "experiment_name") else None
-    bid = produce(wf.tasks, pool, settings=settings, queue=queue, priority=priority,
-                  aggregate=wfl.aggregate_spec(task_func, experiment), task_func=task_func, task_kwargs=kwargs)
+    bid = produce(
+        wf.tasks,
+        pool,
+        settings=settings,
+        queue=queue,
+        priority=priority,
+        aggregate=wfl.aggregate_spec(task_func, experiment),
+        task_func=task_func,
+        task_kwargs=kwargs,
+    )
     n = len(wf.tasks)
     return Submitted(bid, pool, queue, n, n - sum(existing.values()), existing)
 
@@ -128,8 +138,12 @@ def submit(wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, que
 def enqueue(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="Workflow YAML (Qlib's task: section plus generators:)."),
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Task pool (Mongo collection). Default: the file's pool:, else the file's name (demo.yaml: demo)."),
-    queue: Optional[str] = typer.Option(None, "--queue", "-Q", help="Worker pool (queue) to run on. Default: the file's queue: or settings.default_queue (cpu)."),
+    pool: str | None = typer.Option(
+        None, "--pool", "-p", help="Task pool (Mongo collection). Default: the file's pool:, else the file's name (demo.yaml: demo)."
+    ),
+    queue: str | None = typer.Option(
+        None, "--queue", "-Q", help="Worker pool (queue) to run on. Default: the file's queue: or settings.default_queue (cpu)."
+    ),
     priority: int = typer.Option(0, "--priority", min=0, max=MAX_PRIORITY, help=f"Message priority 0..{MAX_PRIORITY}, higher first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the tasks that would run (new / existing); write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print the batch id only."),
@@ -154,8 +168,11 @@ def enqueue(
     done = sub.existing.get(st.DONE, 0)
     pending = sum(n for s, n in sub.existing.items() if s != st.DONE)
     out.print(f"batch {sub.batch_id}", markup=False)
-    out.print(f"  {sub.n_tasks} tasks in pool {sub.pool!r}, queue {sub.queue!r}: {sub.n_new} new, {done} already done"
-              + (f", {pending} from earlier batches not done yet" if pending else ""), markup=False)
+    out.print(
+        f"  {sub.n_tasks} tasks in pool {sub.pool!r}, queue {sub.queue!r}: {sub.n_new} new, {done} already done"
+        + (f", {pending} from earlier batches not done yet" if pending else ""),
+        markup=False,
+    )
     out.print(f"  follow it: qcelery wait --batch {sub.batch_id}   results: qcelery collect --batch {sub.batch_id}", markup=False)
 
 
@@ -178,16 +195,18 @@ def _dry_run(wf: wfl.Workflow, settings: Settings, pool: str | None) -> None:
     out.print(t)
     n_new = len(wf.tasks) - len(status_of)
     done = sum(1 for s in status_of.values() if s == st.DONE)
-    out.print(f"dry run: {len(wf.tasks)} tasks, {n_new} new, {done} already done, "
-              f"{len(status_of) - done} in the pool not done; nothing was written")
+    out.print(
+        f"dry run: {len(wf.tasks)} tasks, {n_new} new, {done} already done, "
+        f"{len(status_of) - done} in the pool not done; nothing was written"
+    )
 
 
 # ---------------------------------------------------------------------------- status
 @app.command(rich_help_panel=PANEL_RUN)
 def status(
     ctx: typer.Context,
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Only this task pool."),
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Only this batch."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Only this task pool."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Only this batch."),
     limit: int = typer.Option(10, "--limit", "-n", min=1, help="Batches (and rows of each table) shown."),
 ) -> None:
     """Counts by status per batch, running tasks with their worker and lease, and
@@ -218,11 +237,17 @@ def status(
         return
     running, failed = [], []
     for p, tm in managers.items():
-        for d in tm.task_pool.find({**task_q, "status": st.RUNNING},
-                                   {"worker": 1, "attempt": 1, "started_at": 1, "lease_until": 1}).sort("started_at", 1).limit(limit):
+        for d in (
+            tm.task_pool.find({**task_q, "status": st.RUNNING}, {"worker": 1, "attempt": 1, "started_at": 1, "lease_until": 1})
+            .sort("started_at", 1)
+            .limit(limit)
+        ):
             running.append({**d, "_pool": p})
-        for d in tm.task_pool.find({**task_q, "status": st.FAILED},
-                                   {"attempt": 1, "error": 1, "finished_at": 1}).sort("finished_at", -1).limit(limit):
+        for d in (
+            tm.task_pool.find({**task_q, "status": st.FAILED}, {"attempt": 1, "error": 1, "finished_at": 1})
+            .sort("finished_at", -1)
+            .limit(limit)
+        ):
             failed.append({**d, "_pool": p})
     if running:
         out.print(render.running_table(running[:limit]))
@@ -243,8 +268,7 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed * 60:.1f} tasks/min", style="progress.data.speed")
 
 
-def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll: float = 1.0,
-           aggregation: bool = True) -> dict[str, int]:
+def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll: float = 1.0, aggregation: bool = True) -> dict[str, int]:
     """Show a progress bar (rate, ETA) until every task of the batch is final and,
     with ``aggregation``, its summary is written. Polls counts, not documents."""
     from .. import batch as batches
@@ -262,9 +286,19 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
         if deadline is not None and time.monotonic() > deadline:
             _fail(f"batch {doc['_id']}: {what} after {timeout:g}s; still running, check `qcelery status --batch {doc['_id']}`")
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-                        TextColumn("{task.fields[detail]}"), console=err, transient=False)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=err,
+        transient=False,
+    )
     stat = batches.progress(tm, doc)
     with progress:
         bar = progress.add_task(f"batch {str(doc['_id'])[-6:]}", total=total, completed=finished(stat), detail="")
@@ -286,9 +320,9 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
 @app.command(rich_help_panel=PANEL_RUN)
 def wait(
     ctx: typer.Context,
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Batch id. Default: the latest batch."),
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Latest batch of this task pool."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds (exit 2)."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Batch id. Default: the latest batch."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Latest batch of this task pool."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Give up after this many seconds (exit 2)."),
     poll: float = typer.Option(1.0, "--poll", min=0.1, help="Seconds between two counts."),
 ) -> None:
     """Wait for a batch with a progress bar (rate, ETA) until its tasks are done or
@@ -305,7 +339,9 @@ def wait(
     done = sum(n for s, n in stat.items() if s != st.FAILED)
     out.print(f"batch {doc['_id']}: {done} done, {failed} failed", markup=False)
     if failed:
-        out.print(f"see the errors: qcelery status --batch {doc['_id']}; run them again: qcelery retry-failed --batch {doc['_id']}", markup=False)
+        out.print(
+            f"see the errors: qcelery status --batch {doc['_id']}; run them again: qcelery retry-failed --batch {doc['_id']}", markup=False
+        )
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -313,17 +349,18 @@ def wait(
 @app.command(rich_help_panel=PANEL_RUN)
 def collect(
     ctx: typer.Context,
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Batch id. Default: the latest batch."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Batch id. Default: the latest batch."),
     wait_: bool = typer.Option(False, "--wait", help="Wait for the batch to finish first."),
     tasks_: bool = typer.Option(False, "--tasks", help="Also print one row per task."),
     as_json: bool = typer.Option(False, "--json", help="Print the batch summary as JSON."),
 ) -> None:
     """Print a finished batch's summary: the model comparison table, failures, and
     where the MLflow summary run, the HTML report and the plots are."""
+    import json
+
     from .. import batch as batches
     from ..manage import TaskManager
     from ..store import database
-    import json
 
     settings = _settings(ctx)
     checks.check_mongo(settings)
@@ -332,8 +369,10 @@ def collect(
     if doc["state"] != batches.AGGREGATED:
         if not wait_:
             left = batches.outstanding(TaskManager(doc["pool"], settings), doc)
-            _fail(f"batch {doc['_id']} has no summary yet ({left} tasks not finished, state {doc['state']}): "
-                  f"`qcelery wait --batch {doc['_id']}` or `qcelery collect --wait`")
+            _fail(
+                f"batch {doc['_id']} has no summary yet ({left} tasks not finished, state {doc['state']}): "
+                f"`qcelery wait --batch {doc['_id']}` or `qcelery collect --wait`"
+            )
         follow(settings, doc)
         doc = batches.load(db, doc["_id"])
     summary = doc.get("summary") or {}
@@ -376,8 +415,9 @@ def _publish(settings: Settings, pool: str, ids: list, priority: int | None = No
     return publish(app_for(settings), pool, ids, priority=priority) if ids else 0
 
 
-def _requeue(ctx: typer.Context, pool: str | None, batch: str | None,
-             requeue: Callable[[TaskManager, dict | None], tuple[list, int]]) -> int:
+def _requeue(
+    ctx: typer.Context, pool: str | None, batch: str | None, requeue: Callable[[TaskManager, dict | None], tuple[list, int]]
+) -> int:
     """Run ``requeue(manager, query)`` on each selected pool (``query`` selects the
     batch's tasks, ``None`` all) and re-publish the ids it returns with the count it
     put back; the sum of the counts."""
@@ -397,7 +437,7 @@ def _requeue(ctx: typer.Context, pool: str | None, batch: str | None,
 @app.command(rich_help_panel=PANEL_ADMIN)
 def recover(
     ctx: typer.Context,
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
 ) -> None:
     """Now, what beat does every few seconds: tasks `running` past their lease go back
     to `waiting` (or `failed` after max_attempts) and are re-published."""
@@ -417,8 +457,8 @@ def recover(
 @app.command("reset-waiting", rich_help_panel=PANEL_ADMIN)
 def reset_waiting(
     ctx: typer.Context,
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Only the tasks of this batch."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Only the tasks of this batch."),
 ) -> None:
     """Qlib's reset_waiting: every `running` task back to `waiting`, lease or not, and
     re-published. For when workers are known dead; `recover` only takes expired
@@ -435,8 +475,8 @@ def reset_waiting(
 @app.command("retry-failed", rich_help_panel=PANEL_ADMIN)
 def retry_failed(
     ctx: typer.Context,
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Only the tasks of this batch."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Only the tasks of this batch."),
 ) -> None:
     """`failed` tasks back to the phase that failed (`waiting`, or `part_done` for a
     second-phase failure) with a fresh attempt budget, re-published.
@@ -455,9 +495,9 @@ def retry_failed(
 def prioritize(
     ctx: typer.Context,
     priority: int = typer.Argument(..., min=0, max=MAX_PRIORITY, help=f"0..{MAX_PRIORITY}, higher runs first."),
-    task_ids: Optional[list[str]] = typer.Argument(None, help="Task ids (or use --batch)."),
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Task pool of the ids (default: the only pool)."),
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Every task of this batch."),
+    task_ids: list[str] | None = typer.Argument(None, help="Task ids (or use --batch)."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Task pool of the ids (default: the only pool)."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Every task of this batch."),
 ) -> None:
     """Qlib's prioritize: set the priority of tasks; the waiting ones are re-published
     at that priority so the workers take them first."""
@@ -489,9 +529,9 @@ def prioritize(
 @app.command(rich_help_panel=PANEL_ADMIN)
 def remove(
     ctx: typer.Context,
-    pool: Optional[str] = typer.Option(None, "--pool", "-p", help="Task pool."),
-    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="The tasks of this batch (and the batch)."),
-    status_: Optional[str] = typer.Option(None, "--status", "-s", help="Only tasks in this status."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help="Task pool."),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="The tasks of this batch (and the batch)."),
+    status_: str | None = typer.Option(None, "--status", "-s", help="Only tasks in this status."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Qlib's remove: delete tasks (and their stored results). Without --batch or

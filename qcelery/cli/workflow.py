@@ -9,9 +9,10 @@ enqueued.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ..errors import ConfigError, TaskDefinitionError
 from ..settings import Settings
@@ -58,8 +59,9 @@ def load(path: Path, settings: Settings) -> Workflow:
     if not tasks:
         raise ConfigError(f"{path}: the generators produced no task")
     check_classes(tasks, path)
-    return Workflow(path, tasks, _optional_str(doc, "experiment_name", path), _optional_str(doc, "pool", path),
-                    _optional_str(doc, "queue", path))
+    return Workflow(
+        path, tasks, _optional_str(doc, "experiment_name", path), _optional_str(doc, "pool", path), _optional_str(doc, "queue", path)
+    )
 
 
 def _class_configs(task: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:

@@ -20,7 +20,8 @@ import copy
 import logging
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -39,7 +40,7 @@ BUCKET = "handler_cache"
 DATA_VERSION = 1
 _LRU_SIZE = 4
 
-_lru: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+_lru: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _lru_lock = threading.Lock()
 
 

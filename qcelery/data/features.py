@@ -37,8 +37,14 @@ def _rolling_corr(a: pd.DataFrame, b: pd.DataFrame, window: int) -> pd.DataFrame
     return (cov / denom.where(denom > 1e-12)).clip(-1, 1)
 
 
-def alpha_features(open_: pd.DataFrame, high: pd.DataFrame, low: pd.DataFrame, close: pd.DataFrame,
-                   volume: pd.DataFrame, windows: tuple[int, ...] = WINDOWS) -> dict[str, pd.DataFrame]:
+def alpha_features(
+    open_: pd.DataFrame,
+    high: pd.DataFrame,
+    low: pd.DataFrame,
+    close: pd.DataFrame,
+    volume: pd.DataFrame,
+    windows: tuple[int, ...] = WINDOWS,
+) -> dict[str, pd.DataFrame]:
     """The feature frames, by name, in a stable order.
 
     * ``KMID``, ``KLEN``, ``KUP``, ``KLOW``: the day's candle relative to the open;

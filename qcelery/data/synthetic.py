@@ -40,7 +40,8 @@ inference and ``DropnaLabel`` + ``CSZScoreNorm`` of the label for learning):
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,14 +49,14 @@ import pandas as pd
 from ..calendar import TradingCalendar, parse_time, resolve_calendar
 from ..errors import ConfigError, TaskTypeError
 from ..serial import Serializable
-from .features import LABEL_EXPR, alpha_features, next_day_return_label
+from .features import alpha_features, next_day_return_label
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SyntheticAlphaHandler", "trading_days"]
 
 WARMUP_DAYS = 80
-_PHI = 0.5          # AR(1) coefficient of the latent signal
+_PHI = 0.5  # AR(1) coefficient of the latent signal
 _VOLUME_LOADING = 0.8
 _VOLUME_NOISE = 0.35
 
@@ -127,9 +128,15 @@ class SyntheticAlphaHandler(Serializable):
     def init_kwargs(self) -> dict[str, Any]:
         """The configuration this handler was built from (what the cache hashes)."""
         return {
-            "instruments": self.instruments, "start_time": self.start_time, "end_time": self.end_time,
-            "fit_start_time": self.fit_start_time, "fit_end_time": self.fit_end_time, "seed": self.seed,
-            "signal_strength": self.signal_strength, "calendar": self.calendar, "pit": self.pit,
+            "instruments": self.instruments,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "fit_start_time": self.fit_start_time,
+            "fit_end_time": self.fit_end_time,
+            "seed": self.seed,
+            "signal_strength": self.signal_strength,
+            "calendar": self.calendar,
+            "pit": self.pit,
         }
 
     def __repr__(self) -> str:
@@ -152,8 +159,12 @@ class SyntheticAlphaHandler(Serializable):
             )
         lo = max(0, first - WARMUP_DAYS)
         if self.fit_start_time is None or self.fit_end_time is None:
-            log.warning("SyntheticAlphaHandler: no fit_start_time/fit_end_time; normalising with the whole span "
-                        "%s..%s, which lets later data into earlier features", start.date(), end.date())
+            log.warning(
+                "SyntheticAlphaHandler: no fit_start_time/fit_end_time; normalising with the whole span "
+                "%s..%s, which lets later data into earlier features",
+                start.date(),
+                end.date(),
+            )
         return days[lo:last], first - lo
 
     def _build(self, calendar: Any) -> pd.DataFrame:
@@ -187,8 +198,10 @@ class SyntheticAlphaHandler(Serializable):
         volume = base_vol * np.exp(_VOLUME_LOADING * s + _VOLUME_NOISE * draws[:, 3])
 
         names = [f"SYN{i:04d}" for i in range(n)]
-        wide = {key: pd.DataFrame(val, index=days, columns=names)
-                for key, val in (("open", open_), ("high", high), ("low", low), ("close", close), ("volume", volume))}
+        wide = {
+            key: pd.DataFrame(val, index=days, columns=names)
+            for key, val in (("open", open_), ("high", high), ("low", low), ("close", close), ("volume", volume))
+        }
         feats = alpha_features(wide["open"], wide["high"], wide["low"], wide["close"], wide["volume"])
         label = next_day_return_label(wide["close"])
         kept = days[warmup:]
@@ -229,14 +242,14 @@ class SyntheticAlphaHandler(Serializable):
             else:
                 fields = sorted({c.field.name for c in calls.values()})
                 with tempfile.TemporaryDirectory(prefix="qcelery-pit-") as tmp:
-                    store = write_synthetic_statements(PITStore(tmp), names, days[0].year - 2, days[-1].year, fields,
-                                                       seed=int(self.pit.get("seed", self.seed)))
+                    store = write_synthetic_statements(
+                        PITStore(tmp), names, days[0].year - 2, days[-1].year, fields, seed=int(self.pit.get("seed", self.seed))
+                    )
                     panel = pit_panel(store, names, days, self.pit["fields"])
         except (PITQueryError, PITDataNotFoundError, PITFormatError) as exc:
             raise ConfigError(f"SyntheticAlphaHandler pit: {exc}") from exc
         for column in panel.columns:
-            frame.insert(len(frame["feature"].columns), ("feature", column),
-                         panel[column].to_numpy(dtype=np.float32))
+            frame.insert(len(frame["feature"].columns), ("feature", column), panel[column].to_numpy(dtype=np.float32))
         return frame
 
     def _fit(self) -> pd.DataFrame:
@@ -258,8 +271,12 @@ class SyntheticAlphaHandler(Serializable):
         # is left unscaled: median 0, MAD 1, and said once here by name
         known = ~np.isnan(fit).all(axis=0)
         if not known.all():
-            log.warning("SyntheticAlphaHandler: no value of %s in the fit period %s..%s; left unscaled",
-                        ", ".join(map(str, feats.columns[~known])), self.fit_start_time, self.fit_end_time)
+            log.warning(
+                "SyntheticAlphaHandler: no value of %s in the fit period %s..%s; left unscaled",
+                ", ".join(map(str, feats.columns[~known])),
+                self.fit_start_time,
+                self.fit_end_time,
+            )
         median, mad = np.zeros(fit.shape[1]), np.ones(fit.shape[1])
         if known.any():
             median[known] = np.nanmedian(fit[:, known], axis=0)
@@ -272,8 +289,7 @@ class SyntheticAlphaHandler(Serializable):
         if data_key not in (self.DK_R, self.DK_I, self.DK_L):
             raise ConfigError(f"data_key must be one of {self.DK_R!r}, {self.DK_I!r}, {self.DK_L!r}, got {data_key!r}")
         if getattr(self, "_data", None) is None:
-            raise ConfigError(f"{self!r} was unpickled without its data (pickled with dump_all=False); "
-                              "build it again from its config")
+            raise ConfigError(f"{self!r} was unpickled without its data (pickled with dump_all=False); build it again from its config")
         if data_key == self.DK_R:
             return self._data
         views = self.__dict__.setdefault("_views", {})

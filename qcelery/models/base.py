@@ -22,7 +22,7 @@ class Model(Serializable):
     :class:`~qcelery.errors.ConfigError` from ``predict``.
     """
 
-    def fit(self, dataset: Any, **kwargs: Any) -> "Model":
+    def fit(self, dataset: Any, **kwargs: Any) -> Model:
         raise NotImplementedError
 
     def predict(self, dataset: Any, segment: str | slice = "test") -> pd.Series:

@@ -70,7 +70,7 @@ class LGBModel(Model):
             state = {**state, "model": _lightgbm().Booster(model_str=text)}
         super().__setstate__(state)
 
-    def fit(self, dataset: Any, **kwargs: Any) -> "LGBModel":
+    def fit(self, dataset: Any, **kwargs: Any) -> LGBModel:
         lgb = _lightgbm()
         x_train, y_train, self.features = learn_xy(dataset, "train")
         train = lgb.Dataset(x_train, label=y_train, feature_name=self.features, free_raw_data=True)
@@ -81,8 +81,12 @@ class LGBModel(Model):
             if self.early_stopping_rounds > 0:
                 callbacks.append(lgb.early_stopping(self.early_stopping_rounds, verbose=False))
         self.model = lgb.train(
-            self.params, train, num_boost_round=self.num_boost_round, valid_sets=valid_sets,
-            valid_names=["train", "valid"][: len(valid_sets)], callbacks=callbacks,
+            self.params,
+            train,
+            num_boost_round=self.num_boost_round,
+            valid_sets=valid_sets,
+            valid_names=["train", "valid"][: len(valid_sets)],
+            callbacks=callbacks,
         )
         self.best_iteration = self.model.best_iteration or self.model.current_iteration()
         log.debug("LGBModel: %d rounds (best %s)", self.model.current_iteration(), self.best_iteration)

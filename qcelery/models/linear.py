@@ -31,7 +31,7 @@ class LinearModel(Model):
         self.intercept_ = 0.0
         self.features: list[str] | None = None
 
-    def fit(self, dataset: Any, **kwargs: Any) -> "LinearModel":
+    def fit(self, dataset: Any, **kwargs: Any) -> LinearModel:
         x, y, self.features = learn_xy(dataset, "train")
         if self.fit_intercept:
             xm, ym = x.mean(axis=0), y.mean()

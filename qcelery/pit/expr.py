@@ -25,16 +25,15 @@ are parsed, never evaluated.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, NoReturn
+from typing import Any, NoReturn
 
 from .errors import PITQueryError
 from .operators import check_window
 from .periods import Field, check_period, parse_field
 
-_TOKEN_RE = re.compile(
-    r"\s*(?:(?P<field>\$\$[A-Za-z0-9_]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>-?\d+)|(?P<punct>[(),]))"
-)
+_TOKEN_RE = re.compile(r"\s*(?:(?P<field>\$\$[A-Za-z0-9_]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>-?\d+)|(?P<punct>[(),]))")
 _AGGREGATES = {"Mean": "mean", "Sum": "sum"}
 _P_OPTIONS = ("window", "how", "offset")
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,7 @@ def encode(
     """
     n = len(dates)
     if n > _MAX_RECORDS:
-        raise PITFormatError(
-            f"{n} records do not fit a PIT .data file (uint32 byte offsets allow {_MAX_RECORDS})"
-        )
+        raise PITFormatError(f"{n} records do not fit a PIT .data file (uint32 byte offsets allow {_MAX_RECORDS})")
     ordinals, _ = period_ordinals(periods, field)
     per_year = field.periods_per_year
     if first_year is None:
@@ -124,9 +123,7 @@ def decode(data: bytes, index_bytes: bytes, field: Field, data_path: Path, index
             f"(truncated after record {len(data) // RECORD_SIZE}); {fix}"
         )
     if len(index_bytes) < INDEX_DTYPE.itemsize or len(index_bytes) % INDEX_DTYPE.itemsize:
-        raise PITFormatError(
-            f"{index_path}: {len(index_bytes)} bytes is not a first year plus whole uint32 entries (truncated); {fix}"
-        )
+        raise PITFormatError(f"{index_path}: {len(index_bytes)} bytes is not a first year plus whole uint32 entries (truncated); {fix}")
     raw_index = np.frombuffer(index_bytes, dtype=INDEX_DTYPE)
     first_year = int(raw_index[0])
     index = raw_index[1:]
@@ -156,9 +153,7 @@ def decode(data: bytes, index_bytes: bytes, field: Field, data_path: Path, index
     ordinals, ok = period_ordinals(records["period"], field)
     bad = np.flatnonzero(~ok)
     if len(bad):
-        raise PITFormatError(
-            f"{where(bad[0])}: period {records['period'][bad[0]]} is not a {field.frequency} period; {fix}"
-        )
+        raise PITFormatError(f"{where(bad[0])}: period {records['period'][bad[0]]} is not a {field.frequency} period; {fix}")
     base = first_year * per_year
     slot = ordinals - base
     bad = np.flatnonzero((slot < 0) | (slot >= len(index)))
@@ -169,9 +164,7 @@ def decode(data: bytes, index_bytes: bytes, field: Field, data_path: Path, index
             f"{index_path} (periods {period_from_ordinal(base, field)} to {last}; truncated index?); {fix}"
         )
     # The links must be exactly those implied by the record order (what dump_pit writes).
-    expected_data, expected_index = encode(
-        records["date"], records["period"], records["value"], field, first_year, len(index)
-    )
+    expected_data, expected_index = encode(records["date"], records["period"], records["value"], field, first_year, len(index))
     expected_next = np.frombuffer(expected_data, dtype=RECORD_DTYPE)["_next"]
     bad = np.flatnonzero(expected_next != records["_next"])
     if len(bad):

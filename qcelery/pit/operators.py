@@ -48,9 +48,7 @@ def check_window(window: Any, how: Any, offset: Any) -> tuple[int, str, int]:
     if how not in HOWS:
         raise PITQueryError(f"P: how={how!r} is not one of {', '.join(map(repr, HOWS))}")
     if window < 1:
-        raise PITQueryError(
-            f"P: window={window} must be at least 1 period (Qlib's expanding window N=0 is not supported)"
-        )
+        raise PITQueryError(f"P: window={window} must be at least 1 period (Qlib's expanding window N=0 is not supported)")
     if how == "last" and window != 1:
         raise PITQueryError(f"P: window={window} needs how='mean' or how='sum' (how='last' reads one period)")
     if offset < 0:

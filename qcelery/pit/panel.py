@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,9 +38,7 @@ log = logging.getLogger(__name__)
 def parse_spec(spec: Mapping[str, Any]) -> dict[str, PITCall]:
     """Column name -> :class:`~qcelery.pit.expr.PITCall`, validated as a whole before any file is read."""
     if not isinstance(spec, Mapping) or not spec:
-        raise PITQueryError(
-            f"PIT spec must be a non-empty mapping of column name -> call, e.g. {{'roe': 'P($$roewa_q)'}}, got {spec!r}"
-        )
+        raise PITQueryError(f"PIT spec must be a non-empty mapping of column name -> call, e.g. {{'roe': 'P($$roewa_q)'}}, got {spec!r}")
     calls = {}
     for name, entry in spec.items():
         if not isinstance(name, str) or not name:
@@ -86,7 +85,10 @@ def pit_panel(
         unique = sorted(set(absent))
         log.warning(
             "no PIT data under %s for %d instrument/field pair(s) (NaN columns): %s%s",
-            store.root, len(unique), ", ".join(unique[:10]), " ..." if len(unique) > 10 else "",
+            store.root,
+            len(unique),
+            ", ".join(unique[:10]),
+            " ..." if len(unique) > 10 else "",
         )
     index = pd.MultiIndex.from_product([day_index, instruments], names=["datetime", "instrument"])
     return pd.DataFrame(values.reshape(-1, len(calls)), index=index, columns=list(calls))

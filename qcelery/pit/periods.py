@@ -68,9 +68,7 @@ def parse_field(field: Any) -> Field:
                 f"PIT field {field!r} must end in '_q' (quarterly periods such as 201903) "
                 f"or '_a' (annual periods such as 2019), e.g. 'roewa_q'"
             )
-        raise PITQueryError(
-            f"PIT field {field!r} may only contain letters, digits and '_' (it names a file), e.g. 'roewa_q'"
-        )
+        raise PITQueryError(f"PIT field {field!r} may only contain letters, digits and '_' (it names a file), e.g. 'roewa_q'")
     return Field(name)
 
 

@@ -123,9 +123,7 @@ class PITStore:
         f = field if isinstance(field, Field) else parse_field(field)
         data_path, index_path = self.paths(instrument, f)
         try:
-            signature = tuple(
-                x for st in (data_path.stat(), index_path.stat()) for x in (st.st_ino, st.st_size, st.st_mtime_ns)
-            )
+            signature = tuple(x for st in (data_path.stat(), index_path.stat()) for x in (st.st_ino, st.st_size, st.st_mtime_ns))
         except FileNotFoundError:
             self._raise_missing(instrument, f, data_path, index_path)
         key = (str(data_path.parent), f.name)
@@ -143,9 +141,7 @@ class PITStore:
         have = [p for p in (data_path, index_path) if p.exists()]
         if have:
             missing = index_path if have[0] == data_path else data_path
-            raise PITFormatError(
-                f"{missing} is missing beside {have[0]}; rewrite the field with PITStore.write(..., overwrite=True)"
-            )
+            raise PITFormatError(f"{missing} is missing beside {have[0]}; rewrite the field with PITStore.write(..., overwrite=True)")
         raise PITDataNotFoundError(
             f"no PIT data for instrument {instrument!r}, field {f.name!r}: {data_path} does not exist; "
             f"write it with PITStore.write or Qlib's dump_pit"
@@ -158,9 +154,7 @@ class PITStore:
         """
         pit = self.load(instrument, field)
         dates = pd.to_datetime(pit.dates.astype(str), format="%Y%m%d") if len(pit) else pd.DatetimeIndex([])
-        return pd.DataFrame(
-            {"date": dates, "period": pit.records["period"].astype(np.int64), "value": pit.values}
-        )
+        return pd.DataFrame({"date": dates, "period": pit.records["period"].astype(np.int64), "value": pit.values})
 
     def write(self, instrument: str, field: str | Field, statements: pd.DataFrame, overwrite: bool = False) -> int:
         """Store statements (columns ``date``, ``period``, ``value``); return how many were new.
@@ -206,7 +200,10 @@ class PITStore:
             if len(old) and dates[0] < old["date"][-1]:
                 log.info(
                     "PIT write %s/%s: %d statement(s) dated before the last stored one (%d); rewriting in date order",
-                    instrument, f.name, int((dates < old["date"][-1]).sum()), int(old["date"][-1]),
+                    instrument,
+                    f.name,
+                    int((dates < old["date"][-1]).sum()),
+                    int(old["date"][-1]),
                 )
             dates = np.concatenate([old["date"].astype(np.int64), dates])
             periods = np.concatenate([old["period"].astype(np.int64), periods])
@@ -219,9 +216,7 @@ class PITStore:
 
     # -- operators ---------------------------------------------------------------
 
-    def P(
-        self, instrument: str, field: str, days: Any, window: int = 1, how: str = "last", offset: int = 0
-    ) -> pd.Series:
+    def P(self, instrument: str, field: str, days: Any, window: int = 1, how: str = "last", offset: int = 0) -> pd.Series:
         """Qlib's ``P`` on every day of ``days`` (e.g. the trading calendar).
 
         ``window=1`` (``P($$f)``): on day t, the latest period published on or before
@@ -256,15 +251,10 @@ def evaluate_on_days(pit: PITFile, call: PITCall, day_ints: np.ndarray) -> np.nd
 def _statement_arrays(statements: Any, f: Field) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validated ``date`` (YYYYMMDD), ``period`` and ``value`` arrays of a statement table."""
     if not isinstance(statements, pd.DataFrame):
-        raise PITQueryError(
-            f"statements must be a pandas DataFrame with columns date, period, value, "
-            f"not {type(statements).__name__}"
-        )
+        raise PITQueryError(f"statements must be a pandas DataFrame with columns date, period, value, not {type(statements).__name__}")
     missing = [c for c in ("date", "period", "value") if c not in statements.columns]
     if missing:
-        raise PITQueryError(
-            f"statements lack column(s) {missing}; they need date (publication day), period and value"
-        )
+        raise PITQueryError(f"statements lack column(s) {missing}; they need date (publication day), period and value")
     dates = date_ints(statements["date"].to_numpy(), "statements['date']")
     try:
         raw_periods = pd.to_numeric(statements["period"]).to_numpy(dtype=np.float64)
@@ -278,15 +268,12 @@ def _statement_arrays(statements: Any, f: Field) -> tuple[np.ndarray, np.ndarray
     if len(bad):
         i = int(bad[0])
         raise PITQueryError(
-            f"statements: period {plain_value(statements['period'].iloc[i])!r} (row {i}) does not exist; "
-            f"{describe_period_rule(f)}"
+            f"statements: period {plain_value(statements['period'].iloc[i])!r} (row {i}) does not exist; {describe_period_rule(f)}"
         )
     return dates, periods, values
 
 
-def _not_yet_stored(
-    dates: np.ndarray, periods: np.ndarray, values: np.ndarray, existing: PITFile | None
-) -> np.ndarray:
+def _not_yet_stored(dates: np.ndarray, periods: np.ndarray, values: np.ndarray, existing: PITFile | None) -> np.ndarray:
     """Mask of the rows not already stored.
 
     Repeats *within* one batch are kept: with several same-day statements of a period

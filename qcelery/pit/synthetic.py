@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import tempfile
 import zlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,9 +45,7 @@ def synthetic_statements(
     f = parse_field(field)
     for name, year in (("start_year", start_year), ("end_year", end_year)):
         if isinstance(year, bool) or not isinstance(year, (int, np.integer)) or not MIN_YEAR <= year <= MAX_YEAR:
-            raise PITQueryError(
-                f"synthetic_statements: {name}={year!r} must be a year between {MIN_YEAR} and {MAX_YEAR}"
-            )
+            raise PITQueryError(f"synthetic_statements: {name}={year!r} must be a year between {MIN_YEAR} and {MAX_YEAR}")
     if start_year > end_year:
         raise PITQueryError(f"synthetic_statements: start_year={start_year} is after end_year={end_year}")
     if not 0.0 <= revision_rate <= 1.0:
@@ -80,11 +79,15 @@ def synthetic_statements(
             first_val = values * (1 + scale1) + noise1
             second = revised & again
             second_rev = first_rev[second] + lag2[second].astype("timedelta64[D]")
-            frames.append(pd.DataFrame({
-                "date": np.concatenate([published, first_rev[revised], second_rev]),
-                "period": np.concatenate([periods, periods[revised], periods[second]]).astype(np.int64),
-                "value": np.concatenate([values, first_val[revised], first_val[second] * (1 + scale2[second])]),
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "date": np.concatenate([published, first_rev[revised], second_rev]),
+                        "period": np.concatenate([periods, periods[revised], periods[second]]).astype(np.int64),
+                        "value": np.concatenate([values, first_val[revised], first_val[second] * (1 + scale2[second])]),
+                    }
+                )
+            )
         frame = pd.concat(frames, ignore_index=True)
         frame["date"] = frame["date"].astype("datetime64[ns]")
         out[instrument] = frame.sort_values("date", kind="stable").reset_index(drop=True)
@@ -132,7 +135,5 @@ def synthetic_pit_panel(
     first = min(2000, stamps.min().year - 2) if start_year is None else start_year
     fields = sorted({call.field.name for call in calls.values()})
     with tempfile.TemporaryDirectory(prefix="qcelery-pit-") as root:
-        store = write_synthetic_statements(
-            PITStore(root), instruments, first, int(stamps.max().year), fields, seed, revision_rate
-        )
+        store = write_synthetic_statements(PITStore(root), instruments, first, int(stamps.max().year), fields, seed, revision_rate)
         return pit_panel(store, instruments, days, calls)

@@ -14,7 +14,8 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from qcelery import batch as batches
 from qcelery.celery_app import app_for
@@ -145,5 +146,4 @@ def assert_exactly_once(settings: Settings, tm: TaskManager, batch: dict, *, fai
 
 def rabbitmqctl(*args: str) -> str:
     """Run ``rabbitmqctl -q ARGS`` against the local server; its standard output."""
-    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
-                          timeout=60).stdout
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60).stdout

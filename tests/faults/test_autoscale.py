@@ -5,12 +5,11 @@ reports it; the batch still completes exactly once."""
 from __future__ import annotations
 
 import pytest
+from faults_support import POOL, assert_exactly_once, probe_defs, running, wait_batch, wait_for
 
 from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, probe_defs, running, wait_batch, wait_for
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ aggregates once (a duplicate finds its task no longer ``waiting`` and does nothi
 
 from __future__ import annotations
 
+from faults_support import POOL, assert_exactly_once, probe_defs, wait_batch
+
 from qcelery import batch as batches
 from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue, publish
-
-from faults_support import POOL, assert_exactly_once, probe_defs, wait_batch
 
 
 def test_every_message_published_twice_runs_each_task_once(fsettings, cluster):

@@ -8,15 +8,13 @@ import threading
 import time
 
 import pytest
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
 
 from qcelery.celery_app import app_for
 from qcelery.embedded import EmbeddedMongo, free_port
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 from qcelery.worker import execute_task
-
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
-
 
 #: longer than the client's server-selection timeout, so operations in flight fail
 #: instead of waiting for the server to come back
@@ -63,8 +61,7 @@ def stop_store_then_return(task_def: dict) -> dict:
 
 def test_a_commit_during_a_mongo_restart_waits_it_out_and_keeps_the_result(settings, own_mongo):
     # in-process execute, so the outage falls exactly between the run and its commit
-    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0,
-                        task_func=f"{__name__}.stop_store_then_return")
+    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0, task_func=f"{__name__}.stop_store_then_return")
     tm = TaskManager(POOL, fs)
     [task_id] = tm.create_task([{"key": "k"}])
     _OUTAGE.update(server=own_mongo, runs=0)

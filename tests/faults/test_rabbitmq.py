@@ -4,13 +4,12 @@ server and the test's own virtual host come from the ``rabbitmq``/``vhost`` fixt
 
 from __future__ import annotations
 
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch
 from kombu import Connection
 
 from qcelery.celery_app import CONTROL_QUEUE
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch
 
 
 def test_batch_on_rabbitmq_with_redis_results_runs_each_task_once(settings, servers, vhost):

@@ -14,11 +14,10 @@ eval``, as RabbitMQ's own tests do), and restored afterwards."""
 from __future__ import annotations
 
 import pytest
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, rabbitmqctl, started, wait_batch
 
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, rabbitmqctl, started, wait_batch
 
 TIMEOUT_MS = 3000
 
@@ -46,15 +45,13 @@ def short_consumer_timeout(rabbitmq):
             _restore(key, value)
 
 
-def test_a_task_outliving_the_consumer_timeout_runs_once_and_the_worker_stays(settings, servers, vhost,
-                                                                                 short_consumer_timeout):
+def test_a_task_outliving_the_consumer_timeout_runs_once_and_the_worker_stays(settings, servers, vhost, short_consumer_timeout):
     fs = fault_settings(settings, broker_url=vhost, result_backend=servers.broker_url)
     tm = TaskManager(POOL, fs)
     with started(fs) as cluster:
         worker = next(p for p in cluster.procs if p.name.startswith("worker"))
         # one task holds its message 4x the timeout; the others are quick
-        bid = enqueue(probe_defs(1, prefix="long", sleep=4 * TIMEOUT_MS / 1000) + probe_defs(4, prefix="short"),
-                      POOL, settings=fs)
+        bid = enqueue(probe_defs(1, prefix="long", sleep=4 * TIMEOUT_MS / 1000) + probe_defs(4, prefix="short"), POOL, settings=fs)
         batch = wait_batch(tm, bid, timeout=120)
         assert_exactly_once(fs, tm, batch)
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
 
 from qcelery.beat import BEAT_LOG
 from qcelery.embedded import EmbeddedRedis, free_port
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
 
 
 @pytest.fixture

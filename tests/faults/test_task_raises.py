@@ -4,10 +4,10 @@ and its summary lists the failure."""
 
 from __future__ import annotations
 
+from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wait_batch
+
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wait_batch
 
 
 def test_raising_task_is_retried_then_failed_and_the_batch_aggregates_listing_it(fsettings, cluster):

@@ -6,11 +6,10 @@ once its attempts are used up. Either way the batch aggregates once."""
 from __future__ import annotations
 
 import pytest
+from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, probe_runs, started, wait_batch
 
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, probe_runs, started, wait_batch
 
 TIME_LIMIT = 2.0
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from faults_support import POOL, PROBE, assert_exactly_once, probe_defs, wait_batch, wait_for
+
 from qcelery import batch as batches
 from qcelery.beat import BEAT_LOG
 from qcelery.manage import TaskManager, utcnow
-from faults_support import POOL, PROBE, assert_exactly_once, probe_defs, wait_batch, wait_for
 
 
 def _beat_pid(owner: str) -> int:
@@ -38,14 +39,23 @@ def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsett
 
     stopped_at = utcnow()
     beats[_beat_pid(holder)].stop()
-    other = wait_for(lambda: next((d["beat"] for d in ours(stopped_at) if d["beat"] != holder), None),
-                     timeout=60, what="the second beat taking over")
+    other = wait_for(
+        lambda: next((d["beat"] for d in ours(stopped_at) if d["beat"] != holder), None), timeout=60, what="the second beat taking over"
+    )
     assert _beat_pid(other) in beats and other != holder
 
     # the new holder does the work: a batch written to Mongo whose messages were never
     # published (a producer that died) is swept, and aggregated, by it alone
-    doc, _ = batches.create(tm, probe_defs(10, sleep=0.05), queue=fsettings.default_queue, task_func=PROBE,
-                            task_kwargs=None, before_status="waiting", after_status="done", aggregate=None)
+    doc, _ = batches.create(
+        tm,
+        probe_defs(10, sleep=0.05),
+        queue=fsettings.default_queue,
+        task_func=PROBE,
+        task_kwargs=None,
+        before_status="waiting",
+        after_status="done",
+        aggregate=None,
+    )
     batch = wait_batch(tm, doc["_id"])
     assert_exactly_once(fsettings, tm, batch)
 

@@ -8,12 +8,12 @@ import os
 import signal
 import time
 
+from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wait_batch, wait_for
+
 from qcelery.beat import BEAT_LOG
 from qcelery.celery_app import VISIBILITY_TIMEOUT
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
-
-from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wait_batch, wait_for
 
 
 def test_task_of_a_killed_worker_process_is_recovered_by_beat_and_runs_once(fsettings, cluster):
