@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # apt-get needs root; elsewhere try sudo without a password prompt
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: install test demo browser bench bench-deps clean
+.PHONY: install lint test demo browser bench bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
-test: $(STAMP) browser
+# static checks, seconds with mypy's cache: ruff (lint and format) on the whole tree, mypy on
+# qcelery/ and workers/ (configured in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# lint first, so a new finding fails CI before the suite runs
+test: lint browser
 	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(CURDIR)/.pytest-tmp tests
 
 demo: $(STAMP)
