@@ -276,7 +276,8 @@ def main() -> None:
         print(f"  enqueue start -> first claim              {r['first_claim_s']:7.2f} s")
         print(f"  first claim -> last commit                {wall:7.2f} s  ({wall / n * 1000:.2f} ms/task, 2 processes)")
         print(
-            f"    inside execute (claim -> commit)        {r['inside_execute_sum_s']:7.2f} s  process-time, median {r['inside_execute_ms']:.2f} ms/task"
+            f"    inside execute (claim -> commit)        {r['inside_execute_sum_s']:7.2f} s  process-time,"
+            f" median {r['inside_execute_ms']:.2f} ms/task"
             f" = {r['inside_execute_sum_s'] / (2 * wall) * 100:.0f}% of the 2 processes' wall time"
         )
         print(f"  last commit -> aggregated                 {r['aggregation_lag_s']:7.2f} s")
@@ -284,7 +285,8 @@ def main() -> None:
         for name, s in sorted(r["cpu_s"].items(), key=lambda kv: -kv[1]):
             print(f"    {name:<28}{s / n * 1000:7.2f} ms   ({s:.2f} s)")
         print(
-            f"    {'total':<28}{sum(r['cpu_s'].values()) / n * 1000:7.2f} ms   (2 cores give {2 * r['total_s'] / n * 1000:.2f} ms of CPU per task at this rate)"
+            f"    {'total':<28}{sum(r['cpu_s'].values()) / n * 1000:7.2f} ms"
+            f"   (2 cores give {2 * r['total_s'] / n * 1000:.2f} ms of CPU per task at this rate)"
         )
 
 

@@ -16,18 +16,18 @@ Prints a table and the ratio to the anchor (the ideal time); no thresholds.
 
 from __future__ import annotations
 
-import os
-
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # one core per worker process, or the comparison means nothing
-
 import argparse
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# before numpy and LightGBM load (through qcelery below)
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one core per worker process, or the comparison means nothing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

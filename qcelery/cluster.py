@@ -81,9 +81,10 @@ class Cluster:
 
     def _spawn(self, name: str, argv: list[str]) -> Proc:
         log = self.log_dir / f"{name}.log"
-        fh = open(log, "ab")
-        p = subprocess.Popen(argv, env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        fh.close()
+        with open(log, "ab") as fh:  # the child keeps its own descriptor
+            p = subprocess.Popen(
+                argv, env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         proc = Proc(name, p, log)
         self.procs.append(proc)
         return proc

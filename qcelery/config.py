@@ -156,7 +156,7 @@ def _templates(doc: Mapping[str, Any], path: Path) -> list[dict]:
         raw, names = doc["tasks"], [f"tasks[{i}]" for i in range(len(doc["tasks"]))]
     else:
         raise ConfigError(f"{path}: no 'task' section (a template with model, dataset and record)")
-    for name, tpl in zip(names, raw):
+    for name, tpl in zip(names, raw, strict=True):
         if not isinstance(tpl, Mapping):
             raise ConfigError(f"{path}: {name} must be a mapping with model, dataset and record, got {tpl!r}")
     return [_unshared(t) for t in raw]

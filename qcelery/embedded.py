@@ -88,7 +88,7 @@ class _Server:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open while the server runs, closed by stop()
         # own process group: stop() can kill the server and any child it forks
         self.proc = subprocess.Popen(
             self.command(),

@@ -419,7 +419,7 @@ class TaskManager(Leases):
         existing = self._ids_by_hash(set(hashes))
         seen: set[str] = set()
         new, old = [], []
-        for t, h in zip(task_def_l, hashes):
+        for t, h in zip(task_def_l, hashes, strict=True):
             if h in seen:
                 continue
             seen.add(h)
@@ -447,7 +447,7 @@ class TaskManager(Leases):
         if "def" in new_task and not isinstance(task_def, (bytes, Binary)):
             new_task["def"] = self._encode_def(task_def)
         if "filter" in new_task or isinstance(task_def, dict):
-            filt = normalize(new_task["filter"] if "filter" in new_task else task_def)
+            filt = normalize(new_task.get("filter", task_def))
             new_task["filter"], new_task["filter_hash"] = filt, filter_hash(filt)
         else:  # keep the task's hash: a missing one would collide in the unique index
             old = self.task_pool.find_one({"_id": oid}, {"filter_hash": 1}) or {}

@@ -8,6 +8,7 @@ than in a worker's memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -39,10 +40,8 @@ def counted(task_def: dict, settings: Settings, tags: dict | None = None) -> dic
     def record(event: str) -> None:
         # a fixed _id makes a retried insert idempotent (the first may have landed)
         doc = {"_id": ObjectId(), "key": key, "event": event, "pid": os.getpid(), "tags": tags or {}}
-        try:
+        with contextlib.suppress(DuplicateKeyError):
             _patiently(lambda: runs.insert_one(doc))
-        except DuplicateKeyError:
-            pass
 
     started = _patiently(lambda: runs.count_documents({"key": key, "event": "start"}))
     record("start")

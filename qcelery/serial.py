@@ -394,7 +394,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         problem = _origin_problem(self.policy, value, owner.__module__, attr)
         if problem:
             raise UnsafePickleError(f"{self.context}: refusing {where}: {problem}")
-        if owner_tier == _USER or isinstance(value, type) or isinstance(value, obj):
+        if owner_tier == _USER or isinstance(value, (type, obj)):
             return value  # (obj is a class from here on)
         qualname = f"{obj.__qualname__}.{attr}"
         listed = (owner.__module__, qualname) in _RECONSTRUCTOR_METHODS | self.policy.exact

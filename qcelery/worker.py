@@ -116,7 +116,7 @@ def execute_task(
         }
         with Heartbeat(tm, task) as hb:
             res = call_task_function(func, param, dict(spec.get("task_kwargs") or {}), context)
-    except (Exception, SoftTimeLimitExceeded) as exc:
+    except (Exception, SoftTimeLimitExceeded) as exc:  # noqa: BLE001 - whatever the task function raises is its failure, traceback stored
         error = format_exception(exc)
         new, _ = _outlast_outage(lambda: tm.fail(task, error), settings, f"task {task_id}: recording the failure")
         logger.warning("task %s of pool %s raised %s (attempt %s): now %s", task_id, pool, type(exc).__name__, task["attempt"], new)

@@ -48,7 +48,7 @@ def qcelery_many(commands: list[list[str]], *, cwd: Path, env: dict[str, str], t
         for args in commands
     ]
     done = []
-    for args, p in zip(commands, procs):
+    for args, p in zip(commands, procs, strict=True):
         out, err = p.communicate(timeout=timeout)
         done.append(subprocess.CompletedProcess([*QCELERY, *args], p.returncode, out, err))
     return done

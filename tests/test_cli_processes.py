@@ -17,11 +17,10 @@ def processes():
     started: list[subprocess.Popen] = []
 
     def start(*args: str, cwd, env) -> subprocess.Popen:
-        log = open(cwd / f"{args[0]}-{len(started)}.log", "wb")
-        p = subprocess.Popen(
-            [*QCELERY, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        log.close()
+        with open(cwd / f"{args[0]}-{len(started)}.log", "wb") as log:  # the child keeps its own descriptor
+            p = subprocess.Popen(
+                [*QCELERY, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         started.append(p)
         return p
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -136,7 +137,7 @@ def test_summarize_batch_scores_each_model_over_the_whole_test_span_and_writes_a
     assert {row["run_id"] for row in out["tasks"]} == {r.id for r in recs}
 
     report = out["report_path"]
-    html = open(report, encoding="utf-8").read()
+    html = Path(report).read_text(encoding="utf-8")
     assert "Model comparison" in html and html.count("data:image/png;base64,") == 2 and "Nope" in html
     summary_exp = get_experiment(out["experiment_name"], settings, create=False)
     run = summary_exp.get_recorder(recorder_id=out["summary_run_id"])
@@ -152,7 +153,7 @@ def test_summarize_batch_from_the_pool_reads_done_results_and_failures(settings,
     exp, recs = rolling_runs
     tm = TaskManager("sum_pool", settings)
     ids = tm.create_task([{"model": {"i": i}, "dataset": {}} for i in range(3)])
-    for task_id, res in zip(ids[:2], recs[:2]):
+    for task_id, res in zip(ids[:2], recs[:2], strict=True):
         task = tm.fetch_task({"_id": task_id})
         tm.commit(task, res)
     bad = tm.fetch_task({"_id": ids[2]})

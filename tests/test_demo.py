@@ -5,6 +5,7 @@ report are printed, and nothing is left running afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,10 +58,8 @@ def test_demo_runs_a_small_rolling_experiment_and_stops_everything(tmp_path):
 
     def record() -> bool:
         if state.exists():
-            try:
+            with contextlib.suppress(ValueError):  # caught mid-write
                 seen.update(p["pid"] for p in json.loads(state.read_text())["processes"])
-            except ValueError:  # caught mid-write
-                pass
         return proc.poll() is not None
 
     wait_until(record, timeout=300, interval=0.2)

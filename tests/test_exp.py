@@ -65,7 +65,7 @@ def test_list_recorders_filters_by_status_and_tags_and_finds_a_task_run(settings
 
 def test_recorder_pickles_to_ids_only_and_decodes_through_the_restricted_unpickler(settings):
     rec = get_experiment("e3", settings).create_recorder("r")
-    rec.status  # the live client must not leak into the pickle
+    _ = rec.status  # the live client must not leak into the pickle
     state = pickle.loads(dumps(rec)).__dict__
     assert set(state) == {"experiment_id", "id", "uri", "name"}
     back = restricted_loads(dumps(rec))
@@ -130,28 +130,28 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            (root / "store").as_uri(),
-            "--artifacts-destination",
-            (root / "artifacts").as_uri(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    with open(root / "server.log", "wb") as log:  # the server keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                (root / "store").as_uri(),
+                "--artifacts-destination",
+                (root / "artifacts").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
@@ -173,7 +173,6 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 def _write_runs(uri: str, worker: int, n: int, out) -> None:

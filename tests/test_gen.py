@@ -215,7 +215,7 @@ def test_multi_horizon_truncates_by_horizon_plus_leak_on_the_future_calendar() -
     assert [t["horizon"] for t in tasks] == [1, 10]
     assert days(test_segments(tasks[0])) == ("2023-12-01", "2024-03-29")
     cals = xshg().future_dates
-    for task, hr in zip(tasks, [1, 10]):
+    for task, hr in zip(tasks, [1, 10], strict=True):
         train_end = cals.get_loc(test_segments(task, "train")[1])
         assert cals.get_loc(test_segments(task)[0]) - train_end == hr + 2
 

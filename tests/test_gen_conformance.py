@@ -117,7 +117,7 @@ def test_matches_qlib(index: int) -> None:
 
     assert template == case["input"], "the generator changed the caller's template"
     assert len(tasks) == len(case["expected"]), [_segments(t)["test"] for t in tasks]
-    for n, (task, expected) in enumerate(zip(tasks, case["expected"])):
+    for n, (task, expected) in enumerate(zip(tasks, case["expected"], strict=True)):
         assert _segments(task) == expected["segments"], f"task {n}"
         if "handler_end_time" in expected:
             assert _handler_end_time(task) == _day(expected["handler_end_time"]), f"task {n} handler end_time"

@@ -9,6 +9,7 @@ the test period without overlap or gap.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import pandas as pd
@@ -104,7 +105,7 @@ def test_rolling_properties(case: Case, rtype: str, trunc_days: int | None) -> N
     # the test windows tile the test period: step days each, no overlap, no gap
     tests = [(idx(case, seg(t, "test")[0]), idx(case, seg(t, "test")[1])) for t in tasks]
     assert tests[0][0] == case.test_start_idx
-    for (start, end), (next_start, _) in zip(tests, tests[1:]):
+    for (start, end), (next_start, _) in itertools.pairwise(tests):
         assert end - start + 1 == case.step
         assert next_start == end + 1
     test_end = case.template["dataset"]["kwargs"]["segments"]["test"][1]
@@ -142,7 +143,7 @@ def test_multi_horizon_properties(case: Case, horizon: list[int], leak: int) -> 
         return
     tasks = gen.generate(case.template)
     assert len(tasks) == len(horizon)
-    for t, hr in zip(tasks, horizon):
+    for t, hr in zip(tasks, horizon, strict=True):
         test_start = idx(case, seg(t, "test")[0])
         assert test_start == case.test_start_idx
         for key in ("train", "valid"):

@@ -190,7 +190,7 @@ def test_annual_field_has_one_index_entry_per_year(tmp_path):
 def test_dates_may_be_datetimes_strings_or_integers(tmp_path):
     stores = [PITStore(tmp_path / str(i)) for i in range(3)]
     dates = [pd.to_datetime(["2019-04-26", "2019-08-20"]), ["2019-04-26", "2019-08-20"], [20190426, 20190820]]
-    for store, d in zip(stores, dates):
+    for store, d in zip(stores, dates, strict=True):
         store.write("SH600000", "roe_q", pd.DataFrame({"date": d, "period": [201901, 201902], "value": [1.0, 2.0]}))
     assert files(stores[0]) == files(stores[1]) == files(stores[2])
 

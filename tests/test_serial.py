@@ -563,7 +563,7 @@ def _equal(a, b) -> bool:
     if isinstance(a, Exception):
         return type(a) is type(b) and a.args == b.args
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if a is pd.NaT:
         return b is pd.NaT
     return a == b

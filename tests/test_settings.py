@@ -124,14 +124,14 @@ def test_heartbeat_must_be_shorter_than_the_lease(monkeypatch):
 def test_result_backend_is_required_for_a_non_redis_broker():
     s = Settings(broker_url="amqp://guest:secret@mq:5672//")
     with pytest.raises(ConfigError, match="QCELERY_RESULT_BACKEND") as err:
-        s.effective_result_backend
+        _ = s.effective_result_backend
     assert "secret" not in str(err.value) and "guest:***@mq" in str(err.value)
 
 
 def test_result_backend_must_be_redis():
     s = Settings(broker_url="amqp://guest@mq:5672//", result_backend="db+postgresql://u:pw@pg/celery")
     with pytest.raises(ConfigError, match="is not a Redis URL") as err:
-        s.effective_result_backend
+        _ = s.effective_result_backend
     assert "pw" not in str(err.value) and "u:***@pg" in str(err.value)
     assert Settings(broker_url="amqp://mq//", result_backend="rediss://r:6380/1").effective_result_backend == "rediss://r:6380/1"
 

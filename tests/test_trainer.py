@@ -227,7 +227,7 @@ def test_rolling_tasks_of_two_models_trained_by_two_worker_processes_and_collect
     assert tm.task_stat() == {st.DONE: len(tasks)}
 
     # a result leads back to its task and a task to its run
-    for task_id, rec in zip(tm.create_task(tasks), recs):
+    for task_id, rec in zip(tm.create_task(tasks), recs, strict=True):
         tags = rec.list_tags()
         assert (tags["pool"], tags["task_id"], tags[TrainerRM.TM_ID]) == (pool, str(task_id), str(task_id))
         assert recorder_from_tags(get_experiment(exp_name, settings), task_id=str(task_id)) == [rec]

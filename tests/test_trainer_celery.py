@@ -76,7 +76,7 @@ def test_rolling_experiment_on_celery_aggregates_once(settings, workers, mongo_d
     assert all(m["IC"] > 0 for m in summary["models"])
 
     # the joined rolling predictions cover every test day of every window exactly once
-    by_run = {r.id: t for r, t in zip(recs, tasks)}
+    by_run = {r.id: t for r, t in zip(recs, tasks, strict=True)}
     joined = RecorderCollector(
         experiment=lambda: recs,
         process_list=RollingGroup(),

@@ -16,6 +16,7 @@ handler produces changes, so old entries are no longer found.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import threading
@@ -48,10 +49,9 @@ def _canonical_kwargs(kwargs: Mapping[str, Any]) -> dict:
     out = {}
     for key, value in kwargs.items():
         if isinstance(key, str) and key.endswith("_time") and value is not None:
-            try:  # "2020-01-02", date(2020, 1, 2) and Timestamp("2020-01-02") are one config
+            # "2020-01-02", date(2020, 1, 2) and Timestamp("2020-01-02") are one config
+            with contextlib.suppress(TypeError, ValueError):
                 value = pd.Timestamp(value).isoformat()
-            except (TypeError, ValueError):
-                pass
         elif hasattr(value, "dates") and hasattr(value, "future_dates"):  # a TradingCalendar
             value = {"dates": [d.isoformat() for d in value.future_dates]}
         out[key] = value

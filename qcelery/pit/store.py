@@ -283,8 +283,8 @@ def _not_yet_stored(dates: np.ndarray, periods: np.ndarray, values: np.ndarray, 
     if existing is None or not len(existing):
         return np.ones(len(dates), dtype=bool)
     old = existing.records
-    stored = set(zip(old["date"].tolist(), old["period"].tolist(), _bits(old["value"]).tolist()))
-    keys = zip(dates.tolist(), periods.tolist(), _bits(values).tolist())
+    stored = set(zip(old["date"].tolist(), old["period"].tolist(), _bits(old["value"]).tolist(), strict=True))
+    keys = zip(dates.tolist(), periods.tolist(), _bits(values).tolist(), strict=True)
     return np.fromiter((key not in stored for key in keys), dtype=bool, count=len(dates))
 
 
