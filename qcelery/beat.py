@@ -15,13 +15,15 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
 from celery.beat import PersistentScheduler
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from . import batch as batches
+from .celery_app import QceleryApp
+from .errors import ConfigError
 from .manage import TaskManager, utcnow
 from .settings import Settings
 from .store import database
@@ -62,7 +64,7 @@ def _log_run(settings: Settings, job: str, beat: str | None, sent_at: str | None
     database(settings)[BEAT_LOG].insert_one({"job": job, "beat": beat, "sent_at": sent, "at": utcnow(), **result})
 
 
-def recover(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
+def recover(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Every pool: expired leases back to waiting (or failed) and re-published."""
     from .producer import publish
 
@@ -77,7 +79,7 @@ def recover(app: Celery, beat: str | None = None, sent_at: str | None = None) ->
     return result
 
 
-def sweep(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
+def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Re-publish claimable batch tasks whose last message is older than ``sweep_after``
     (a broker that lost its queue), and re-check batches whose chord never fired."""
     from .celery_app import CONTROL_QUEUE
@@ -99,7 +101,7 @@ def sweep(app: Celery, beat: str | None = None, sent_at: str | None = None) -> d
     return result
 
 
-def gc_results(app: Celery, beat: str | None = None, sent_at: str | None = None) -> dict:
+def gc_results(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Every pool: delete result files no task refers to, older than ``result_gc_after``."""
     settings: Settings = app.qcelery_settings
     dropped = sum(TaskManager(pool, settings).drop_orphan_result_files(settings.result_gc_after) for pool in TaskManager.list(settings))
@@ -108,7 +110,7 @@ def gc_results(app: Celery, beat: str | None = None, sent_at: str | None = None)
     return result
 
 
-def register(app: Celery) -> None:
+def register(app: QceleryApp) -> None:
     app.conf.beat_schedule = schedule(app.qcelery_settings)
     app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
     jobs = {RECOVER: recover, SWEEP: sweep, GC_RESULTS: gc_results}
@@ -116,7 +118,7 @@ def register(app: Celery) -> None:
         _register_job(app, name, jobs[name])
 
 
-def _register_job(app: Celery, name: str, job: Any) -> None:
+def _register_job(app: QceleryApp, name: str, job: Callable[[QceleryApp, str | None, str | None], dict]) -> None:
     """``job(app, beat, sent_at)`` as the task ``name``; beat passes who sent it and when."""
 
     @app.task(name=name, bind=True, shared=False, acks_late=True)
@@ -155,6 +157,8 @@ class LockedScheduler(PersistentScheduler):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if not isinstance(self.app, QceleryApp):  # set as beat_scheduler by make_app only
+            raise ConfigError(f"qcelery's beat scheduler needs an app made by qcelery.make_app, got {self.app!r}")
         self.lock = BeatLock(self.app.qcelery_settings)
         self._held = False
 

@@ -43,7 +43,7 @@ class PoolAutoscaler(Autoscaler):
 
     def on_task_received(self, req) -> None:
         if not _is_control(req):
-            super().on_task_received(req)
+            super().on_task_received(req)  # type: ignore[misc]  # celery-types omits it; celery/worker/autoscale.py defines it
 
     @property
     def qty(self) -> int:
@@ -52,9 +52,15 @@ class PoolAutoscaler(Autoscaler):
         return max(work, 1 if len(reserved) > work else 0)
 
 
-def make_app(settings: Settings, main: str = "qcelery") -> Celery:
+class QceleryApp(Celery):
+    """A Celery app that carries the settings it was made from (the tasks read them)."""
+
+    qcelery_settings: Settings
+
+
+def make_app(settings: Settings, main: str = "qcelery") -> QceleryApp:
     """A Celery app for ``settings`` with qcelery's tasks registered."""
-    app = Celery(main, broker=settings.broker_url, backend=settings.effective_result_backend, set_as_current=False)
+    app = QceleryApp(main, broker=settings.broker_url, backend=settings.effective_result_backend, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -111,10 +117,10 @@ def make_app(settings: Settings, main: str = "qcelery") -> Celery:
     return app
 
 
-_APPS: dict[str, Celery] = {}
+_APPS: dict[str, QceleryApp] = {}
 
 
-def app_for(settings: Settings) -> Celery:
+def app_for(settings: Settings) -> QceleryApp:
     """One app per distinct settings in this process (producers, CLI, tests)."""
     key = settings.model_dump_json()
     if key not in _APPS:

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import pymongo
 from bson import ObjectId
@@ -33,7 +33,10 @@ from .errors import LeaseLostError, TaskDefinitionError
 from .store import to_object_id
 
 if TYPE_CHECKING:
+    from pymongo.collection import Collection
+
     from .manage import TaskManager
+    from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,24 @@ def worker_name() -> str:
 
 class Leases:
     """The lease operations of :class:`~qcelery.manage.TaskManager` (a mixin of it)."""
+
+    if TYPE_CHECKING:  # what the mixin uses of TaskManager, which defines them
+        settings: Settings
+        name: str
+        task_pool: Collection[dict[str, Any]]
+        _claim_in_two_steps: bool
+        _lookup_chunk: int
+        _fetch_cache: tuple[dict, float, collections.deque] | None
+
+        @overload
+        def _decode_task(self, task: dict) -> dict: ...
+        @overload
+        def _decode_task(self, task: None) -> None: ...
+        def _decode_task(self, task: dict | None) -> dict | None: ...
+        def _decode_query(self, query: Any) -> dict: ...
+        def _server_checks(self, query: Any) -> contextlib.AbstractContextManager[None]: ...
+        def _encode_res(self, res: Any, task_id: ObjectId) -> tuple[dict, ObjectId | None]: ...
+        def _drop_res_file(self, fid: Any) -> None: ...
 
     def _claim_update(self, worker: str, lease_seconds: float | None, before_status: str) -> dict:
         now = utcnow()
@@ -145,7 +166,7 @@ class Leases:
         groups: dict[Any, list] = {}
         for r in rows:
             groups.setdefault(r.get("priority"), []).append(r["_id"])
-        ordered = collections.deque()
+        ordered: collections.deque[ObjectId] = collections.deque()
         for ids in groups.values():  # dicts keep the sorted order of the priorities
             random.shuffle(ids)
             ordered.extend(ids)

@@ -23,6 +23,7 @@ What differs from Qlib:
 
 from __future__ import annotations
 
+import builtins  # TaskManager.list (Qlib's name) hides the builtin in the class body
 import collections
 import concurrent.futures
 import contextlib
@@ -33,7 +34,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, overload
 
 import bson
 import pymongo
@@ -97,7 +98,7 @@ class TaskManager(Leases):
         self.settings = settings or load_settings()
         self.name = task_pool
         self.db = database(self.settings, ping=True)
-        self.task_pool: pymongo.collection.Collection = self.db[task_pool]
+        self.task_pool: pymongo.collection.Collection[dict[str, Any]] = self.db[task_pool]
         self._claim_in_two_steps = scans_find_and_modify(self.settings)
         # SecantusDB answers a large $in in quadratic time; MongoDB takes big ones at once
         self._lookup_chunk = _LOOKUP_CHUNK if self._claim_in_two_steps else _INSERT_CHUNK
@@ -135,7 +136,7 @@ class TaskManager(Leases):
                 f"{where} is {len(data):,} bytes pickled, above the limit of {self.settings.max_def_bytes:,} "
                 "(a MongoDB document holds at most 16 MB): keep data out of the definition and load it in the task"
             )
-        return Binary(data)
+        return Binary(data)  # type: ignore[no-any-return]  # bson types Binary() with typing.Self, absent from the 3.10 target
 
     def _decode_field(self, task: dict, field: str) -> Any:
         raw = task.get(field)
@@ -149,6 +150,10 @@ class TaskManager(Leases):
         except Exception as exc:
             raise DecodeError(f"{context} could not be decoded: {type(exc).__name__}: {exc}") from exc
 
+    @overload
+    def _decode_task(self, task: dict) -> dict: ...
+    @overload
+    def _decode_task(self, task: None) -> None: ...
     def _decode_task(self, task: dict | None) -> dict | None:
         if task is None:
             return None
@@ -337,7 +342,7 @@ class TaskManager(Leases):
                 "pickled): keep data out of the definition and load it in the task"
             )
 
-    def create_task(self, task_def_l: list[dict], dry_run: bool = False, print_nt: bool = False) -> list[ObjectId]:
+    def create_task(self, task_def_l: builtins.list[dict], dry_run: bool = False, print_nt: bool = False) -> builtins.list[ObjectId]:
         """Insert the new tasks of ``task_def_l`` and return every task's id, in input order.
 
         As in Qlib, a task whose filter already exists is not inserted again and its
@@ -351,8 +356,8 @@ class TaskManager(Leases):
         return self.create_tasks(task_def_l, dry_run=dry_run, print_nt=print_nt)[0]
 
     def create_tasks(
-        self, task_def_l: list[dict], dry_run: bool = False, print_nt: bool = False, batch_id: ObjectId | None = None
-    ) -> tuple[list[ObjectId], set[ObjectId]]:
+        self, task_def_l: builtins.list[dict], dry_run: bool = False, print_nt: bool = False, batch_id: ObjectId | None = None
+    ) -> tuple[builtins.list[ObjectId], set[ObjectId]]:
         """``create_task`` that also returns the set of ids it inserted; new tasks are born
         tagged with ``batch_id`` and marked published (the producer publishes them next)."""
         if isinstance(task_def_l, dict) or not isinstance(task_def_l, (list, tuple)):
@@ -411,14 +416,15 @@ class TaskManager(Leases):
             ids.update(self._ids_by_hash(lost))
         return [ids[h] for h in hashes], inserted
 
-    def plan(self, task_def_l: list[dict]) -> tuple[list[dict], list[dict]]:
+    def plan(self, task_def_l: builtins.list[dict]) -> tuple[builtins.list[dict], builtins.list[dict]]:
         """Split ``task_def_l`` into (new, existing) definitions without writing anything;
         duplicates inside the list count once."""
         filters = [normalize(t) for t in task_def_l]
         hashes = [filter_hash(f) for f in filters]
         existing = self._ids_by_hash(set(hashes))
         seen: set[str] = set()
-        new, old = [], []
+        new: builtins.list[dict] = []
+        old: builtins.list[dict] = []
         for t, h in zip(task_def_l, hashes, strict=True):
             if h in seen:
                 continue
@@ -501,7 +507,7 @@ class TaskManager(Leases):
         logger.info("pool %s: %d tasks set to %s", self.name, n, status)
         return n
 
-    def retry_failed(self, query: dict | None = None) -> list[ObjectId]:
+    def retry_failed(self, query: dict | None = None) -> builtins.list[ObjectId]:
         """``failed`` tasks get a fresh attempt budget and go back to the status their last
         run was claimed from: ``waiting``, or ``part_done`` for a task that failed in its
         second phase (its first-phase result is kept). Returns their ids."""

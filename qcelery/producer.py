@@ -12,13 +12,12 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from celery import Celery
 from celery.canvas import Signature
 from celery.utils import uuid
 
 from . import batch as batches
 from . import status as st
-from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, app_for
+from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, QceleryApp, app_for
 from .errors import TaskDefinitionError, TaskTypeError
 from .manage import TaskManager, to_object_id
 from .settings import Settings, load_settings
@@ -31,7 +30,9 @@ logger = logging.getLogger(__name__)
 PUBLISH_BATCH = 1000
 
 
-def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id: Any, queue: str, priority: int, **chord_part: Any) -> None:
+def _send_execute(
+    app: QceleryApp, producer: Any, pool: str, task_id: Any, batch_id: Any, queue: str, priority: int, **chord_part: Any
+) -> None:
     """Publish one id-only ``execute`` message through ``producer``.
 
     ``app.send_task`` builds the same protocol-2 message a signature's ``apply_async``
@@ -53,7 +54,7 @@ def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id:
     )
 
 
-def _publish_chord(app: Celery, pool: str, task_ids: list, batch_id: Any, queue: str, priority: int, body: Signature) -> None:
+def _publish_chord(app: QceleryApp, pool: str, task_ids: list, batch_id: Any, queue: str, priority: int, body: Signature) -> None:
     """Publish a chord: one ``execute`` message per task, then ``body`` once all have run.
 
     This is what ``chord(header)(body)`` sends on a Redis result backend, built for a
@@ -82,7 +83,7 @@ def enqueue(
     task_kwargs: dict | None = None,
     before_status: str = st.WAITING,
     after_status: str = st.DONE,
-    app: Celery | None = None,
+    app: QceleryApp | None = None,
 ) -> str:
     """Create ``task_defs`` in ``pool`` and run them on the workers of ``queue``.
 
@@ -139,7 +140,7 @@ def enqueue(
 
 
 def publish(
-    app: Celery, pool: str, task_ids: Iterable[Any], *, batch_id: Any = None, queue: str | None = None, priority: int | None = None
+    app: QceleryApp, pool: str, task_ids: Iterable[Any], *, batch_id: Any = None, queue: str | None = None, priority: int | None = None
 ) -> int:
     """Publish ``execute`` messages for ``task_ids`` again (recovery, sweep, retries).
 

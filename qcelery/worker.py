@@ -20,9 +20,8 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pymongo.errors import ConnectionFailure
 
@@ -32,7 +31,11 @@ from .errors import ConfigError
 from .manage import Heartbeat, TaskManager, format_exception, to_object_id, worker_name
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .celery_app import QceleryApp
+
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 EXECUTE = "qcelery.execute"
 AGGREGATE = "qcelery.aggregate"
@@ -40,7 +43,7 @@ AGGREGATE = "qcelery.aggregate"
 _MANAGERS: dict[tuple[int, str], TaskManager] = {}
 
 
-def manager(app: Celery, pool: str) -> TaskManager:
+def manager(app: QceleryApp, pool: str) -> TaskManager:
     """This worker's ``TaskManager`` for ``pool`` (one per app and pool)."""
     key = (id(app), pool)
     tm = _MANAGERS.get(key)
@@ -56,7 +59,7 @@ def resolve(path: str) -> Callable:
     if not sep or not module:
         raise ConfigError(f"task function {path!r} must be a dotted path like 'package.module.function'")
     try:
-        obj = getattr(importlib.import_module(module), attr)
+        obj: object = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"task function {path!r} cannot be imported: {exc}") from None
     if not callable(obj):
@@ -85,7 +88,7 @@ def call_task_function(func: Callable, param: Any, kwargs: dict, context: dict) 
 _BATCHES: dict[tuple[int, Any], dict] = {}
 
 
-def _batch_spec(app: Celery, tm: TaskManager, batch_id: Any) -> dict:
+def _batch_spec(app: QceleryApp, tm: TaskManager, batch_id: Any) -> dict:
     """The immutable part of a batch (function, kwargs, statuses), cached per process."""
     key = (id(app), batch_id)
     if key not in _BATCHES:
@@ -95,7 +98,7 @@ def _batch_spec(app: Celery, tm: TaskManager, batch_id: Any) -> dict:
 
 
 def execute_task(
-    app: Celery, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
+    app: QceleryApp, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
 ) -> dict:
     settings: Settings = app.qcelery_settings
     tm = manager(app, pool)
@@ -131,7 +134,7 @@ def execute_task(
     return {"task_id": str(task_id), "status": after_status}
 
 
-def _outlast_outage(op: Callable[[], Any], settings: Settings, what: str) -> tuple[Any, bool]:
+def _outlast_outage(op: Callable[[], _T], settings: Settings, what: str) -> tuple[_T, bool]:
     """``op()`` retried while Mongo is unreachable, for up to one lease; returns its value
     and whether it had to be retried. A result computed across a short outage (a restart,
     a failover) is kept instead of run again; the writes are fenced on the attempt, so
@@ -154,11 +157,11 @@ def _commit(tm: TaskManager, task: dict, res: Any, status: str, settings: Settin
     if not ok and retried:
         # the write may have landed with its reply lost: then the task is ours and final
         doc = _outlast_outage(lambda: tm.get_raw(task["_id"], ["status", "attempt"]), settings, "commit check")[0]
-        ok = bool(doc) and doc["status"] == status and doc["attempt"] == task["attempt"]
+        ok = doc is not None and doc["status"] == status and doc["attempt"] == task["attempt"]
     return ok
 
 
-def aggregate_batch(app: Celery, pool: str, batch_id: str) -> dict:
+def aggregate_batch(app: QceleryApp, pool: str, batch_id: str) -> dict:
     """Run the batch's aggregation once every task is final; else check again later."""
     settings: Settings = app.qcelery_settings
     tm = manager(app, pool)
@@ -172,9 +175,10 @@ def aggregate_batch(app: Celery, pool: str, batch_id: str) -> dict:
             app.send_task(AGGREGATE, args=(pool, str(bid)), queue=_control_queue(), countdown=settings.aggregate_countdown)
         return {"batch_id": str(bid), "state": "waiting", "outstanding": left}
     me = worker_name()
-    doc = batches.begin_aggregation(tm.db, bid, me)
-    if doc is None:
+    taken = batches.begin_aggregation(tm.db, bid, me)
+    if taken is None:
         return {"batch_id": str(bid), "state": "taken"}
+    doc = taken
     try:
         summary = run_aggregation(tm, doc)
     except Exception as exc:
@@ -227,7 +231,7 @@ def _control_queue() -> str:
     return CONTROL_QUEUE
 
 
-def register(app: Celery) -> None:
+def register(app: QceleryApp) -> None:
     """Register ``execute`` and ``aggregate`` on ``app``."""
 
     @app.task(name=EXECUTE, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True)
@@ -241,7 +245,7 @@ def register(app: Celery) -> None:
         return aggregate_batch(self.app, pool, batch_id)
 
 
-def _module_app() -> Celery:
+def _module_app() -> QceleryApp:
     from .celery_app import make_app
     from .settings import load_settings
 
