@@ -31,7 +31,7 @@ OPEN, AGGREGATING, AGGREGATED = "open", "aggregating", "aggregated"
 _TAG_CHUNK = 100  # small $in chunks: see manage._LOOKUP_CHUNK
 
 
-def ensure_indexes(db: Database) -> None:
+def ensure_indexes(db: Database[dict[str, Any]]) -> None:
     c = db[COLLECTION]
     c.create_index([("state", 1), ("created_at", 1)], name="state")
 
@@ -85,7 +85,7 @@ def create(
     return doc, inserted
 
 
-def load(db: Database, batch_id: Any) -> dict:
+def load(db: Database[dict[str, Any]], batch_id: Any) -> dict:
     doc = db[COLLECTION].find_one({"_id": to_object_id(batch_id)})
     if doc is None:
         raise TaskNotFoundError(f"no batch {batch_id} in database {db.name!r}")
@@ -108,7 +108,7 @@ def outstanding(manager: TaskManager, batch: dict) -> int:
     return sum(n for s, n in stat.items() if s not in final)
 
 
-def schedule_check(db: Database, batch_id: ObjectId, delay: float) -> bool:
+def schedule_check(db: Database[dict[str, Any]], batch_id: ObjectId, delay: float) -> bool:
     """Reserve the next re-check of an open batch; ``False`` if one is already pending,
     so duplicated aggregation messages do not multiply the polling."""
     now = utcnow()
@@ -119,7 +119,7 @@ def schedule_check(db: Database, batch_id: ObjectId, delay: float) -> bool:
     return r.modified_count == 1
 
 
-def begin_aggregation(db: Database, batch_id: ObjectId, worker: str) -> dict | None:
+def begin_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, worker: str) -> dict | None:
     """Take the batch's aggregation; ``None`` if another copy has it or it is done."""
     now = utcnow()
     return db[COLLECTION].find_one_and_update(
@@ -129,7 +129,7 @@ def begin_aggregation(db: Database, batch_id: ObjectId, worker: str) -> dict | N
     )
 
 
-def finish_aggregation(db: Database, batch_id: ObjectId, worker: str, summary: dict) -> bool:
+def finish_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, worker: str, summary: dict) -> bool:
     r = db[COLLECTION].update_one(
         {"_id": batch_id, "state": AGGREGATING, "aggregator": worker},
         {"$set": {"state": AGGREGATED, "summary": summary, "aggregated_at": utcnow()}, "$inc": {"aggregate_runs": 1}},
@@ -137,7 +137,7 @@ def finish_aggregation(db: Database, batch_id: ObjectId, worker: str, summary: d
     return r.modified_count == 1
 
 
-def stalled(db: Database, older_than: float) -> list[dict]:
+def stalled(db: Database[dict[str, Any]], older_than: float) -> list[dict]:
     """Batches beat should re-check, since a lost or failed chord never fires: open batches
     (any pool) created more than ``older_than`` seconds ago and not re-checked within that
     time, and aggregations whose aggregator vanished longer ago than that (reopened here)."""
@@ -157,6 +157,6 @@ def stalled(db: Database, older_than: float) -> list[dict]:
     )
 
 
-def list_batches(db: Database, pool: str | None = None, limit: int = 50) -> Iterable[dict]:
+def list_batches(db: Database[dict[str, Any]], pool: str | None = None, limit: int = 50) -> Iterable[dict]:
     q = {"pool": pool} if pool else {}
-    return db[COLLECTION].find(q, {"task_ids": 0}).sort("created_at", -1).limit(limit)
+    return db[COLLECTION].find(q, {"task_ids": 0}).sort("created_at", -1).limit(limit)  # type: ignore[no-any-return]  # pymongo's Cursor.sort returns typing.Self, absent from the 3.10 target

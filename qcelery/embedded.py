@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
 from .errors import EmbeddedServerError
 
@@ -31,13 +32,14 @@ from .errors import EmbeddedServerError
 _LIVE: set[_Server] = set()
 # re-entrant: the signal handler may run in the main thread while it holds the lock
 _LIVE_LOCK = threading.RLock()
+_S = TypeVar("_S", bound="_Server")
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -67,7 +69,7 @@ class _Server:
         self.host = host
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     # subclasses give the command line and the readiness probe
     def command(self) -> list[str]:  # pragma: no cover - abstract
@@ -81,10 +83,17 @@ class _Server:
         raise NotImplementedError
 
     @property
+    def pid(self) -> int:
+        """The server's process id, which is also its process group."""
+        if self.proc is None:
+            raise EmbeddedServerError(f"{self.name} is not started")
+        return self.proc.pid
+
+    @property
     def log_path(self) -> Path:
         return self.run_dir / f"{self.name}.log"
 
-    def start(self, timeout: float = 30.0) -> _Server:
+    def start(self: _S, timeout: float = 30.0) -> _S:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +149,7 @@ class _Server:
         """Leave the running server alive after this process exits (``qcelery up``):
         it is no longer stopped at exit or by ``stop()``; returns its pid, which is also
         its process group, for whoever stops it later (``qcelery down``)."""
-        if not self.running:
+        if self.proc is None or not self.running:
             raise EmbeddedServerError(f"{self.name} is not running; nothing to detach")
         with _LIVE_LOCK:
             _LIVE.discard(self)
@@ -195,7 +204,8 @@ class EmbeddedMongo(_Server):
         import pymongo
 
         try:
-            with pymongo.MongoClient(self.url, serverSelectionTimeoutMS=500, connectTimeoutMS=500) as c:
+            c: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(self.url, serverSelectionTimeoutMS=500, connectTimeoutMS=500)
+            with c:
                 pid = c.admin.command("serverStatus").get("pid")
         except Exception:  # noqa: BLE001 - any failure only means "not ready yet"
             return False

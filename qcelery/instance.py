@@ -122,6 +122,8 @@ def init_instance_by_config(
     """
     if accept_types and isinstance(config, accept_types):
         return config
+    klass: Callable[..., Any]
+    cls_kwargs: dict[str, Any]
     if isinstance(config, type):
         klass, cls_kwargs = config, {}
     elif isinstance(config, (Mapping, str)):

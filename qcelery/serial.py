@@ -508,7 +508,7 @@ class Serializable:
         return bool(self.__dict__.get("_dump_all", type(self).default_dump_all))
 
     def _attr_list(self, kind: str) -> Iterable[str]:
-        configured = self.__dict__.get(f"_{kind}")
+        configured: Iterable[str] | None = self.__dict__.get(f"_{kind}")
         if configured is not None:
             return configured
         return getattr(type(self), f"{kind}_attr", None) or ()
@@ -572,9 +572,7 @@ class Serializable:
         if cls.pickle_backend == "pickle":
             return pickle
         if cls.pickle_backend == "dill":
-            import dill
-
-            return dill
+            return importlib.import_module("dill")  # optional: imported only when asked for
         raise ConfigError(f"{cls.__qualname__}.pickle_backend is {cls.pickle_backend!r}; it must be 'pickle' or 'dill'")
 
     def to_pickle(self, path: Path | str, **kwargs: Any) -> None:

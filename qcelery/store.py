@@ -22,7 +22,7 @@ from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 from .errors import ConfigError, StoreUnavailableError, TaskDefinitionError
 from .settings import Settings, mask_url
 
-_CLIENTS: dict[tuple[int, str, int], pymongo.MongoClient] = {}
+_CLIENTS: dict[tuple[int, str, int], pymongo.MongoClient[dict[str, Any]]] = {}
 _LOCK = threading.Lock()
 
 #: GridFS bucket holding results above the size threshold
@@ -68,7 +68,7 @@ def _without_password(message: str, url: str) -> str:
     return message
 
 
-def client(settings: Settings) -> pymongo.MongoClient:
+def client(settings: Settings) -> pymongo.MongoClient[dict[str, Any]]:
     """The process' client for ``settings.mongo_url`` (created on first use)."""
     key = (os.getpid(), settings.mongo_url, settings.mongo_timeout_ms)
     c = _CLIENTS.get(key)
@@ -93,7 +93,7 @@ def client(settings: Settings) -> pymongo.MongoClient:
     return c
 
 
-def database(settings: Settings, ping: bool = False) -> Database:
+def database(settings: Settings, ping: bool = False) -> Database[dict[str, Any]]:
     """The settings' database; with ``ping`` check that the server answers first."""
     db = client(settings)[settings.mongo_db]
     if ping:

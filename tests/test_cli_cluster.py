@@ -12,11 +12,11 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pymongo
 import pytest
-import tomllib
 from bson import ObjectId
 from cli_support import (
     PROBE,
@@ -35,6 +35,11 @@ from cli_support import (
 from qcelery.manage import TaskManager
 from qcelery.probes import RUNS
 from qcelery.settings import Settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 FAST = {"QCELERY_AGGREGATE_COUNTDOWN": "0.5"}  # summaries written soon after the last task
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import BrokerUnavailableError, ConfigError, TrackingUnavailableError
@@ -29,7 +30,7 @@ def check_mongo(settings: Settings) -> None:
 
     timeout_ms = int(min(settings.mongo_timeout_ms, TIMEOUT * 1000))
     try:
-        client = pymongo.MongoClient(
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             settings.mongo_url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="qcelery-check"
         )
     except (InvalidURI, ConfigurationError, ValueError) as exc:
@@ -75,7 +76,8 @@ def check_broker(settings: Settings) -> None:
 
         try:
             with Connection(url, connect_timeout=TIMEOUT) as conn:
-                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=TIMEOUT)
+                # celery-types says int, as kombu's docstring does; kombu compares it as seconds, so 2.5 works
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=TIMEOUT)  # type: ignore[arg-type]
         except (TimeoutError, OperationalError, OSError) as exc:
             raise BrokerUnavailableError(
                 f"broker at {mask_url(url)} did not answer within {TIMEOUT:g}s ({exc}). Start it or set "

@@ -96,7 +96,7 @@ def demo(
         doc = batches.load(database(live), sub.batch_id)
         out.print()
         print_summary(doc, live)
-        out.print(f"MLflow runs: {mlflow_ui_command(live.mlflow_tracking_uri)}", markup=False)
+        out.print(f"MLflow runs: {mlflow_ui_command(live.effective_tracking_uri)}", markup=False)
         out.print(f"run directory (logs, data): {run_dir}", markup=False)
         out.print(f"demo finished in {time.monotonic() - t0:.0f}s", markup=False)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.table import Table
@@ -135,7 +135,7 @@ def failures_table(docs: Iterable[Mapping[str, Any]]) -> Table:
     return t
 
 
-def records_table(title: str, rows: list[Mapping[str, Any]], first: Iterable[str] = ()) -> Table:
+def records_table(title: str, rows: Sequence[Mapping[str, Any]], first: Iterable[str] = ()) -> Table:
     """A table of dicts: columns in first-seen order (``first`` ones leading)."""
     cols: list[str] = [c for c in first if any(c in r for r in rows)]
     for r in rows:

@@ -32,6 +32,8 @@ def _interrupt_on_sigterm() -> None:
 
 def print_stack(stack: Stack, settings: Settings, *, detached: bool) -> None:
     state = stack.state
+    if state is None:  # Stack.start() sets it
+        raise RuntimeError("print_stack needs a started stack")
     out.print(f"qcelery is up in {stack.run_dir}")
     rows = [
         ("mongo", mask_url(settings.mongo_url), "embedded SecantusDB" if stack.mongo else "configured"),
@@ -105,7 +107,7 @@ def up(
     print_stack(stack, settings, detached=False)
     out.print("running in the foreground; Ctrl-C stops everything")
     try:
-        while stack.state.path.exists():  # `qcelery down` from another shell removes it
+        while stack.state is not None and stack.state.path.exists():  # `qcelery down` from another shell removes it
             time.sleep(1.0)
     except KeyboardInterrupt:
         pass

@@ -83,10 +83,14 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        if self.settings is None:  # _start sets it
+            raise RuntimeError("Stack._start returned without settings")
         return self.settings
 
     def _start(self, step: Callable[[str], None]) -> None:
         opts, base, state = self.options, self.base, self.state
+        if state is None:  # start() sets it
+            raise RuntimeError("Stack._start runs from Stack.start() only")
         update: dict = {"run_dir": self.run_dir}
         if opts.embedded_only:
             update["mlflow_tracking_uri"] = None  # a local store under the run directory
@@ -97,7 +101,7 @@ class Stack:
         else:
             step("starting embedded SecantusDB")
             self.mongo = EmbeddedMongo(self.run_dir).start(timeout=60)
-            state.add("secantusdb", self.mongo.proc.pid, "server", self.mongo.log_path, self.mongo.url)
+            state.add("secantusdb", self.mongo.pid, "server", self.mongo.log_path, self.mongo.url)
             update["mongo_url"] = self.mongo.url
         if "broker_url" in configured:
             step(f"broker {mask_url(base.broker_url)} (configured)")
@@ -105,7 +109,7 @@ class Stack:
         else:
             step("starting embedded redis-server")
             self.redis = EmbeddedRedis(self.run_dir).start()
-            state.add("redis", self.redis.proc.pid, "server", self.redis.log_path, self.redis.url)
+            state.add("redis", self.redis.pid, "server", self.redis.log_path, self.redis.url)
             update["broker_url"] = self.redis.url
             if "result_backend" not in configured:
                 update["result_backend"] = None
@@ -139,6 +143,8 @@ class Stack:
             self._wait_flower()
 
     def _record(self, proc: Proc, detail: str) -> None:
+        if self.state is None:  # start() sets it before anything runs
+            raise RuntimeError(f"Stack: {proc.name} started outside Stack.start()")
         self.state.add(proc.name, proc.pid, "service", proc.log, detail)
 
     def _start_flower(self) -> None:
@@ -151,6 +157,8 @@ class Stack:
         argv = [sys.executable, "-m", "qcelery.cli.main", "flower", "--port", str(port), "--address", opts.flower_address]
         if opts.flower_no_auth:
             argv.append("--no-auth")
+        if self.cluster is None:  # _start makes it before Flower
+            raise RuntimeError("Stack: Flower started outside Stack.start()")
         proc = self.cluster._spawn("flower", argv)  # same env and log directory as workers and beat
         host = "127.0.0.1" if opts.flower_address in ("", "0.0.0.0") else opts.flower_address
         self.flower_url = f"http://{host}:{port}/"

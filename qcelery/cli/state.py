@@ -14,12 +14,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
 from rich.console import Console
 
 from ..errors import ConfigError
 from ..settings import Settings, load_settings
 from .rundir import CONFIG_FILE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, a package before 3.11 (and what pydantic-settings reads TOML with there)
+    import tomli as tomllib
 
 
 def _pipe_width(stream) -> int | None:

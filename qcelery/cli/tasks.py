@@ -513,7 +513,7 @@ def prioritize(
         pools = _pools(settings, pool)
         if len(pools) != 1:
             raise ConfigError(f"--pool is needed: the database has {len(pools)} task pools ({', '.join(pools)})")
-        q = {"_id": {"$in": [to_object_id(i) for i in task_ids]}}
+        q = {"_id": {"$in": [to_object_id(i) for i in task_ids or ()]}}  # (given, checked above)
     tm = TaskManager(pools[0], settings)
     if task_ids:
         for i in task_ids:

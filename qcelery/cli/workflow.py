@@ -134,7 +134,9 @@ def aggregate_spec(task_func: str, experiment_name: str) -> dict | None:
 
 def describe(task: Mapping[str, Any]) -> tuple[str, str, str]:
     """(model, train segment, test segment) of a task, for tables."""
-    model = task.get("model") if isinstance(task.get("model"), Mapping) else {}
+    model = task.get("model")
+    if not isinstance(model, Mapping):
+        model = {}
     label = str(model.get("name") or model.get("class") or "?")
     try:
         segments = task["dataset"]["kwargs"]["segments"]
