@@ -235,7 +235,8 @@ class Trainer:
     def train(self, tasks: list, *args: Any, **kwargs: Any) -> list:
         raise NotImplementedError
 
-    def end_train(self, models: list, *args: Any, **kwargs: Any) -> list:
+    # positional only: the subclasses keep Qlib's names for it (``models``, ``recs``)
+    def end_train(self, models: list, /, *args: Any, **kwargs: Any) -> list:
         return models
 
     def is_delay(self) -> bool:
@@ -247,7 +248,8 @@ class Trainer:
     def has_worker(self) -> bool:
         return False
 
-    def worker(self) -> None:
+    def worker(self) -> int:
+        """Run tasks of the trainer's pool until none is left; returns how many ran."""
         raise NotImplementedError(f"{type(self).__name__} has no worker")
 
 
@@ -258,7 +260,7 @@ def _as_list(items: Any, kind: type | tuple[type, ...]) -> list:
 def _with_context(func: Callable, kwargs: dict, settings: Settings, tags: Mapping[str, Any] | None = None) -> dict:
     """``kwargs`` plus ``settings`` (and ``tags``) when ``func`` takes them and the
     caller did not give them (a Qlib train function takes neither)."""
-    extra = {"settings": settings}
+    extra: dict[str, Any] = {"settings": settings}
     if tags is not None:
         extra["tags"] = dict(tags)
     return {**kwargs, **{k: v for k, v in accepted_kwargs(func, extra).items() if k not in kwargs}}
@@ -351,7 +353,7 @@ class DelayTrainerR(TrainerR):
 def work_on_pool(
     task_func: Callable,
     manager: Any,
-    query: Mapping[str, Any] | None = None,
+    query: dict | None = None,
     before_status: str = st.WAITING,
     after_status: str = st.DONE,
     **kwargs: Any,
@@ -507,7 +509,8 @@ class DelayTrainerRM(TrainerRM):
         self.delay = True
         self.skip_run_task = skip_run_task
 
-    def train(
+    # [override]: Qlib's signature, without TrainerRM's after_status (the first phase always ends in part_done)
+    def train(  # type: ignore[override]
         self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None, **kwargs: Any
     ) -> list[Recorder]:
         skip, self.skip_run_task = self.skip_run_task, False  # the first phase always runs here

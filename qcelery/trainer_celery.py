@@ -75,13 +75,14 @@ class TrainerCelery(TrainerRM):
         timeout: float | None = None,
         settings: Settings | None = None,
     ):
-        super().__init__(experiment_name, task_pool, train_func, settings=settings)
+        # a dotted path too: the workers import it, this process never calls it
+        super().__init__(experiment_name, task_pool, train_func, settings=settings)  # type: ignore[arg-type]
         self.queue, self.priority, self.aggregate = queue, priority, aggregate
         self.wait_aggregated, self.timeout = wait_aggregated, timeout
         self.last_batch_id: str | None = None
 
     def _run_batch(
-        self, tm: Any, task_defs: list[Mapping], train_func: Callable | str, experiment_name: str, before_status: str, after_status: str
+        self, tm: Any, task_defs: list[dict], train_func: Callable | str, experiment_name: str, before_status: str, after_status: str
     ) -> list:
         from .producer import enqueue
 
@@ -99,9 +100,10 @@ class TrainerCelery(TrainerRM):
             after_status=after_status,
         )
         doc = wait_batch(tm, self.last_batch_id, timeout=self.timeout, aggregated=self.wait_aggregated)
-        return doc["task_ids"]
+        return list(doc["task_ids"])
 
-    def train(
+    # [override]: no before_status/after_status/default_rec_name, the batch's statuses follow is_delay()
+    def train(  # type: ignore[override]
         self, tasks: list | dict, train_func: Callable | str | None = None, experiment_name: str | None = None, **kwargs: Any
     ) -> list[Recorder]:
         """Enqueue ``tasks`` as one batch, wait, and return their recorders in task order.
@@ -157,6 +159,8 @@ class DelayTrainerCelery(TrainerCelery):
         if not recs:
             return []
         experiment_name = experiment_name or self.experiment_name
+        if not experiment_name:
+            raise ConfigError("DelayTrainerCelery needs an experiment_name")
         tm = self.manager(experiment_name)
         task_defs = []
         for rec in recs:
