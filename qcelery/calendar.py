@@ -52,7 +52,7 @@ def parse_time(value: Any, what: str = "", error: type[QceleryError] = TaskDefin
         ts = pd.Timestamp(value)
     except (ValueError, TypeError) as exc:
         raise error(f"{where}{value!r} is not a date ({exc}); give an ISO day such as '2020-01-02'") from None
-    if ts is pd.NaT:
+    if pd.isna(ts):  # pd.Timestamp("NaT") is NaT
         raise error(f"{where}{value!r} is not a date")
     return ts.tz_localize(None) if ts.tzinfo is not None else ts
 
@@ -326,6 +326,10 @@ class TimeAdjuster:
         """
         if time_point is None:
             return None
+        return self._index(time_point, tp_type)
+
+    def _index(self, time_point: Any, tp_type: str = "start") -> int:
+        """:meth:`align_idx` of a date (not ``None``)."""
         ts = parse_time(time_point)
         if tp_type == "start":
             return int(self.cals.searchsorted(ts, side="left"))
@@ -337,13 +341,13 @@ class TimeAdjuster:
         """Trading days from ``time_point_B`` to ``time_point_A`` (A - B), both aligned as starts."""
         if time_point_A is None or time_point_B is None:
             raise TaskDefinitionError(f"cal_interval needs two dates, got {time_point_A!r} and {time_point_B!r} (None is an open bound)")
-        return self.align_idx(time_point_A) - self.align_idx(time_point_B)
+        return self._index(time_point_A) - self._index(time_point_B)
 
     def align_time(self, time_point: Any, tp_type: str = "start") -> pd.Timestamp | None:
         """The trading day ``time_point`` aligns to (see :meth:`align_idx`); ``None`` stays ``None``."""
         if time_point is None:
             return None
-        idx = self.align_idx(time_point, tp_type=tp_type)
+        idx = self._index(time_point, tp_type=tp_type)
         if idx >= len(self.cals):
             raise OutOfCalendarError(f"{format_day(time_point)} is after the last day of {self._range()}")
         if idx < 0:
@@ -379,13 +383,13 @@ class TimeAdjuster:
         if test_start is None:
             raise TaskDefinitionError("truncate needs a test start date, got None")
         days = _non_negative_int(days, "days")
-        limit = self.align_idx(test_start) - days
+        limit = self._index(test_start) - days
         if limit < 0:
             raise OutOfCalendarError(
                 f"truncating {days} trading days before test start {format_day(test_start)} leaves no day in {self._range()}"
             )
-        new_start = None if start is None else self.get(min(self.align_idx(start), limit))
-        new_end = self.get(limit if end is None else min(self.align_idx(end), limit))
+        new_start = None if start is None else self.get(min(self._index(start), limit))
+        new_end = self.get(limit if end is None else min(self._index(end), limit))
         return new_start, new_end
 
     def _add_step(self, index: int | None, step: int) -> int | None:

@@ -230,7 +230,7 @@ class SingleKeyEnsemble(Ensemble):
 def _first_day(obj: Any) -> pd.Timestamp:
     idx = obj.index
     days = idx.get_level_values("datetime") if "datetime" in (idx.names or []) else idx
-    return days.min()
+    return pd.Timestamp(days.min())
 
 
 class RollingEnsemble(Ensemble):
@@ -550,12 +550,12 @@ def summarize_batch(
         report,
     )
     run.save_objects(local_path=out_dir)
-    for _, row in models_df.iterrows():
+    for _, model_row in models_df.iterrows():
         run.log_metrics(
             **{
-                f"{row['model']}.{k}": row[k]
+                f"{model_row['model']}.{k}": model_row[k]
                 for k in ("IC", "ICIR", "Rank IC", "Rank ICIR", "annualized_return", "information_ratio")
-                if pd.notna(row[k])
+                if pd.notna(model_row[k])
             }
         )
     run.end_run(Recorder.STATUS_FI)

@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, overload
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -157,11 +157,11 @@ class Recorder:
     @property
     def status(self) -> str:
         """The run's MLflow status (``RUNNING``, ``SCHEDULED``, ``FINISHED``, ``FAILED``, ``KILLED``)."""
-        return self._run().info.status
+        return str(self._run().info.status)
 
     @property
     def artifact_uri(self) -> str:
-        return self._run().info.artifact_uri
+        return str(self._run().info.artifact_uri)
 
     # ----------------------------------------------------------------- logging
     def log_params(self, **kwargs: Any) -> None:
@@ -261,7 +261,7 @@ class Recorder:
         return [a.path for a in self.client.list_artifacts(self.id, artifact_path)]
 
     def download_artifact(self, path: str, dst_path: str | None = None) -> str:
-        return self.client.download_artifacts(self.id, path, dst_path)
+        return str(self.client.download_artifacts(self.id, path, dst_path))
 
     # --------------------------------------------------------------- lifecycle
     def start_run(self) -> None:
@@ -281,8 +281,8 @@ class Recorder:
 class Experiment:
     """One MLflow experiment (Qlib's ``MLflowExperiment``); get one with :func:`get_experiment`."""
 
-    RT_D = "dict"
-    RT_L = "list"
+    RT_D: Final = "dict"
+    RT_L: Final = "list"
 
     def __init__(self, id: str, name: str, uri: str):
         self.id = str(id)
@@ -337,6 +337,14 @@ class Experiment:
     def delete_recorder(self, recorder_id: str) -> None:
         self.client.delete_run(recorder_id)
 
+    @overload
+    def list_recorders(
+        self, rtype: Literal["dict"] = ..., max_results: int | None = ..., status: str | None = ..., filter_string: str = ...
+    ) -> dict[str, Recorder]: ...
+    @overload
+    def list_recorders(
+        self, rtype: Literal["list"], max_results: int | None = ..., status: str | None = ..., filter_string: str = ...
+    ) -> list[Recorder]: ...
     def list_recorders(
         self,
         rtype: Literal["dict", "list"] = RT_D,

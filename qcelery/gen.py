@@ -45,7 +45,7 @@ import abc
 import copy
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -105,7 +105,7 @@ def validate_template(task: Any, test_key: str | None = "test") -> None:
         where = f"dataset.kwargs.segments.{key}"
         if not isinstance(seg, (tuple, list)) or len(seg) != 2:
             raise TaskDefinitionError(f"{where} must be a [start, end] pair, got {seg!r}")
-        bounds = []
+        bounds: list[pd.Timestamp | None] = []
         for bound in seg:
             if bound is None:
                 bounds.append(None)
@@ -114,7 +114,7 @@ def validate_template(task: Any, test_key: str | None = "test") -> None:
                 bounds.append(pd.Timestamp(bound))
             except (ValueError, TypeError):
                 raise TaskDefinitionError(f"{where}: {bound!r} is not a date") from None
-            if isinstance(bound, (bool, int, float)) or bounds[-1] is pd.NaT:
+            if isinstance(bound, (bool, int, float)) or pd.isna(bounds[-1]):
                 raise TaskDefinitionError(f"{where}: {bound!r} is not a date")
         if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
             raise TaskDefinitionError(f"{where}: start {format_day(seg[0])} is after end {format_day(seg[1])}")
@@ -128,14 +128,14 @@ def _detached_copy(task: Mapping[str, Any], copy_func: Callable[[Any], Any]) -> 
     Generators write segments and the handler's ``end_time`` along that path; copying
     it keeps the template intact whatever ``copy_func`` shares.
     """
-    t = copy.copy(copy_func(task))
+    t: dict = copy.copy(copy_func(task))
     dataset = t["dataset"] = copy.copy(t["dataset"])
     kwargs = dataset["kwargs"] = copy.copy(dataset["kwargs"])
     handler = kwargs.get("handler")
     if isinstance(handler, Mapping):
         handler = kwargs["handler"] = copy.copy(handler)
         if isinstance(handler.get("kwargs"), Mapping):
-            handler["kwargs"] = copy.copy(handler["kwargs"])
+            kwargs["handler"]["kwargs"] = copy.copy(handler["kwargs"])  # (kwargs["handler"] is handler's fresh copy)
     return t
 
 
@@ -151,7 +151,7 @@ class TaskGen(metaclass=abc.ABCMeta):
         return self.generate(*args, **kwargs)
 
 
-def task_generator(tasks: Mapping[str, Any] | Sequence[Mapping[str, Any]], generators: TaskGen | Sequence[TaskGen]) -> list[dict]:
+def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen]) -> list[dict]:
     """Apply ``generators`` in order, each to every task produced so far (as in Qlib).
 
     With templates ``[a, b]`` and generators ``[A, B]`` yielding 2 and 3 tasks per input,
@@ -312,6 +312,8 @@ class RollingGen(TaskGen):
         segments = self.ta.align_seg(t["dataset"]["kwargs"]["segments"])
         test_end = self._test_end(segments[self.test_key][1])
         test_start_idx = self.ta.align_idx(segments[self.test_key][0])
+        if test_start_idx is None:  # validate_template refused an open test start already
+            raise TaskDefinitionError(f"dataset.kwargs.segments.{self.test_key} needs a start date, got None")
         segments[self.test_key] = (self.ta.get(test_start_idx), self.ta.get(test_start_idx + self.step - 1))
         if self.trunc_days is not None:
             trunc_segments(self.ta, segments, self.trunc_days, self.test_key)
@@ -416,7 +418,7 @@ def _resolve_parent(task: Any, path: str, create: bool) -> tuple[Any, str | int]
             if part not in node:
                 # a model or handler given without kwargs gets an empty one; anything else
                 # missing is most likely a typo, which silently adding a key would hide
-                if part == "kwargs" and create:
+                if part == "kwargs" and create and isinstance(node, MutableMapping):
                     node[part] = {}
                 else:
                     keys = ", ".join(map(str, node)) or "none"
@@ -512,6 +514,7 @@ class ModelGen(TaskGen):
     """
 
     def __init__(self, models: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]):
+        items: list[tuple[str | None, Mapping[str, Any]]]
         if isinstance(models, Mapping):
             items = [(str(name), cfg) for name, cfg in models.items()]
         elif isinstance(models, Sequence) and not isinstance(models, (str, bytes)):
@@ -527,10 +530,10 @@ class ModelGen(TaskGen):
                 raise ConfigError(f"{label} must be a model config dict, got {cfg!r}")
             if "class" not in cfg:
                 raise ConfigError(f"{label} has no 'class' (keys: {', '.join(map(str, cfg)) or 'none'})")
-            cfg = copy.deepcopy(dict(cfg))
+            model = copy.deepcopy(dict(cfg))
             if name is not None:
-                cfg["name"] = name
-            self.models.append(cfg)
+                model["name"] = name
+            self.models.append(model)
 
     def __repr__(self) -> str:
         return f"ModelGen({[m.get('name', m['class']) for m in self.models]})"
@@ -547,7 +550,7 @@ class ModelGen(TaskGen):
         return res
 
 
-def dry_run(templates: Mapping[str, Any] | Sequence[Mapping[str, Any]], generators: TaskGen | Sequence[TaskGen]) -> list[dict]:
+def dry_run(templates: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen]) -> list[dict]:
     """The tasks :func:`task_generator` would produce, deduplicated, without enqueueing.
 
     Two tasks are duplicates when their canonical filters (:func:`qcelery.canonical.normalize`,

@@ -243,7 +243,7 @@ class SigAnaRecord(_Analysis):
                 }
             )
             objects.update({"long_short_r.pkl": ls, "long_avg_r.pkl": long_avg})
-        self.recorder.log_metrics(**metrics)
+        self.recorder.log_metrics(step=None, **metrics)
         return objects
 
     def list(self) -> list[str]:
