@@ -31,13 +31,13 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcelery.data import HandlerCache  # noqa: E402
-from qcelery.embedded import EmbeddedMongo  # noqa: E402
-from qcelery.exp import get_experiment  # noqa: E402
-from qcelery.gen import RollingGen, task_generator  # noqa: E402
-from qcelery.manage import TaskManager  # noqa: E402
-from qcelery.settings import Settings  # noqa: E402
-from qcelery.trainer import TrainerRM  # noqa: E402
+from qcelery.data import HandlerCache  # noqa: E402 - after the thread limits and sys.path above
+from qcelery.embedded import EmbeddedMongo  # noqa: E402 - after the thread limits and sys.path above
+from qcelery.exp import get_experiment  # noqa: E402 - after the thread limits and sys.path above
+from qcelery.gen import RollingGen, task_generator  # noqa: E402 - after the thread limits and sys.path above
+from qcelery.manage import TaskManager  # noqa: E402 - after the thread limits and sys.path above
+from qcelery.settings import Settings  # noqa: E402 - after the thread limits and sys.path above
+from qcelery.trainer import TrainerRM  # noqa: E402 - after the thread limits and sys.path above
 
 N_TASKS = 16
 

@@ -75,7 +75,7 @@ def qlib_side(provider: str, instruments_file: str, start: str, end: str, out: s
 
 def find_qlib_python() -> str | None:
     try:
-        import qlib  # noqa: F401
+        import qlib  # noqa: F401 - only whether it imports
 
         return sys.executable
     except ImportError:

@@ -141,7 +141,10 @@ class Recorder:
     def info(self) -> dict[str, Any]:
         """Qlib's ``info``: class, id, name, experiment_id, status, start/end time, uri."""
         run = self._run()
-        fmt = lambda ms: None if ms is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))  # noqa: E731
+
+        def fmt(ms: int | None) -> str | None:
+            return None if ms is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
         return {
             "class": type(self).__name__,
             "id": self.id,

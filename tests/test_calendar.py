@@ -60,7 +60,7 @@ def test_future_part_may_be_only_the_tail(cal: TradingCalendar) -> None:
 )
 def test_bad_days_are_rejected_naming_the_value(dates: object, error: type, fragment: str) -> None:
     with pytest.raises(error, match=re.escape(fragment)):
-        TradingCalendar(dates)  # type: ignore[arg-type]
+        TradingCalendar(dates)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_future_part_contradicting_the_plain_one_is_rejected() -> None:

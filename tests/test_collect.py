@@ -105,7 +105,10 @@ def test_rolling_group_joins_windows_into_one_series_per_model_without_overlap()
 def test_average_ensemble_and_single_key_ensemble():
     a, b = frame(DAYS[:5], 1), frame(DAYS[:5], 2)
     avg = AverageEnsemble()({"a": a, "nested": {"b": b}})
-    z = lambda f: f.groupby(level="datetime").transform(lambda s: (s - s.mean()) / s.std())["score"]  # noqa: E731
+
+    def z(f: pd.DataFrame) -> pd.Series:
+        return f.groupby(level="datetime").transform(lambda s: (s - s.mean()) / s.std())["score"]
+
     pd.testing.assert_series_equal(avg, ((z(a) + z(b)) / 2).sort_index(), check_names=False)
     assert SingleKeyEnsemble()({"only": {"inner": 3}}) == 3
 

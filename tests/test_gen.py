@@ -55,7 +55,7 @@ def template(**segments: object) -> dict:
 
 
 def rolling(**kwargs: object) -> RollingGen:
-    return RollingGen(calendar=xshg(), **kwargs)  # type: ignore[arg-type]
+    return RollingGen(calendar=xshg(), **kwargs)  # type: ignore[arg-type]  # each test passes the right types
 
 
 def test_segments(task: dict, key: str = "test") -> tuple:
@@ -66,7 +66,7 @@ test_segments.__test__ = False  # type: ignore[attr-defined]  # a helper, not a 
 
 
 def days(seg: tuple) -> tuple[str | None, str | None]:
-    return tuple(None if d is None else d.date().isoformat() for d in seg)  # type: ignore[return-value]
+    return tuple(None if d is None else d.date().isoformat() for d in seg)  # type: ignore[return-value]  # seg is a pair
 
 
 # -- bad input: clear errors before any task exists ----------------------------------
@@ -115,7 +115,7 @@ def test_template_without_segments_is_rejected() -> None:
     with pytest.raises(TaskDefinitionError, match="dataset.kwargs.segments"):
         rolling().generate(tpl)
     with pytest.raises(TaskTypeError):
-        rolling().generate(["not", "a", "dict"])  # type: ignore[arg-type]
+        rolling().generate(["not", "a", "dict"])  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_truncating_before_the_calendar_start_is_an_error_not_an_assertion() -> None:
@@ -127,16 +127,16 @@ def test_truncating_before_the_calendar_start_is_an_error_not_an_assertion() -> 
 def test_horizon_parameters_are_checked() -> None:
     for kwargs, fragment in [({"horizon": []}, "empty"), ({"horizon": [1, -1]}, "horizon"), ({"label_leak_n": -2}, "label_leak_n")]:
         with pytest.raises(QceleryError, match=fragment):
-            LabelHorizonGen(calendar=xshg(), **kwargs)  # type: ignore[arg-type]
+            LabelHorizonGen(calendar=xshg(), **kwargs)  # type: ignore[arg-type]  # wrong on purpose
     with pytest.raises(ConfigError, match="hr_plus_1"):
         LabelHorizonGen(calendar=xshg(), label="Ref($close, -{h})")
 
 
 def test_task_generator_rejects_what_is_not_a_generator_or_a_template() -> None:
     with pytest.raises(TaskTypeError, match=r"generators\[1\]"):
-        task_generator(template(), [rolling(), "rolling"])  # type: ignore[list-item]
+        task_generator(template(), [rolling(), "rolling"])  # type: ignore[list-item]  # wrong on purpose
     with pytest.raises(TaskTypeError, match=r"tasks\[0\]"):
-        task_generator(["template"], [rolling()])  # type: ignore[list-item]
+        task_generator(["template"], [rolling()])  # type: ignore[list-item]  # wrong on purpose
 
 
 # -- rolling behaviour -------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_grid_creates_a_missing_kwargs_but_refuses_other_missing_keys() -> None:
         GridGen({"model.class.x": [1]}).generate(template())
     for bad in ({}, {"model.kwargs.alpha": []}, {"model.kwargs.alpha": "0.1"}, {"model..alpha": [1]}, []):
         with pytest.raises(QceleryError):
-            GridGen(bad)  # type: ignore[arg-type]
+            GridGen(bad)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_set_path_sets_nested_values() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, replace
+from typing import Any
 
 from qcelery.celery_app import CONTROL_QUEUE
 
@@ -33,7 +34,7 @@ POOLS: dict[str, PoolSpec] = {
 }
 
 
-def spec_for(name: str, **overrides: object) -> PoolSpec:
+def spec_for(name: str, **overrides: Any) -> PoolSpec:
     base = POOLS.get(name) or replace(POOLS["cpu"], name=name)
     given = {k: v for k, v in overrides.items() if v is not None}
     if "autoscale" in given and "concurrency" not in given:

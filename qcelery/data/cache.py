@@ -100,7 +100,7 @@ class HandlerCache:
 
     def __init__(self, settings: Any = None):
         self.settings = settings
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
 
     def _fs(self) -> Any:
         import gridfs

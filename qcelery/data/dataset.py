@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, overload
 
 import pandas as pd
 
@@ -18,7 +18,7 @@ def _segment(name: str, value: Any) -> tuple[pd.Timestamp | None, pd.Timestamp |
         value = (value.start, value.stop)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ConfigError(f"segment {name!r} must be a (start, end) pair of days, got {value!r}")
-    out = []
+    out: list[pd.Timestamp | None] = []
     for bound in value:
         if bound is None:
             out.append(None)
@@ -75,6 +75,12 @@ class DatasetH(Serializable):
             return name.start, name.stop
         raise ConfigError(f"a segment is a name ({sorted(self.segments)}) or a slice of days, got {name!r}")
 
+    @overload
+    def prepare(self, segments: str | slice, col_set: str | list[str] = ..., data_key: str = ..., **kwargs: Any) -> pd.DataFrame: ...
+    @overload
+    def prepare(
+        self, segments: Iterable[str | slice], col_set: str | list[str] = ..., data_key: str = ..., **kwargs: Any
+    ) -> list[pd.DataFrame]: ...
     def prepare(
         self,
         segments: str | slice | Iterable[str | slice],
@@ -92,5 +98,6 @@ class DatasetH(Serializable):
             raise ConfigError(f"DatasetH.prepare got unknown argument(s) {sorted(kwargs)}")
         if isinstance(segments, (str, slice)):
             start, end = self._bounds(segments)
-            return self.handler.fetch(slice(start, end), col_set=col_set, data_key=data_key)
+            frame: pd.DataFrame = self.handler.fetch(slice(start, end), col_set=col_set, data_key=data_key)
+            return frame
         return [self.prepare(s, col_set=col_set, data_key=data_key) for s in segments]

@@ -10,6 +10,8 @@ formulas are written here, not taken from Qlib.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pandas as pd
 
@@ -27,13 +29,15 @@ def next_day_return_label(close: pd.DataFrame) -> pd.DataFrame:
     return close.shift(-2) / close.shift(-1) - 1
 
 
+# numpy's ufuncs return a DataFrame for a DataFrame (__array_ufunc__); numpy's stubs say
+# ndarray, hence the casts
 def _rolling_corr(a: pd.DataFrame, b: pd.DataFrame, window: int) -> pd.DataFrame:
     # column-wise rolling correlation without pandas' per-column pairwise loop
     ma, mb = a.rolling(window).mean(), b.rolling(window).mean()
     cov = (a * b).rolling(window).mean() - ma * mb
     var_a = (a * a).rolling(window).mean() - ma * ma
     var_b = (b * b).rolling(window).mean() - mb * mb
-    denom = np.sqrt(var_a.clip(lower=0) * var_b.clip(lower=0))
+    denom = cast(pd.DataFrame, np.sqrt(var_a.clip(lower=0) * var_b.clip(lower=0)))
     return (cov / denom.where(denom > 1e-12)).clip(-1, 1)
 
 
@@ -62,9 +66,9 @@ def alpha_features(
     out["KMID"] = (close - open_) / open_
     out["KLEN"] = (high - low) / open_
     out["KUP"] = (high - np.maximum(open_, close)) / open_
-    out["KLOW"] = (np.minimum(open_, close) - low) / open_
+    out["KLOW"] = (cast(pd.DataFrame, np.minimum(open_, close)) - low) / open_
     ret = close / close.shift(1) - 1
-    log_vol = np.log(volume.where(volume > 0))
+    log_vol = cast(pd.DataFrame, np.log(volume.where(volume > 0)))
     dlog_vol = log_vol - log_vol.shift(1)
     out["RET1"] = ret
     for d in windows:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -226,6 +226,8 @@ class SyntheticAlphaHandler(Serializable):
         from ..pit.errors import PITDataNotFoundError, PITFormatError, PITQueryError
         from ..pit.panel import parse_spec
 
+        if self.pit is None:  # _build calls this only with a pit section
+            raise ConfigError("SyntheticAlphaHandler has no pit section to join")
         unknown = sorted(set(self.pit) - {"fields", "store", "seed"})
         if unknown or not isinstance(self.pit.get("fields"), Mapping):
             raise ConfigError(
@@ -292,7 +294,7 @@ class SyntheticAlphaHandler(Serializable):
             raise ConfigError(f"{self!r} was unpickled without its data (pickled with dump_all=False); build it again from its config")
         if data_key == self.DK_R:
             return self._data
-        views = self.__dict__.setdefault("_views", {})
+        views: dict[str, pd.DataFrame] = self.__dict__.setdefault("_views", {})
         view = views.get(data_key)
         if view is not None:
             return view
@@ -343,6 +345,6 @@ class SyntheticAlphaHandler(Serializable):
         unknown = [c for c in sets if c not in ("feature", "label")]
         if unknown:
             raise ConfigError(f"unknown col_set {unknown[0]!r}; use 'feature', 'label', a list of them or '__all'")
-        if isinstance(col_set, str):
-            return rows[col_set]
+        if isinstance(col_set, str):  # a top-level label of the two-level columns selects a frame
+            return cast(pd.DataFrame, rows[col_set])
         return rows.loc[:, [c for c in rows.columns if c[0] in sets]]

@@ -45,7 +45,7 @@ def learn_xy(dataset: Any, segment: str) -> tuple[np.ndarray, np.ndarray, list[s
 
 
 def infer_frame(dataset: Any, segment: str | slice) -> pd.DataFrame:
-    x = dataset.prepare(segment, col_set="feature", data_key="infer")
+    x: pd.DataFrame = dataset.prepare(segment, col_set="feature", data_key="infer")
     if x.empty:
         raise ConfigError(f"segment {segment!r} of the dataset holds no row to predict; check its dates")
     return x

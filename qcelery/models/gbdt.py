@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
 from .base import Model, infer_frame, learn_xy
+
+if TYPE_CHECKING:
+    from lightgbm import Booster
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,7 @@ _LOSSES = {"mse": "regression", "binary": "binary"}
 
 def lightgbm_available() -> bool:
     try:
-        import lightgbm  # noqa: F401
+        import lightgbm  # noqa: F401 - only whether it imports
     except ImportError:
         return False
     return True
@@ -54,7 +57,7 @@ class LGBModel(Model):
         self.early_stopping_rounds = int(early_stopping_rounds)
         self.num_boost_round = int(num_boost_round)
         self.params = {"objective": _LOSSES[loss], "verbosity": -1, **kwargs}
-        self.model = None
+        self.model: Booster | None = None
         self.best_iteration: int | None = None
         self.features: list[str] | None = None
 
@@ -80,7 +83,7 @@ class LGBModel(Model):
             valid_sets.append(lgb.Dataset(x_valid, label=y_valid, reference=train, feature_name=self.features))
             if self.early_stopping_rounds > 0:
                 callbacks.append(lgb.early_stopping(self.early_stopping_rounds, verbose=False))
-        self.model = lgb.train(
+        self.model = model = lgb.train(
             self.params,
             train,
             num_boost_round=self.num_boost_round,
@@ -88,12 +91,13 @@ class LGBModel(Model):
             valid_names=["train", "valid"][: len(valid_sets)],
             callbacks=callbacks,
         )
-        self.best_iteration = self.model.best_iteration or self.model.current_iteration()
-        log.debug("LGBModel: %d rounds (best %s)", self.model.current_iteration(), self.best_iteration)
+        self.best_iteration = model.best_iteration or model.current_iteration()
+        log.debug("LGBModel: %d rounds (best %s)", model.current_iteration(), self.best_iteration)
         return self
 
     def predict(self, dataset: Any, segment: str | slice = "test") -> pd.Series:
-        self._check_fitted("model")
+        if self.model is None:
+            raise ConfigError(f"{type(self).__name__} is not fitted: call fit(dataset) before predict")
         x = infer_frame(dataset, segment)
         scores = self.model.predict(x.to_numpy(dtype=np.float64), num_iteration=self.best_iteration)
         return pd.Series(scores, index=x.index, name="score")

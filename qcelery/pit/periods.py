@@ -115,7 +115,7 @@ def valid_yyyymmdd(values: np.ndarray) -> np.ndarray:
     year, month, day = a // 10000, a // 100 % 100, a % 100
     ok = (year >= MIN_YEAR) & (year <= MAX_YEAR) & (month >= 1) & (month <= 12) & (day >= 1)
     months = np.where(ok, (year - 1970) * 12 + month - 1, 0).astype("datetime64[M]")
-    days_in_month = ((months + 1).astype("datetime64[D]") - months.astype("datetime64[D]")).astype(np.int64)
+    days_in_month: np.ndarray = ((months + 1).astype("datetime64[D]") - months.astype("datetime64[D]")).astype(np.int64)
     return ok & (day <= days_in_month)
 
 
@@ -142,7 +142,7 @@ def date_ints(values: Any, what: str) -> np.ndarray:
         stamps = pd.DatetimeIndex(pd.to_datetime(s))
     except (ValueError, TypeError) as exc:
         raise PITQueryError(f"{what}: cannot read the values as days ({exc}); give datetimes or ISO strings") from exc
-    if stamps.isna().any():
+    if np.any(stamps.isna()):
         first = int(np.argmax(stamps.isna()))
         raise PITQueryError(f"{what}: row {first} is missing (NaT); every statement needs a publication day")
     ints = _yyyymmdd(stamps)
@@ -160,7 +160,8 @@ def _yyyymmdd(stamps: pd.DatetimeIndex) -> np.ndarray:
     day = stamps.to_numpy().astype("datetime64[D]")
     month = day.astype("datetime64[M]")
     year = month.astype("datetime64[Y]").astype(np.int64) + 1970
-    return year * 10000 + (month.astype(np.int64) % 12 + 1) * 100 + (day - month).astype(np.int64) + 1
+    yyyymmdd: np.ndarray = year * 10000 + (month.astype(np.int64) % 12 + 1) * 100 + (day - month).astype(np.int64) + 1
+    return yyyymmdd
 
 
 def plain_value(value: Any) -> Any:
@@ -181,6 +182,6 @@ def observation_days(days: Any) -> tuple[pd.DatetimeIndex, np.ndarray]:
         raise PITQueryError(f"days: cannot read them as dates ({exc})") from exc
     if index.tz is not None:
         index = index.tz_localize(None)
-    if index.isna().any():
+    if np.any(index.isna()):
         raise PITQueryError("days: contains NaT; every observation day must be a date")
     return index.rename("datetime"), _yyyymmdd(index)

@@ -15,7 +15,7 @@ from qcelery.embedded import port_open
 
 pytest.register_assert_rewrite("faults_support")
 
-from faults_support import fault_settings, rabbitmqctl, started  # noqa: E402
+from faults_support import fault_settings, rabbitmqctl, started  # noqa: E402 - after its assert rewrite is registered
 
 
 @pytest.fixture
