@@ -147,7 +147,7 @@ def publish(
     ids = [to_object_id(i) for i in task_ids]
     if not ids:
         return 0
-    tm = TaskManager(pool, app.qcelery_settings)
+    tm = TaskManager.open(pool, app.qcelery_settings)
     by_batch: dict[Any, dict] = {}
     sent = 0
     docs = [

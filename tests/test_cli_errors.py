@@ -29,6 +29,7 @@ COMMANDS = {
     "prioritize": ["--pool", "--batch"],
     "remove": ["--pool", "--batch", "--yes"],
     "pools": [],
+    "adopt": [],
     "worker": ["--pool", "--autoscale", "--concurrency"],
     "beat": ["--schedule"],
     "flower": ["--port", "--address", "--no-auth"],
