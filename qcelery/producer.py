@@ -18,7 +18,7 @@ from celery.utils import uuid
 
 from . import batch as batches
 from . import status as st
-from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, app_for
+from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, app_for, wire_priority
 from .errors import TaskDefinitionError, TaskTypeError
 from .manage import TaskManager, to_object_id
 from .settings import Settings, load_settings
@@ -45,7 +45,7 @@ def _send_execute(app: Celery, producer: Any, pool: str, task_id: Any, batch_id:
         argsrepr=repr(args),
         kwargsrepr="{}",
         queue=queue,
-        priority=priority,
+        priority=wire_priority(app, priority),
         ignore_result=True,
         producer=producer,
         add_to_parent=False,
