@@ -383,7 +383,10 @@ def collect(
 
 
 def print_summary(doc: dict, settings: Settings, *, with_tasks: bool = False) -> None:
-    summary = doc.get("summary") or {}
+    from ..collect import local_report
+
+    # the report was written on the aggregating worker's machine: shown from here
+    summary = local_report(doc.get("summary") or {}, settings)
     lines, tables = render.summary_lines(doc)
     for line in lines:
         out.print(line, markup=False)
