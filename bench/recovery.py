@@ -15,7 +15,12 @@ task document:
 The bound is L + R (lease plus one beat interval); the Redis visibility timeout (7 days)
 plays no part. Not a test: no thresholds.
 
-    .venv/bin/python bench/recovery.py [--config 5,1,1 10,2,2] [--trials 5]
+``--backlog 0 1000`` repeats every configuration with that many tasks (0.5 s each) queued
+on the same worker pool ahead of the trial task, so both worker processes are always busy;
+the trial task is enqueued at priority 9, as a recovered one is re-published. The anchor
+is the run without a backlog, in the same run: recovery should not depend on the queue.
+
+    .venv/bin/python bench/recovery.py [--config 5,1,1 10,2,2] [--trials 5] [--backlog 0 1000]
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fill_backlog(settings, n: int) -> None:
+    """``n`` half-second tasks on the trial's worker pool, ahead of the trial task."""
+    from qcelery.producer import enqueue
+
+    if n:
+        enqueue([{"key": f"b{i}", "sleep": 0.5} for i in range(n)], "backlog", settings=settings, task_func="qcelery.probes.counted")
+
+
 def trial(settings, cluster, k: int, poll: float = 0.02) -> dict:
     from qcelery.manage import TaskManager
     from qcelery.producer import enqueue
@@ -42,6 +55,7 @@ def trial(settings, cluster, k: int, poll: float = 0.02) -> dict:
         "recovery",
         settings=settings,
         task_func="qcelery.probes.counted",
+        priority=9,
     )
     worker = cluster.procs[0]
     while True:  # running in a pool process, a few heartbeats in
@@ -78,6 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", nargs="+", default=["5,1,1", "10,2,2"], help="lease,heartbeat,recover_interval seconds")
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--backlog", type=int, nargs="+", default=[0, 1000], help="tasks queued ahead of each trial")
     ap.add_argument("--mongo-url")
     ap.add_argument("--broker-url")
     args = ap.parse_args()
@@ -93,7 +108,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="qcelery-bench-") as tmp, servers(tmp, args.mongo_url, args.broker_url) as srv:
         url, broker = srv.mongo_url, srv.broker_url
-        for c, config in enumerate(args.config):
+        runs = [(config, backlog) for backlog in args.backlog for config in args.config]
+        for c, (config, backlog) in enumerate(runs):
             lease, heartbeat, recover = (float(x) for x in config.split(","))
             settings = Settings(
                 mongo_url=url,
@@ -117,27 +133,33 @@ def main() -> None:
                 cluster.start_worker(settings.default_queue, concurrency=2)
                 cluster.start_beat()
                 cluster.wait_ready(app_for(settings))
+                fill_backlog(settings, backlog)
                 for k in range(args.trials):
                     r = trial(settings, cluster, k)
-                    results.append((lease, heartbeat, recover, r))
+                    results.append((lease, heartbeat, recover, backlog, r))
                     print(
-                        f"L={lease:g} H={heartbeat:g} R={recover:g} trial {k + 1}: kill -> running again {r['kill_to_running']:.2f} s",
+                        f"L={lease:g} H={heartbeat:g} R={recover:g} backlog {backlog}: trial {k + 1}: "
+                        f"kill -> running again {r['kill_to_running']:.2f} s",
                         flush=True,
                     )
+                app_for(settings).control.purge()  # the rest of the backlog
 
+    anchor = {}
     print(
-        f"\n{'L':>4}{'H':>4}{'R':>4}  {'lease left':>10}{'expiry->requeue':>16}{'kill->running':>14}{'kill->done':>11}"
-        f"{'bound L+R':>10}{'ratio':>7}"
+        f"\n{'L':>4}{'H':>4}{'R':>4}{'backlog':>8}  {'lease left':>10}{'expiry->requeue':>16}{'kill->running':>14}{'kill->done':>11}"
+        f"{'bound L+R':>10}{'ratio':>7}{'vs no backlog':>14}"
     )
-    for config in args.config:
+    for config, backlog in runs:
         lease, heartbeat, recover = (float(x) for x in config.split(","))
-        rs = [r for (L, H, R, r) in results if (lease, heartbeat, recover) == (L, H, R)]
+        rs = [r for (L, H, R, B, r) in results if (lease, heartbeat, recover, backlog) == (L, H, R, B)]
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         worst = max(r["kill_to_running"] for r in rs)
         bound = lease + recover
+        base = anchor.setdefault(config, med["kill_to_running"]) if backlog == min(args.backlog) else anchor.get(config)
+        versus = f"{med['kill_to_running'] / base:>14.2f}" if base else f"{'-':>14}"
         print(
-            f"{lease:>4g}{heartbeat:>4g}{recover:>4g}  {med['lease_left']:>10.2f}{med['expiry_to_requeue']:>16.2f}"
-            f"{med['kill_to_running']:>14.2f}{med['kill_to_done']:>11.2f}{bound:>10.1f}{med['kill_to_running'] / bound:>7.2f}"
+            f"{lease:>4g}{heartbeat:>4g}{recover:>4g}{backlog:>8}  {med['lease_left']:>10.2f}{med['expiry_to_requeue']:>16.2f}"
+            f"{med['kill_to_running']:>14.2f}{med['kill_to_done']:>11.2f}{bound:>10.1f}{med['kill_to_running'] / bound:>7.2f}{versus}"
             f"   (medians of {len(rs)}; worst kill->running {worst:.2f} s)"
         )
     print("\nRedis' visibility timeout is 7 days: every recovery above came from the lease and beat.")

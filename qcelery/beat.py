@@ -1,15 +1,23 @@
 """Beat jobs: recover expired leases, sweep unpublished tasks, finish stalled batches,
 delete result files left behind by interrupted commits.
 
-``celery beat`` (started by ``qcelery beat``) sends the jobs below every few seconds
-to the control queue; any worker runs them. Every job is a set of conditional
-updates, safe if two copies run. On top of that :class:`LockedScheduler` holds a
-lease-lock in Mongo, so when two beats are started only one sends anything; the other
-takes over once the holder stops renewing.
+``celery beat`` (started by ``qcelery beat``) runs the jobs below every few seconds *in
+its own process*, in a thread per job, instead of sending them to the workers: a
+worker whose processes are all training takes a control message only when one of them
+is free, so a lost task waited behind the whole backlog (DESIGN.md invariant 7). A job
+still running when it is due again is not started twice. The jobs stay registered as
+Celery tasks too, for anything that sends them by name.
+
+Every job is a set of conditional updates, safe if two copies run. On top of that
+:class:`LockedScheduler` holds a lease-lock in Mongo, so when two beats are started only
+one runs anything; the other takes over once the holder stops renewing. A job walks the
+registered pools (:mod:`qcelery.registry`); a pool whose step fails is logged and the job
+goes on with the others.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import logging
 import os
@@ -64,17 +72,33 @@ def _log_run(settings: Settings, job: str, beat: str | None, sent_at: str | None
     database(settings)[BEAT_LOG].insert_one({"job": job, "beat": beat, "sent_at": sent, "at": utcnow(), **result})
 
 
+def _each_pool(settings: Settings, job: str, step: Callable[[TaskManager], int]) -> tuple[int, list[str]]:
+    """``step`` on every registered pool; the sum of what it returned and the pools whose
+    step failed (each logged: one pool's trouble must not stop the others' recovery)."""
+    total, failed = 0, []
+    for pool in TaskManager.list(settings):
+        try:
+            total += step(TaskManager.open(pool, settings))
+        except Exception:
+            logger.exception("beat job %s: pool %r failed; going on with the other pools", job, pool)
+            failed.append(pool)
+    return total, failed
+
+
 def recover(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) -> dict:
-    """Every pool: expired leases back to waiting (or failed) and re-published."""
+    """Every pool: expired leases back to waiting (or failed) and re-published ahead of
+    the backlog (at the top priority: a recovered task has waited already)."""
+    from .celery_app import MAX_PRIORITY
     from .producer import publish
 
     settings: Settings = app.qcelery_settings
-    requeued = 0
-    for pool in TaskManager.list(settings):
-        ids = TaskManager(pool, settings).recover_expired()
-        if ids:
-            requeued += publish(app, pool, ids)
-    result = {"requeued": requeued}
+
+    def step(tm: TaskManager) -> int:
+        ids = tm.recover_expired()
+        return publish(app, tm.name, ids, priority=MAX_PRIORITY) if ids else 0
+
+    requeued, failed = _each_pool(settings, "recover", step)
+    result = {"requeued": requeued, "failed_pools": failed}
     _log_run(settings, "recover", beat, sent_at, result)
     return result
 
@@ -87,16 +111,17 @@ def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) 
     from .worker import AGGREGATE
 
     settings: Settings = app.qcelery_settings
-    republished = 0
-    for pool in TaskManager.list(settings):
-        ids = TaskManager(pool, settings).stale_waiting(settings.sweep_after)
-        if ids:
-            republished += publish(app, pool, ids)
+
+    def step(tm: TaskManager) -> int:
+        ids = tm.stale_waiting(settings.sweep_after)
+        return publish(app, tm.name, ids) if ids else 0
+
+    republished, failed = _each_pool(settings, "sweep", step)
     rechecked = 0
     for b in batches.stalled(database(settings), max(settings.sweep_after, settings.lease_seconds)):
         app.send_task(AGGREGATE, args=(b["pool"], str(b["_id"])), queue=CONTROL_QUEUE)
         rechecked += 1
-    result = {"republished": republished, "batches_rechecked": rechecked}
+    result = {"republished": republished, "batches_rechecked": rechecked, "failed_pools": failed}
     _log_run(settings, "sweep", beat, sent_at, result)
     return result
 
@@ -104,18 +129,21 @@ def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) 
 def gc_results(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Every pool: delete result files no task refers to, older than ``result_gc_after``."""
     settings: Settings = app.qcelery_settings
-    dropped = sum(TaskManager(pool, settings).drop_orphan_result_files(settings.result_gc_after) for pool in TaskManager.list(settings))
-    result = {"result_files_dropped": dropped}
+    dropped, failed = _each_pool(settings, "gc_results", lambda tm: tm.drop_orphan_result_files(settings.result_gc_after))
+    result = {"result_files_dropped": dropped, "failed_pools": failed}
     _log_run(settings, "gc_results", beat, sent_at, result)
     return result
+
+
+#: the job functions by task name
+JOBS: dict[str, Callable[[QceleryApp, str | None, str | None], dict]] = {RECOVER: recover, SWEEP: sweep, GC_RESULTS: gc_results}
 
 
 def register(app: QceleryApp) -> None:
     app.conf.beat_schedule = schedule(app.qcelery_settings)
     app.conf.beat_scheduler = "qcelery.beat:LockedScheduler"
-    jobs = {RECOVER: recover, SWEEP: sweep, GC_RESULTS: gc_results}
     for _, name, _ in _JOBS:
-        _register_job(app, name, jobs[name])
+        _register_job(app, name, JOBS[name])
 
 
 def _register_job(app: QceleryApp, name: str, job: Callable[[QceleryApp, str | None, str | None], dict]) -> None:
@@ -159,8 +187,11 @@ class LockedScheduler(PersistentScheduler):
         super().__init__(*args, **kwargs)
         if not isinstance(self.app, QceleryApp):  # set as beat_scheduler by make_app only
             raise ConfigError(f"qcelery's beat scheduler needs an app made by qcelery.make_app, got {self.app!r}")
+        self.qcelery_app: QceleryApp = self.app
         self.lock = BeatLock(self.app.qcelery_settings)
         self._held = False
+        self._jobs = concurrent.futures.ThreadPoolExecutor(max_workers=len(_JOBS), thread_name_prefix="qcelery-job")
+        self._running: dict[str, concurrent.futures.Future] = {}
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
@@ -177,11 +208,32 @@ class LockedScheduler(PersistentScheduler):
             return min(self.lock.ttl / 3, 5.0)
         return min(super().tick(*args, **kwargs), self.lock.ttl / 3)
 
+    def apply_entry(self, entry: Any, producer: Any = None) -> None:
+        """Run qcelery's own jobs here, in a thread each (not on the workers, where they
+        would wait for a free process behind the backlog); send anything else."""
+        job = JOBS.get(entry.task)
+        if job is None:
+            super().apply_entry(entry, producer)
+            return
+        previous = self._running.get(entry.task)
+        if previous is not None and not previous.done():
+            logger.info("beat %s: %s still running; this run skipped", self.lock.owner, entry.task)
+            return
+        self._running[entry.task] = self._jobs.submit(self._run_job, job, entry.task)
+
+    def _run_job(self, job: Callable[[QceleryApp, str | None, str | None], dict], name: str) -> None:
+        try:
+            job(self.qcelery_app, self.lock.owner, utcnow().isoformat())
+        except Exception:  # Mongo away, a broker error: logged, and the next run tries again
+            logger.exception("beat %s: job %s failed", self.lock.owner, name)
+
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
         entry.kwargs = {**(entry.kwargs or {}), "beat": self.lock.owner, "sent_at": utcnow().isoformat()}
         return super().apply_async(entry, producer, advance, **kwargs)
 
     def close(self) -> None:
+        # the jobs end before the lock goes, so a beat taking over never overlaps them
+        self._jobs.shutdown(wait=True, cancel_futures=True)
         if self._held:
             try:
                 self.lock.release()

@@ -27,6 +27,19 @@ def queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments={"x-max-priority": MAX_PRIORITY})
 
 
+def wire_priority(app: Celery, priority: int) -> int:
+    """qcelery's priority (0..MAX_PRIORITY, higher runs first) as the broker orders it.
+
+    RabbitMQ delivers a higher ``priority`` first; kombu's Redis transport keeps one list
+    per priority and reads them in ascending order, so there 0 comes first. Without the
+    flip, a task raised to priority 9 on Redis ran after everything else."""
+    flip = getattr(app, "_qcelery_flip_priority", None)
+    if flip is None:
+        flip = app.connection_for_write().transport.driver_type == "redis"
+        app._qcelery_flip_priority = flip  # type: ignore[attr-defined]  # cached per app
+    return MAX_PRIORITY - priority if flip else priority
+
+
 def _is_control(request) -> bool:
     return (request.delivery_info or {}).get("routing_key") == CONTROL_QUEUE
 

@@ -38,6 +38,7 @@ from .errors import ConfigError, TaskTypeError
 from .exp import Experiment, LoadObjectError, Recorder, client, get_experiment
 from .records import calc_ic, long_short_return, risk_analysis
 from .serial import Serializable
+from .settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -569,3 +570,32 @@ def summarize_batch(
         "tasks": _records(tasks_df),
         "failures": [{k: _clean(v) for k, v in f.items()} for f in failures],
     }
+
+
+def local_report(summary: Mapping[str, Any], settings: Settings) -> dict:
+    """``summary`` with its report and plots as files on this host.
+
+    The aggregation writes them under the run directory of whichever worker ran it, on
+    whichever machine; its summary names those paths. Where they are not files here, the
+    summary run's artifacts (the same files) are downloaded from MLflow into
+    ``<run_dir>/reports/<batch>/`` of these settings and the paths point there."""
+    out = dict(summary)
+    report, run_id = summary.get("report_path"), summary.get("summary_run_id")
+    if not report or not run_id:
+        return out
+    plots = dict(summary.get("plots") or {})
+    if all(Path(p).is_file() for p in [report, *plots.values()]):
+        return out
+    import mlflow.artifacts
+
+    dest = Path(settings.run_dir).resolve() / "reports" / Path(report).parent.name
+    dest.mkdir(parents=True, exist_ok=True)
+    uri = settings.effective_tracking_uri
+    client(uri)  # MLflow's environment for this URI (a file store needs its opt-in)
+    try:
+        mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dest), tracking_uri=uri)
+    except Exception as exc:  # MLflow raises its own exceptions and OSError alike
+        raise LoadObjectError(f"report of summary run {run_id} could not be downloaded from {mask_url(uri)}: {exc}") from exc
+    out["report_path"] = str(dest / Path(report).name)
+    out["plots"] = {name: str(dest / Path(p).name) for name, p in plots.items()}
+    return out

@@ -56,6 +56,17 @@ class _WorkflowLoader(yaml.SafeLoader):
                     )
         super().flatten_mapping(node)
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # `2024-13-45` matches YAML's date pattern, and PyYAML then raises a bare
+        # ValueError with no line; report it like any other YAML error
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a valid date: {exc}", node.start_mark) from None
+
+
+_WorkflowLoader.add_constructor("tag:yaml.org,2002:timestamp", _WorkflowLoader.construct_yaml_timestamp)
+
 
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; errors become :class:`ConfigError` naming the file and line."""

@@ -61,6 +61,14 @@ class TaskNotFoundError(QceleryError, KeyError):
     __str__ = _plain_message
 
 
+class UnknownPoolError(TaskNotFoundError):
+    """No task pool of that name is registered (created or adopted by qcelery)."""
+
+
+class ForeignCollectionError(TaskDefinitionError):
+    """A collection holds documents qcelery did not write; it is not taken for a pool."""
+
+
 class LeaseLostError(QceleryError):
     """A worker tried to write a task whose lease it no longer holds."""
 

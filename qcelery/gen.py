@@ -45,6 +45,7 @@ import abc
 import copy
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -140,6 +141,10 @@ def _detached_copy(task: Mapping[str, Any], copy_func: Callable[[Any], Any]) -> 
 
 
 # -- generators -----------------------------------------------------------------------
+#: the most tasks one ``task_generator`` call makes unless told otherwise (settings.max_tasks)
+DEFAULT_MAX_TASKS = 1_000_000
+
+
 class TaskGen(metaclass=abc.ABCMeta):
     """Base class of generators: ``generate(template) -> list of tasks`` (as in Qlib)."""
 
@@ -150,14 +155,60 @@ class TaskGen(metaclass=abc.ABCMeta):
     def __call__(self, *args: Any, **kwargs: Any) -> list[dict]:
         return self.generate(*args, **kwargs)
 
+    def count(self, task: dict) -> int:
+        """How many tasks :meth:`generate` makes from ``task``; generators whose count
+        does not need the tasks (grids, model lists, horizons) answer without building them."""
+        return len(self.generate(task))
 
-def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen]) -> list[dict]:
+    def first(self, task: dict) -> dict | None:
+        """The first task :meth:`generate` makes from ``task`` (``None`` if none): what the
+        next generator sees, for counting."""
+        generated = self.generate(task)
+        return generated[0] if generated else None
+
+
+def count_tasks(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen]) -> tuple[int, list[int]]:
+    """How many tasks :func:`task_generator` would make, without making them: per
+    template the product of each generator's count on the first task of the stage
+    before (exact when a generator makes the same number from every task it is given,
+    as grids, models and horizons do; rolling windows follow the template's segments).
+    Returns the total and, for the message, each generator's count on the first template."""
+    task_list = [tasks] if isinstance(tasks, Mapping) else list(tasks)
+    gens = [generators] if isinstance(generators, TaskGen) else list(generators)
+    total, factors = 0, []
+    for i, template in enumerate(task_list):
+        n, current = 1, dict(template)
+        for gen in gens:
+            k = gen.count(current)
+            if i == 0:
+                factors.append(k)
+            n *= k
+            nxt = gen.first(current) if k else None
+            if nxt is None:
+                break
+            current = nxt
+        total += n
+    return total, factors
+
+
+def _check_size(task_list: list, gens: list[TaskGen], max_tasks: int) -> None:
+    n, factors = count_tasks(task_list, gens)
+    if n > max_tasks:
+        shape = " x ".join([f"{len(task_list)} template(s)", *(f"{k:,} ({type(g).__name__})" for g, k in zip(gens, factors, strict=True))])
+        raise TaskDefinitionError(
+            f"the generators would make {n:,} tasks ({shape}), above the limit of {max_tasks:,}; "
+            "nothing was generated. Shrink the grid, or raise the limit (max_tasks / QCELERY_MAX_TASKS) if you mean it"
+        )
+
+
+def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen], max_tasks: int = DEFAULT_MAX_TASKS) -> list[dict]:
     """Apply ``generators`` in order, each to every task produced so far (as in Qlib).
 
     With templates ``[a, b]`` and generators ``[A, B]`` yielding 2 and 3 tasks per input,
     the result holds 2 * 2 * 3 = 12 tasks, ordered template by template, then A's
     outputs, then B's. The whole list is built before returning, so bad input raises
-    before anything could be enqueued.
+    before anything could be enqueued. Unlike Qlib, more than ``max_tasks`` tasks are
+    refused before any is built, with the count they would have made.
     """
     task_list = [tasks] if isinstance(tasks, Mapping) else list(tasks)
     gens = [generators] if isinstance(generators, TaskGen) else list(generators)
@@ -167,6 +218,7 @@ def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[
     for i, task in enumerate(task_list):
         if not isinstance(task, Mapping):
             raise TaskTypeError(f"tasks[{i}] is a {type(task).__name__}, not a task template dict")
+    _check_size(task_list, gens, max_tasks)
     for gen in gens:
         task_list = [new for task in task_list for new in gen.generate(task)]
     return task_list
@@ -460,6 +512,10 @@ class GridGen(TaskGen):
     """
 
     def __init__(self, grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]):
+        # a mapping is kept as its axes: its points are made one at a time while
+        # generating, so a grid of 10^9 points is counted (and refused) without being built
+        self._axes: list[list[tuple[str, Any]]] | None = None
+        self._points: list[dict] | None = None
         if isinstance(grid, Mapping):
             if not grid:
                 raise ConfigError("grid is empty: give {path: [values, ...]}")
@@ -472,31 +528,60 @@ class GridGen(TaskGen):
                 if not values:
                     raise ConfigError(f"grid[{path!r}] is an empty list: it would generate no task")
                 axes.append([(path, v) for v in values])
-            self.points = [dict(combo) for combo in itertools.product(*axes)]
+            self._axes = axes
         elif isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)):
             if not grid:
                 raise ConfigError("grid is an empty list: give [{path: value, ...}, ...]")
-            self.points = []
+            self._points = []
             for i, point in enumerate(grid):
                 if not isinstance(point, Mapping) or not point:
                     raise ConfigError(f"grid[{i}] must be a non-empty mapping {{path: value}}, got {point!r}")
                 for path in point:
                     _parse_path(path)
-                self.points.append(dict(point))
+                self._points.append(dict(point))
         else:
             raise TaskTypeError(f"grid must be a mapping {{path: [values]}} or a list of mappings, got {grid!r}")
 
+    def __len__(self) -> int:
+        if self._points is not None:
+            return len(self._points)
+        return math.prod(len(axis) for axis in self._axes or [])
+
+    def _iter_points(self) -> Iterator[dict]:
+        if self._points is not None:
+            return iter(self._points)
+        return (dict(combo) for combo in itertools.product(*(self._axes or [])))
+
+    @property
+    def points(self) -> list[dict]:
+        """Every point of the grid (built on demand)."""
+        return list(self._iter_points())
+
+    def _paths(self) -> Iterable[str]:
+        if self._axes is not None:
+            return [axis[0][0] for axis in self._axes]
+        return dict.fromkeys(p for point in self._points or [] for p in point)
+
+    def count(self, task: dict) -> int:
+        return len(self)
+
+    def first(self, task: dict) -> dict | None:
+        t = copy.deepcopy(task)
+        for path, value in next(self._iter_points()).items():
+            set_path(t, path, copy.deepcopy(value))
+        return t
+
     def __repr__(self) -> str:
-        return f"GridGen({len(self.points)} points)"
+        return f"GridGen({len(self)} points)"
 
     def generate(self, task: dict) -> list[dict]:
         if not isinstance(task, Mapping):
             raise TaskTypeError(f"a task template must be a dict, got {type(task).__name__}")
         probe = copy.deepcopy(task)
-        for path in dict.fromkeys(p for point in self.points for p in point):
+        for path in self._paths():
             _resolve_parent(probe, path, create=True)  # fail before generating anything
         res = []
-        for point in self.points:
+        for point in self._iter_points():
             t = copy.deepcopy(task)
             for path, value in point.items():
                 set_path(t, path, copy.deepcopy(value))
@@ -550,14 +635,14 @@ class ModelGen(TaskGen):
         return res
 
 
-def dry_run(templates: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen]) -> list[dict]:
+def dry_run(templates: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen], max_tasks: int = DEFAULT_MAX_TASKS) -> list[dict]:
     """The tasks :func:`task_generator` would produce, deduplicated, without enqueueing.
 
     Two tasks are duplicates when their canonical filters (:func:`qcelery.canonical.normalize`,
     the form the task pool deduplicates on) are equal; the first one is kept, order is
     preserved. Errors in templates or generators raise here, as they would on enqueue.
     """
-    tasks = task_generator(templates, generators)
+    tasks = task_generator(templates, generators, max_tasks=max_tasks)
     seen: set[str] = set()
     unique = []
     for task in tasks:

@@ -42,20 +42,23 @@ from bson import Binary, ObjectId
 from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
+from . import registry
 from . import status as st
 from .canonical import canonical_json, filter_hash, hash_text, normalize
 from .errors import (
     DecodeError,
+    ForeignCollectionError,
     QceleryError,
     TaskDefinitionError,
     TaskNotFoundError,
     TaskTypeError,
+    UnknownPoolError,
     UnsafePickleError,
 )
 from .lease import Heartbeat, Leases, utcnow, worker_name
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
-from .store import INTERNAL_PREFIX, RESULT_BUCKET, database, result_fs, scans_find_and_modify, to_object_id
+from .store import RESULT_BUCKET, database, result_fs, scans_find_and_modify, to_object_id
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +95,8 @@ class TaskManager(Leases):
 
     ENCODE_FIELDS_PREFIX = ["def", "res"]
 
-    def __init__(self, task_pool: str, settings: Settings | None = None):
-        if not isinstance(task_pool, str) or not task_pool or task_pool.startswith(("system.", INTERNAL_PREFIX)) or "$" in task_pool:
-            raise TaskDefinitionError(f"invalid task pool name {task_pool!r}: use a non-empty collection name without '$'")
+    def __init__(self, task_pool: str, settings: Settings | None = None, *, create: bool = True):
+        registry.check_name(task_pool)
         self.settings = settings or load_settings()
         self.name = task_pool
         self.db = database(self.settings, ping=True)
@@ -103,12 +105,102 @@ class TaskManager(Leases):
         # SecantusDB answers a large $in in quadratic time; MongoDB takes big ones at once
         self._lookup_chunk = _LOOKUP_CHUNK if self._claim_in_two_steps else _INSERT_CHUNK
         self._fetch_cache: tuple[dict, float, collections.deque] | None = None
+        if create:
+            self._create_or_check()
+        elif not registry.is_known(self.db, task_pool):
+            raise UnknownPoolError(
+                f"no task pool {task_pool!r} in database {self.settings.mongo_db!r} (pools: {', '.join(registry.known(self.db)) or 'none'})"
+            )
+
+    @classmethod
+    def open(cls, task_pool: str, settings: Settings | None = None) -> TaskManager:
+        """The existing pool ``task_pool``; :class:`UnknownPoolError` when qcelery never
+        created or adopted it. Writes nothing (no collection, no index): what workers, beat
+        and the admin commands use, so a message or a typo naming another collection cannot
+        create or alter it."""
+        return cls(task_pool, settings, create=False)
+
+    def _create_or_check(self) -> None:
+        """Qlib's ``TaskManager(name)``: make ``name`` a pool (indexes, registry) unless the
+        collection holds documents qcelery did not write, which are refused, not indexed."""
+        if not registry.is_known(self.db, self.name):
+            indexes = self.task_pool.index_information()
+            if "dedup" in indexes:  # a pool of a qcelery release before the registry
+                origin = registry.FOUND
+            elif self.task_pool.find_one({}, {"_id": 1}) is None:
+                origin = registry.CREATED
+            else:
+                raise ForeignCollectionError(
+                    f"collection {self.name!r} in database {self.settings.mongo_db!r} holds documents qcelery did not write, "
+                    f"so it is not taken for a task pool; if Qlib's TaskManager filled it, adopt it with `qcelery adopt {self.name}` "
+                    "(TaskManager.adopt), else choose another pool name"
+                )
+            self._ensure_indexes()
+            registry.register(self.db, self.name, origin)
+            return
         self._ensure_indexes()
 
     def _ensure_indexes(self) -> None:
         # one round trip, on every construction: a pool dropped and re-created in the
         # same process must get its unique index back, or producers could race in twins
         self.task_pool.create_indexes(_INDEXES)
+
+    @classmethod
+    def adopt(cls, task_pool: str, settings: Settings | None = None) -> tuple[TaskManager, int]:
+        """Make a pool that Qlib's ``TaskManager`` filled a qcelery pool, in place; returns
+        the manager and how many tasks were adopted (0 when it is a pool already).
+
+        Every task gets the fields qcelery keeps (the hash of its definition, so new tasks
+        are deduplicated against it, an attempt budget, no batch); Qlib's own fields
+        (``def``, ``filter``, ``status``, ``res``, ``priority``) are left as they are, so
+        Qlib can go on reading the pool. A ``running`` task is taken as claimed now: if no
+        one commits it within one lease, beat returns it to ``waiting``. Every document is
+        checked (it decodes through the allow-list, its status is Qlib's) before the first
+        write; an adoption cut off half-way is completed by running it again."""
+        registry.check_name(task_pool)
+        settings = settings or load_settings()
+        db = database(settings, ping=True)
+        if registry.is_known(db, task_pool):
+            return cls.open(task_pool, settings), 0
+        coll = db[task_pool]
+        if coll.find_one({}, {"_id": 1}) is None:
+            raise UnknownPoolError(f"collection {task_pool!r} in database {settings.mongo_db!r} is empty or absent: nothing to adopt")
+        where = f"collection {task_pool!r} in database {settings.mongo_db!r}"
+        seen = {d["filter_hash"]: d["_id"] for d in coll.find({"filter_hash": {"$exists": True}}, {"filter_hash": 1})}
+        plans: list[tuple[ObjectId, dict]] = []
+        now = utcnow()
+        for d in coll.find({"filter_hash": {"$exists": False}}, {"res": 0}):
+            if not isinstance(d.get("def"), (bytes, Binary)) or d.get("status") not in st.ALL:
+                raise ForeignCollectionError(
+                    f"{where}: document {d['_id']} is not a Qlib task (no pickled 'def', or a status outside "
+                    f"{', '.join(st.ALL)}); nothing adopted"
+                )
+            try:
+                task_def = restricted_loads(bytes(d["def"]), settings.allowed_modules, context=f"task {d['_id']} of {where}")
+            except UnsafePickleError:
+                raise
+            except Exception as exc:  # any decoding failure: say which task, write nothing
+                raise DecodeError(f"{where}: task {d['_id']} could not be decoded ({type(exc).__name__}: {exc}); nothing adopted") from exc
+            fhash = filter_hash(normalize(task_def))
+            if fhash in seen:  # Qlib allowed twins; the unique index cannot, so the later one keeps its own hash
+                logger.warning("%s: task %s duplicates task %s; kept, never matched by create_task", where, d["_id"], seen[fhash])
+                fhash = f"duplicate:{d['_id']}"
+            seen[fhash] = d["_id"]
+            fields: dict[str, Any] = {
+                "filter_hash": fhash, "res_file": None, "priority": d.get("priority", 0), "attempt": 0, "attempt_base": 0,
+                "max_attempts": settings.max_attempts, "lease_until": None, "worker": None, "claimed_from": None, "error": None,
+                "batch_ids": [], "created_at": now, "updated_at": now, "started_at": None, "finished_at": None, "published_at": None,
+            }  # fmt: skip
+            if d["status"] == st.RUNNING:
+                fields.update(attempt=1, claimed_from=st.WAITING, started_at=now,
+                              lease_until=now + _dt.timedelta(seconds=settings.lease_seconds))  # fmt: skip
+            plans.append((d["_id"], {k: v for k, v in fields.items() if k not in d or k == "filter_hash"}))
+        for oid, fields in plans:
+            coll.update_one({"_id": oid, "filter_hash": {"$exists": False}}, {"$set": fields})
+        coll.create_indexes(_INDEXES)
+        registry.register(db, task_pool, registry.ADOPTED)
+        logger.info("%s: adopted as a task pool (%d tasks)", where, len(plans))
+        return cls.open(task_pool, settings), len(plans)
 
     def __str__(self) -> str:
         return f"TaskManager({self.settings.mongo_db}.{self.name})"
@@ -118,9 +210,9 @@ class TaskManager(Leases):
     # ------------------------------------------------------------------ listing
     @staticmethod
     def list(settings: Settings | None = None) -> list[str]:
-        """Names of the task pools in the database (qcelery's own collections left out)."""
-        db = database(settings or load_settings(), ping=True)
-        return sorted(n for n in db.list_collection_names() if not n.startswith((INTERNAL_PREFIX, "system.")))
+        """Names of the task pools qcelery created or adopted in the database (not every
+        collection, as Qlib lists: GridFS buckets and a user's collections are no pools)."""
+        return registry.known(database(settings or load_settings(), ping=True))
 
     # ---------------------------------------------------------------- encoding
     def _encode_def(self, task_def: Any, index: int | None = None) -> Binary:

@@ -17,7 +17,7 @@ from celery.utils import uuid
 
 from . import batch as batches
 from . import status as st
-from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, QceleryApp, app_for
+from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, QceleryApp, app_for, wire_priority
 from .errors import TaskDefinitionError, TaskTypeError
 from .manage import TaskManager, to_object_id
 from .settings import Settings, load_settings
@@ -46,7 +46,7 @@ def _send_execute(
         argsrepr=repr(args),
         kwargsrepr="{}",
         queue=queue,
-        priority=priority,
+        priority=wire_priority(app, priority),
         ignore_result=True,
         producer=producer,
         add_to_parent=False,
@@ -148,7 +148,7 @@ def publish(
     ids = [to_object_id(i) for i in task_ids]
     if not ids:
         return 0
-    tm = TaskManager(pool, app.qcelery_settings)
+    tm = TaskManager.open(pool, app.qcelery_settings)
     by_batch: dict[Any, dict] = {}
     sent = 0
     docs = [

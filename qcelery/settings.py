@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     calendar: str = "XSHG"
     gridfs_threshold: int = Field(1_000_000, gt=0, description="results larger than this (bytes) go to GridFS")
     max_def_bytes: int = Field(15_000_000, gt=0, description="largest pickled task definition accepted")
+    max_tasks: int = Field(1_000_000, gt=0, description="most tasks one workflow may generate; more are refused before any is built")
     allowed_modules: list[str] = Field(default_factory=list, description="extra modules the unpickler accepts")
     task_func: str = "qcelery.trainer.task_train"
     default_queue: str = "cpu"

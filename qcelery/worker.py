@@ -14,12 +14,13 @@ environment); ``qcelery worker --pool P`` does the same with the pool's options.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -27,7 +28,7 @@ from pymongo.errors import ConnectionFailure
 
 from . import batch as batches
 from . import status as st
-from .errors import ConfigError
+from .errors import ConfigError, TaskDefinitionError, TaskNotFoundError
 from .manage import Heartbeat, TaskManager, format_exception, to_object_id, worker_name
 from .settings import Settings
 
@@ -48,7 +49,9 @@ def manager(app: QceleryApp, pool: str) -> TaskManager:
     key = (id(app), pool)
     tm = _MANAGERS.get(key)
     if tm is None:
-        tm = _MANAGERS[key] = TaskManager(pool, app.qcelery_settings)
+        # open, never create: a message naming a collection qcelery does not know must not
+        # make it a pool (no collection, no index); UnknownPoolError instead
+        tm = _MANAGERS[key] = TaskManager.open(pool, app.qcelery_settings)
     return tm
 
 
@@ -231,6 +234,23 @@ def _control_queue() -> str:
     return CONTROL_QUEUE
 
 
+class _Refused(dict):
+    """What a task returns for a message naming what does not exist."""
+
+
+@contextlib.contextmanager
+def _refusing(name: str, *args: Any) -> Iterator[_Refused]:
+    """Turn a message that names an unknown pool, task or batch (or an id that is no id)
+    into one log line and a ``refused`` result instead of a traceback: such a message
+    cannot become valid by retrying, and nothing was written for it."""
+    refused = _Refused(status="refused")
+    try:
+        yield refused
+    except (TaskNotFoundError, TaskDefinitionError) as exc:
+        refused["error"] = str(exc)
+        logger.warning("%s%r refused: %s", name, args, exc)
+
+
 def register(app: QceleryApp) -> None:
     """Register ``execute`` and ``aggregate`` on ``app``."""
 
@@ -238,11 +258,15 @@ def register(app: QceleryApp) -> None:
     def execute(
         self, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
     ) -> dict:
-        return execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
+        with _refusing(EXECUTE, pool, task_id, batch_id) as refused:
+            return execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
+        return refused
 
     @app.task(name=AGGREGATE, bind=True, shared=False, acks_late=True)
     def aggregate(self, pool: str, batch_id: str) -> dict:
-        return aggregate_batch(self.app, pool, batch_id)
+        with _refusing(AGGREGATE, pool, batch_id) as refused:
+            return aggregate_batch(self.app, pool, batch_id)
+        return refused
 
 
 def _module_app() -> QceleryApp:

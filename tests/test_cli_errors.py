@@ -29,6 +29,7 @@ COMMANDS = {
     "prioritize": ["--pool", "--batch"],
     "remove": ["--pool", "--batch", "--yes"],
     "pools": [],
+    "adopt": [],
     "worker": ["--pool", "--autoscale", "--concurrency"],
     "beat": ["--schedule"],
     "flower": ["--port", "--address", "--no-auth"],
@@ -149,3 +150,36 @@ def test_the_cli_priority_bound_is_the_broker_s():
     from qcelery.cli import tasks
 
     assert tasks.MAX_PRIORITY == MAX_PRIORITY
+
+
+def test_bad_dates_sizes_and_pool_names_are_one_line_and_write_nothing(tmp_path, settings, mongo_db):
+    """An impossible date (named with its line), a grid of 10^9 points (refused with the
+    count it would make, before building it, even with --dry-run) and pool names that
+    cannot be pools: one line each, nothing written."""
+    base = probe_workflow(tmp_path / "base.yaml")
+    bad_date = tmp_path / "bad_date.yaml"
+    bad_date.write_text(base.read_text().replace("2020-01-02", "2024-13-45"))
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("task:\n  model: {class: OrderedDict, module_path: collections}\n  start: 2024-13-45\n")
+    huge = tmp_path / "huge.yaml"
+    axis = "[" + ", ".join(str(i) for i in range(1000)) + "]"
+    huge.write_text(base.read_text() + f"- grid: {{a: {axis}, b: {axis}, c: {axis}}}\n")
+    env = cli_env(settings, QCELERY_TASK_FUNC=PROBE)
+    procs = qcelery_many(
+        [
+            ["enqueue", str(bad_date)],
+            ["enqueue", str(unquoted), "--dry-run"],
+            ["enqueue", str(huge), "--dry-run"],
+            ["enqueue", str(base), "--pool", ".hidden"],
+            ["enqueue", str(base), "--pool", "cache.files"],
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    _assert_one_line_error(procs[0], "bad_date.yaml", "'2024-13-45' is not a date")
+    _assert_one_line_error(procs[1], "unquoted.yaml", "line 3", "'2024-13-45' is not a valid date")
+    _assert_one_line_error(procs[2], "3,000,000,000 tasks", "1,000,000,000 (GridGen)", "QCELERY_MAX_TASKS")
+    _assert_one_line_error(procs[3], "invalid task pool name '.hidden'")
+    _assert_one_line_error(procs[4], "invalid task pool name 'cache.files'", "GridFS")
+    assert mongo_db.list_collection_names() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,41 @@ def test_summarize_batch_from_the_pool_reads_done_results_and_failures(settings,
     assert [row["task_id"] for row in out["tasks"]] == [str(i) for i in ids[:2]]
     assert out["failures"] == [{"task_id": str(ids[2]), "error": "ConfigError: no class 'Nope'"}]
     assert out["models"][0]["model"] == "LinearModel" and out["models"][0]["n_tasks"] == 2
+
+
+def test_collect_on_another_host_downloads_the_report_from_the_summary_run(settings, mongo_db, rolling_runs, tmp_path):
+    """The aggregating worker wrote the report under its own run directory; `collect` run
+    with another run directory (another machine, where that path does not exist) shows
+    files of its own, fetched from the summary run's artifacts, not the worker's paths."""
+    import shutil
+
+    from bson import ObjectId
+    from cli_support import cli_env, qcelery
+
+    _, recs = rolling_runs
+    out = summarize_batch(recs, experiment_name="rolling", batch_id="b3", settings=settings)
+    worker_report = Path(out["report_path"])
+    expected = worker_report.read_bytes()
+    shutil.rmtree(worker_report.parent)  # that machine's disk is not this one's
+    bid = ObjectId()
+    mongo_db["qcelery_batches"].insert_one(
+        {
+            "_id": bid,
+            "pool": "rolling",
+            "state": "aggregated",
+            "n_tasks": len(recs),
+            "summary": out,
+            "created_at": datetime.now(timezone.utc),
+        }
+    )
+    here = tmp_path / "producer-host"
+    env = cli_env(settings.model_copy(update={"run_dir": here}))
+    proc = qcelery("collect", "--batch", str(bid), cwd=tmp_path, env=env, timeout=120)
+
+    assert proc.returncode == 0, proc.stderr
+    [report_line] = [line for line in proc.stdout.splitlines() if line.startswith("report: ")]
+    shown = Path(report_line.removeprefix("report: "))
+    assert shown.is_relative_to(here.resolve()) and shown.read_bytes() == expected
+    [plots_line] = [line for line in proc.stdout.splitlines() if line.startswith("plots: ")]
+    assert all(Path(p).is_file() and Path(p).is_relative_to(here.resolve()) for p in plots_line.removeprefix("plots: ").split(", "))
+    assert str(worker_report) not in proc.stdout

@@ -184,7 +184,7 @@ def _dry_run(wf: wfl.Workflow, settings: Settings, pool: str | None) -> None:
 
     pool = pool or wf.default_pool
     # an unknown pool is not created by a dry run
-    status_of = statuses_by_hash(TaskManager(pool, settings), wf.tasks) if pool in TaskManager.list(settings) else {}
+    status_of = statuses_by_hash(TaskManager.open(pool, settings), wf.tasks) if pool in TaskManager.list(settings) else {}
     t = Table(title=f"{wf.path}: tasks for pool {pool!r} (dry run)", title_justify="left")
     for col in ("#", "model", "train", "test", "in pool"):
         t.add_column(col, no_wrap=True)
@@ -226,9 +226,9 @@ def status(
         pools = _pools(settings, pool)
         docs = list(batches.list_batches(db, pool, limit=limit))
         task_q = {}
-    managers = {p: TaskManager(p, settings) for p in pools}
+    managers = {p: TaskManager.open(p, settings) for p in pools}
     if docs:
-        rows = [(d, batches.progress(managers.get(d["pool"]) or TaskManager(d["pool"], settings), d)) for d in docs]
+        rows = [(d, batches.progress(managers.get(d["pool"]) or TaskManager.open(d["pool"], settings), d)) for d in docs]
         out.print(render.batches_table(rows))
     elif pools:
         out.print(render.pools_table((p, managers[p].task_stat()) for p in pools))
@@ -274,7 +274,7 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
     from .. import batch as batches
     from ..manage import TaskManager
 
-    tm = TaskManager(doc["pool"], settings)
+    tm = TaskManager.open(doc["pool"], settings)
     final = batches.final_statuses(doc)
     total = doc["n_tasks"]
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -368,7 +368,7 @@ def collect(
     doc = batches.load(db, batch) if batch else _latest_batch(settings, None)
     if doc["state"] != batches.AGGREGATED:
         if not wait_:
-            left = batches.outstanding(TaskManager(doc["pool"], settings), doc)
+            left = batches.outstanding(TaskManager.open(doc["pool"], settings), doc)
             _fail(
                 f"batch {doc['_id']} has no summary yet ({left} tasks not finished, state {doc['state']}): "
                 f"`qcelery wait --batch {doc['_id']}` or `qcelery collect --wait`"
@@ -383,7 +383,10 @@ def collect(
 
 
 def print_summary(doc: dict, settings: Settings, *, with_tasks: bool = False) -> None:
-    summary = doc.get("summary") or {}
+    from ..collect import local_report
+
+    # the report was written on the aggregating worker's machine: shown from here
+    summary = local_report(doc.get("summary") or {}, settings)
     lines, tables = render.summary_lines(doc)
     for line in lines:
         out.print(line, markup=False)
@@ -428,7 +431,7 @@ def _requeue(
     pools, q = _query(settings, pool, batch)
     total = 0
     for p in pools:
-        ids, n = requeue(TaskManager(p, settings), q or None)
+        ids, n = requeue(TaskManager.open(p, settings), q or None)
         _publish(settings, p, ids)
         total += n
     return total
@@ -447,7 +450,7 @@ def recover(
     checks.check_all(settings, tracking=False)
     total = 0
     for p in _pools(settings, pool):
-        ids = TaskManager(p, settings).recover_expired()
+        ids = TaskManager.open(p, settings).recover_expired()
         total += _publish(settings, p, ids)
         if ids:
             out.print(f"pool {p!r}: {len(ids)} task(s) back to waiting", markup=False)
@@ -514,7 +517,7 @@ def prioritize(
         if len(pools) != 1:
             raise ConfigError(f"--pool is needed: the database has {len(pools)} task pools ({', '.join(pools)})")
         q = {"_id": {"$in": [to_object_id(i) for i in task_ids or ()]}}  # (given, checked above)
-    tm = TaskManager(pools[0], settings)
+    tm = TaskManager.open(pools[0], settings)
     if task_ids:
         for i in task_ids:
             tm.prioritize(i, priority)  # TaskNotFoundError names a wrong id
@@ -537,6 +540,7 @@ def remove(
     """Qlib's remove: delete tasks (and their stored results). Without --batch or
     --status, the whole pool and its batches."""
     from .. import batch as batches
+    from .. import registry
     from ..manage import TaskManager, to_object_id
     from ..store import database
 
@@ -547,7 +551,7 @@ def remove(
     pools, q = _query(settings, pool, batch)
     if status_:
         q["status"] = st.check(status_)
-    tm = TaskManager(pools[0], settings)
+    tm = TaskManager.open(pools[0], settings)
     n = sum(tm.task_stat(q).values())
     what = f"{n} task(s) of pool {pools[0]!r}" + (f" in batch {batch}" if batch else "") + (f" with status {status_}" if status_ else "")
     if not yes:
@@ -561,6 +565,7 @@ def remove(
     elif not status_:  # the whole pool: its batches and the collection go too
         db[batches.COLLECTION].delete_many({"pool": pools[0]})
         tm.task_pool.drop()
+        registry.forget(db, pools[0])
     out.print(f"removed {removed} task(s)", markup=False)
 
 
@@ -575,4 +580,20 @@ def pools(ctx: typer.Context) -> None:
     if not names:
         out.print(f"no task pools in database {settings.mongo_db!r} at {settings.masked()['mongo_url']}", markup=False)
         return
-    out.print(render.pools_table((p, TaskManager(p, settings).task_stat()) for p in names))
+    out.print(render.pools_table((p, TaskManager.open(p, settings).task_stat()) for p in names))
+
+
+@app.command(rich_help_panel=PANEL_ADMIN)
+def adopt(ctx: typer.Context, pool: str = typer.Argument(..., help="The collection Qlib's TaskManager filled.")) -> None:
+    """Take a task pool that Qlib's TaskManager filled into qcelery: its tasks get qcelery's
+    fields (dedup hash, attempts), Qlib's fields stay, Qlib can still read it. Run it once;
+    afterwards workers serve it and `enqueue` deduplicates against it."""
+    from ..manage import TaskManager
+
+    settings = _settings(ctx)
+    checks.check_mongo(settings)
+    tm, n = TaskManager.adopt(pool, settings)
+    if n:
+        out.print(f"pool {pool!r} adopted: {n} task(s); {tm.task_stat()}", markup=False)
+    else:
+        out.print(f"pool {pool!r} is already a qcelery task pool; nothing to do", markup=False)

@@ -55,7 +55,7 @@ def load(path: Path, settings: Settings) -> Workflow:
         raise ConfigError(f"workflow file {path} is a directory; give a .yaml file")
     doc = read_yaml(path)  # YAML errors name the file and line
     templates, generators = load_workflow(path, settings=settings)
-    tasks = dry_run(templates, generators)
+    tasks = dry_run(templates, generators, max_tasks=settings.max_tasks)
     if not tasks:
         raise ConfigError(f"{path}: the generators produced no task")
     check_classes(tasks, path)
