@@ -64,6 +64,9 @@ class Cluster:
     settings: Settings
     procs: list[Proc] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: run every process under this command prefix, e.g. ``ip netns exec NS`` (tests of
+    #: hosts made of network namespaces)
+    launcher: list[str] = field(default_factory=list)
 
     @property
     def log_dir(self) -> Path:
@@ -83,7 +86,12 @@ class Cluster:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as fh:  # the child keeps its own descriptor
             p = subprocess.Popen(
-                argv, env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                [*self.launcher, *argv],
+                env=self._env(),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         proc = Proc(name, p, log)
         self.procs.append(proc)

@@ -576,19 +576,22 @@ def local_report(summary: Mapping[str, Any], settings: Settings) -> dict:
     """``summary`` with its report and plots as files on this host.
 
     The aggregation writes them under the run directory of whichever worker ran it, on
-    whichever machine; its summary names those paths. Where they are not files here, the
-    summary run's artifacts (the same files) are downloaded from MLflow into
-    ``<run_dir>/reports/<batch>/`` of these settings and the paths point there."""
+    whichever machine; its summary names those paths. Unless they are files under this
+    run directory, the summary run's artifacts (the same files) are downloaded from
+    MLflow into ``<run_dir>/reports/<batch>/`` of these settings and the paths point there."""
     out = dict(summary)
     report, run_id = summary.get("report_path"), summary.get("summary_run_id")
     if not report or not run_id:
         return out
     plots = dict(summary.get("plots") or {})
-    if all(Path(p).is_file() for p in [report, *plots.values()]):
+    here = Path(settings.run_dir).resolve()
+    # a path under another run directory may be readable here (a shared disk) or not, or
+    # be another machine's path that happens to exist: only this run directory is ours
+    if all(Path(p).is_file() and Path(p).resolve().is_relative_to(here) for p in [report, *plots.values()]):
         return out
     import mlflow.artifacts
 
-    dest = Path(settings.run_dir).resolve() / "reports" / Path(report).parent.name
+    dest = here / "reports" / Path(report).parent.name
     dest.mkdir(parents=True, exist_ok=True)
     uri = settings.effective_tracking_uri
     client(uri)  # MLflow's environment for this URI (a file store needs its opt-in)
