@@ -40,6 +40,13 @@ def wire_priority(app: Celery, priority: int) -> int:
     return MAX_PRIORITY - priority if flip else priority
 
 
+def redis_list(queue: str, priority: int = 0) -> str:
+    """The Redis list that holds ``queue``'s messages of qcelery priority ``priority``
+    (kombu keeps one list per priority: ``cpu`` for wire priority 0, ``cpu:N`` else)."""
+    wire = MAX_PRIORITY - priority
+    return f"{queue}:{wire}" if wire else queue
+
+
 def _is_control(request) -> bool:
     return (request.delivery_info or {}).get("routing_key") == CONTROL_QUEUE
 

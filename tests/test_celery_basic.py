@@ -13,7 +13,7 @@ import pytest
 import redis as redis_client
 
 from qcelery import batch as batches
-from qcelery.celery_app import CONTROL_QUEUE, app_for
+from qcelery.celery_app import CONTROL_QUEUE, app_for, redis_list
 from qcelery.cluster import Cluster
 from qcelery.manage import TaskManager
 from qcelery.probes import RUNS
@@ -77,7 +77,7 @@ def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):
     bid = enqueue(defs(3), POOL, settings=csettings)  # no worker yet: the messages wait in Redis
     task_ids = [str(i) for i in batches.load(TaskManager(POOL, csettings).db, bid)["task_ids"]]
 
-    raw = broker.lrange(csettings.default_queue, 0, -1)
+    raw = broker.lrange(redis_list(csettings.default_queue), 0, -1)
     assert len(raw) == 3
     seen, groups, indexes = [], set(), []
     for message in raw:
@@ -117,7 +117,7 @@ def test_a_header_of_several_publish_batches_reaches_the_broker_whole(csettings,
 
     def queued() -> list[tuple[str, int]]:
         out = []
-        for message in broker.lrange(csettings.default_queue, 0, -1):
+        for message in broker.lrange(redis_list(csettings.default_queue), 0, -1):
             envelope = json.loads(message)
             args, _, _ = json.loads(base64.b64decode(envelope["body"]))
             out.append((args[1], envelope["headers"]["group_index"]))
@@ -128,7 +128,7 @@ def test_a_header_of_several_publish_batches_reaches_the_broker_whole(csettings,
     assert sorted(i for _, i in first) == list(range(n))
 
     # a re-publish (recovery, sweep) goes through the same batches: one message per task
-    broker.delete(csettings.default_queue)
+    broker.delete(redis_list(csettings.default_queue))
     assert publish(app_for(csettings), POOL, sorted(task_ids)) == n
     again = queued()
     assert len(again) == n and {t for t, _ in again} == task_ids
@@ -141,7 +141,7 @@ def test_a_pickled_message_is_refused_by_the_worker(csettings, broker, mongo_db)
     app = app_for(csettings)
     # a producer that pickles: the worker only accepts JSON
     app.send_task(EXECUTE, args=(POOL, pickled_id, None), queue=csettings.default_queue, serializer="pickle")
-    [message] = broker.lrange(csettings.default_queue, 0, -1)
+    [message] = broker.lrange(csettings.default_queue, 0, -1)  # sent without a priority: the first list
     assert json.loads(message)["content-type"] == "application/x-python-serialize"
     publish(app, POOL, [json_id])  # queued behind it
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from qcelery.celery_app import redis_list
 from qcelery.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ SYSTEMD = DEPLOY / "systemd"
 #: app below when it can be imported)
 CLI_SUBCOMMANDS = frozenset(
     {
+        "adopt",
         "up",
         "down",
         "enqueue",
@@ -418,7 +420,8 @@ def test_keda_scales_each_worker_pool_on_its_own_queue():
         for trigger in so["spec"]["triggers"]:
             meta = trigger["metadata"]
             assert trigger["type"] == "redis"
-            assert meta["listName"] == pool, f"{name} watches {meta['listName']} but scales pool {pool}"
+            # the Redis list of the pool's default-priority messages (see celery_app.redis_list)
+            assert meta["listName"] == redis_list(pool), f"{name} watches {meta['listName']} but scales pool {pool}"
             assert int(meta["listLength"]) >= 1
             address = env[meta["addressFromEnv"]] if "addressFromEnv" in meta else meta["address"]
             assert address == f"{broker.hostname}:{broker.port}", f"{name} watches another Redis than the broker"
@@ -461,7 +464,7 @@ def test_every_deployment_runs_the_same_known_pools():
 
     compose_pools = {option(command_of(compose()["services"][n]["command"])[1], "--pool") for n in ("worker-cpu", "worker-gpu")}
     k8s_pools = {pool_of(d) for n, d in k8s("Deployment").items() if n.startswith("qcelery-worker-")}
-    keda_pools = {t["metadata"]["listName"] for so in k8s("ScaledObject").values() for t in so["spec"]["triggers"]}
+    keda_pools = {t["metadata"]["listName"].split(":")[0] for so in k8s("ScaledObject").values() for t in so["spec"]["triggers"]}
     assert compose_pools == k8s_pools == keda_pools == set(POOLS)
     # the queue tasks go to by default is served everywhere
     assert Settings.model_fields["default_queue"].default in compose_pools
