@@ -8,11 +8,12 @@ A batch document lives in ``qcelery_batches`` beside the pools::
      aggregate_runs, aggregated_at, summary}
 
 ``state`` moves open -> aggregating -> aggregated, and aggregating -> open when the
-aggregator's lease expired. The aggregation is leased like a task: ``begin_aggregation``
-takes an open batch, increments ``aggregate_runs`` (the number of aggregation runs begun,
-and the fencing token of the current one) and sets ``lease_until``; the aggregator's
-heartbeat (``renew_aggregation``) keeps extending the lease however long the collector
-takes; ``finish_aggregation`` stores the summary.
+aggregator's lease expired (-> aggregated, with an error, once ``max_runs`` runs began).
+The aggregation is leased like a task: ``begin_aggregation`` takes an open batch,
+increments ``aggregate_runs`` (the number of aggregation runs begun, and the fencing
+token of the current one) and sets ``lease_until``; the aggregator's heartbeat
+(``renew_aggregation``) keeps extending the lease however long the collector takes;
+``finish_aggregation`` stores the summary.
 
 Concurrency contract. Each step is one conditional update whose filter states what must
 hold: ``begin`` needs ``state: open`` (of any number of copies of the aggregation
@@ -23,9 +24,10 @@ run produced. ``stalled`` reopens an aggregation only while its ``lease_until`` 
 and its run is the one it read, so a holder that renews in between keeps it, and a
 reopen and a finish of the same run exclude each other. What may repeat: the collector
 of a run whose holder died (kill -9, lost host) or was cut off from Mongo for longer than
-the lease runs again, in full, in the next run; its side effects outside the batch
-document (an MLflow summary run, a report file) can then exist twice, as for a task
-that is run again after its worker died. One summary is stored, once.
+the lease runs again, in full, in the next run (at most ``max_runs`` runs in all); its
+side effects outside the batch document (an MLflow summary run, a report file) can then
+exist twice, as for a task that is run again after its worker died. One summary is
+stored, once.
 """
 
 from __future__ import annotations
@@ -179,11 +181,16 @@ def finish_aggregation(db: Database, batch_id: ObjectId, run: int, summary: dict
     return r.modified_count == 1
 
 
-def stalled(db: Database, older_than: float) -> list[dict]:
+def stalled(db: Database, older_than: float, max_runs: int | None = None) -> list[dict]:
     """Batches beat should re-check, since a lost or failed chord never fires: open batches
     (any pool) created more than ``older_than`` seconds ago and not re-checked within that
     time, and aggregations whose holder stopped renewing its lease (reopened here, each
-    one conditional update; a live aggregation is never reopened, however long it runs)."""
+    one conditional update; a live aggregation is never reopened, however long it runs).
+
+    An expired aggregation that already began ``max_runs`` runs is not reopened but ended:
+    ``aggregated`` with a summary whose ``aggregate_error`` says so, as a task is ``failed``
+    when its attempts are used up, so a collector that kills its worker every time (out of
+    memory, a hard time limit) is not run forever."""
     now = utcnow()
     cutoff = now - _dt.timedelta(seconds=older_than)
     expired = {
@@ -191,15 +198,21 @@ def stalled(db: Database, older_than: float) -> list[dict]:
         # a batch an older qcelery began has no lease: its start time stands in for one
         "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None, "aggregating_since": {"$lt": cutoff}}],
     }
-    for d in list(db[COLLECTION].find(expired, {"aggregate_runs": 1, "aggregator": 1})):
-        r = db[COLLECTION].update_one(
-            {**expired, "_id": d["_id"], "aggregate_runs": d.get("aggregate_runs")},
-            {"$set": {"state": OPEN, "aggregator": None, "aggregating_since": None, "lease_until": None, "next_check_at": None}},
-        )
+    for d in list(db[COLLECTION].find(expired, {"aggregate_runs": 1, "aggregator": 1, "n_tasks": 1})):
+        runs = d.get("aggregate_runs") or 0
+        if max_runs is not None and runs >= max_runs:
+            error = f"aggregation lease expired {runs} time(s) (last aggregator {d.get('aggregator')}); runs exhausted (max {max_runs})"
+            upd = {
+                "state": AGGREGATED,
+                "lease_until": None,
+                "aggregated_at": now,
+                "summary": {"n_tasks": d.get("n_tasks"), "aggregate_error": error},
+            }
+        else:
+            upd = {"state": OPEN, "aggregator": None, "aggregating_since": None, "lease_until": None, "next_check_at": None}
+        r = db[COLLECTION].update_one({**expired, "_id": d["_id"], "aggregate_runs": d.get("aggregate_runs")}, {"$set": upd})
         if r.modified_count == 1:
-            logger.warning(
-                "batch %s: lease of aggregation run %s (%s) expired; reopened", d["_id"], d.get("aggregate_runs"), d.get("aggregator")
-            )
+            logger.warning("batch %s: lease of aggregation run %s (%s) expired; now %s", d["_id"], runs, d.get("aggregator"), upd["state"])
     return list(
         db[COLLECTION].find(
             {"state": OPEN, "created_at": {"$lt": cutoff}, "$or": [{"next_check_at": None}, {"next_check_at": {"$lt": cutoff}}]},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,11 +59,13 @@ def counted(task_def: dict, settings: Settings, tags: dict | None = None) -> dic
     return {"key": key, "value": task_def.get("value"), "pid": os.getpid()}
 
 
-def counted_aggregate(tm: TaskManager, sleep: float = 0.0, *, batch: dict) -> dict:
+def counted_aggregate(tm: TaskManager, sleep: float = 0.0, crash: bool = False, *, batch: dict) -> dict:
     """A batch aggregation that records each call's start and end in Mongo (one document
     each, sharing a ``call`` id, with the batch id, the aggregation run and the pid) and
-    sleeps ``sleep`` seconds in between, like a slow collector. Its summary fields name
-    the call, so a test can tell which call's summary the batch kept."""
+    sleeps ``sleep`` seconds in between, like a slow collector; with ``crash`` it kills its
+    own process (SIGKILL) right after the start, like a collector that runs its worker out
+    of memory. Its summary fields name the call, so a test can tell which call's summary
+    the batch kept."""
     calls = tm.db[AGGREGATIONS]
     call = ObjectId()
     base = {"call": call, "batch_id": batch["_id"], "run": batch.get("aggregate_runs"), "pid": os.getpid()}
@@ -74,6 +77,8 @@ def counted_aggregate(tm: TaskManager, sleep: float = 0.0, *, batch: dict) -> di
             _patiently(lambda: calls.insert_one(doc))
 
     record("start")
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(sleep)
     record("done")
     return {"aggregate_call": str(call), "aggregate_pid": os.getpid()}

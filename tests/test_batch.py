@@ -38,8 +38,8 @@ def new_batch(tm: TaskManager, key: str, *, age: float = 0.0, **fields) -> dict:
     return batches.load(tm.db, doc["_id"])
 
 
-def stalled_ids(tm: TaskManager, older_than: float) -> set:
-    return {d["_id"] for d in batches.stalled(tm.db, older_than)}
+def stalled_ids(tm: TaskManager, older_than: float, max_runs: int | None = None) -> set:
+    return {d["_id"] for d in batches.stalled(tm.db, older_than, max_runs)}
 
 
 def test_a_new_batch_is_not_stalled_until_it_is_older_than_the_cutoff(tm):
@@ -106,6 +106,21 @@ def test_a_renewal_after_expiry_but_before_the_reopen_keeps_the_aggregation(tm):
     assert batches.renew_aggregation(tm.db, b["_id"], 1, lease_seconds=30)
     assert stalled_ids(tm, 60) == set()
     assert batches.finish_aggregation(tm.db, b["_id"], 1, {"by": "w1"})
+
+
+def test_an_aggregation_whose_lease_expired_max_runs_times_ends_with_the_reason_instead_of_running_again(tm):
+    b = new_batch(tm, "crashing", age=300)
+    for run in (1, 2):
+        assert batches.begin_aggregation(tm.db, b["_id"], f"w{run}", lease_seconds=30)["aggregate_runs"] == run
+        expire_lease(tm, b["_id"])
+        assert stalled_ids(tm, 60, max_runs=2) == ({b["_id"]} if run == 1 else set())
+    ended = batches.load(tm.db, b["_id"])
+    assert (ended["state"], ended["aggregate_runs"], ended["lease_until"]) == (batches.AGGREGATED, 2, None)
+    assert ended["summary"] == {
+        "n_tasks": 1,
+        "aggregate_error": "aggregation lease expired 2 time(s) (last aggregator w2); runs exhausted (max 2)",
+    }
+    assert batches.begin_aggregation(tm.db, b["_id"], "w3", lease_seconds=30) is None
 
 
 def test_an_aggregation_begun_by_an_older_version_without_a_lease_is_reopened_by_its_age(tm):

@@ -10,6 +10,7 @@ import os
 import signal
 
 from faults_support import (
+    AGGREGATE_PROBE,
     POOL,
     aggregation_calls,
     assert_aggregated_once,
@@ -25,6 +26,7 @@ from qcelery import batch as batches
 from qcelery.beat import BEAT_LOG
 from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager
+from qcelery.producer import enqueue
 
 
 def _pid(worker: str) -> int:
@@ -119,3 +121,28 @@ def test_a_frozen_aggregator_that_wakes_after_a_takeover_cannot_overwrite_the_su
     assert after["summary"] == batch["summary"]
     assert after["summary"]["aggregate_call"] == str(finished["call"])
     assert worker.alive()
+
+
+def test_an_aggregation_that_kills_its_worker_every_time_ends_after_max_attempts_runs(fsettings, cluster):
+    """Fault: the aggregation function kills its own pool process (SIGKILL) on every run, like
+    a collector that runs its worker out of memory. Proves: it is run max_attempts times, no
+    more, and the batch then ends ``aggregated`` with the reason in ``aggregate_error``."""
+    tm = TaskManager(POOL, fsettings)
+    bid = enqueue(probe_defs(2, sleep=0.05), POOL, settings=fsettings, aggregate={"func": AGGREGATE_PROBE, "kwargs": {"crash": True}})
+
+    batch = wait_batch(tm, bid, timeout=120)
+
+    runs = fsettings.max_attempts
+    assert batch["aggregate_runs"] == runs
+    assert "runs exhausted" in batch["summary"]["aggregate_error"]
+    # beat keeps sweeping afterwards and runs it no more
+    wait_for(
+        lambda: tm.db[BEAT_LOG].count_documents({"job": "sweep", "at": {"$gt": batch["aggregated_at"]}}) >= 3,
+        timeout=60,
+        what="three sweeps after the batch ended",
+    )
+    calls = aggregation_calls(fsettings, bid)
+    assert ([c["run"] for c in calls["start"]], calls["done"]) == (list(range(1, runs + 1)), [])
+    assert len({c["pid"] for c in calls["start"]}) == runs  # each run killed its process
+    assert batches.load(tm.db, bid)["summary"] == batch["summary"]
+    assert cluster.procs[0].alive()
