@@ -4,16 +4,36 @@ A batch document lives in ``qcelery_batches`` beside the pools::
 
     {_id, pool, queue, task_ids, n_tasks, task_func, task_kwargs, before_status,
      after_status, aggregate: {func, kwargs} | None, state: open|aggregating|aggregated,
-     created_at, next_check_at, aggregator, aggregating_since, aggregated_at,
-     aggregate_runs, summary}
+     created_at, next_check_at, aggregator, aggregating_since, lease_until,
+     aggregate_runs, aggregated_at, summary}
 
-``state`` moves open -> aggregating -> aggregated, each step one conditional update,
-so however many copies of the aggregation message arrive, one of them does the work.
+``state`` moves open -> aggregating -> aggregated, and aggregating -> open when the
+aggregator's lease expired (-> aggregated, with an error, once ``max_runs`` runs began).
+The aggregation is leased like a task: ``begin_aggregation`` takes an open batch,
+increments ``aggregate_runs`` (the number of aggregation runs begun, and the fencing
+token of the current one) and sets ``lease_until``; the aggregator's heartbeat
+(``renew_aggregation``) keeps extending the lease however long the collector takes;
+``finish_aggregation`` stores the summary.
+
+Concurrency contract. Each step is one conditional update whose filter states what must
+hold: ``begin`` needs ``state: open`` (of any number of copies of the aggregation
+message, one wins per opening); ``renew`` and ``finish`` need ``state: aggregating`` *and*
+the holder's own ``aggregate_runs``, so once a run was taken over its heartbeat reports
+the lease lost and its summary is refused: the summary kept is the one the finishing
+run produced. ``stalled`` reopens an aggregation only while its ``lease_until`` is past
+and its run is the one it read, so a holder that renews in between keeps it, and a
+reopen and a finish of the same run exclude each other. What may repeat: the collector
+of a run whose holder died (kill -9, lost host) or was cut off from Mongo for longer than
+the lease runs again, in full, in the next run (at most ``max_runs`` runs in all); its
+side effects outside the batch document (an MLflow summary run, a report file) can then
+exist twice, as for a task that is run again after its worker died. One summary is
+stored, once.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +44,8 @@ from pymongo.database import Database
 from . import status as st
 from .errors import TaskNotFoundError
 from .manage import TaskManager, to_object_id, utcnow
+
+logger = logging.getLogger(__name__)
 
 COLLECTION = "qcelery_batches"
 
@@ -52,7 +74,7 @@ def create(
     returns the batch and the ids that were inserted now."""
     bid = ObjectId()
     ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
-    unique_ids = list(dict.fromkeys(ids))
+    unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
     old = [i for i in unique_ids if i not in inserted]
     for start in range(0, len(old), _TAG_CHUNK):
         manager.task_pool.update_many({"_id": {"$in": old[start : start + _TAG_CHUNK]}}, {"$addToSet": {"batch_ids": bid}})
@@ -76,6 +98,7 @@ def create(
         "next_check_at": None,
         "aggregator": None,
         "aggregating_since": None,
+        "lease_until": None,
         "aggregated_at": None,
         "aggregate_runs": 0,
         "summary": None,
@@ -119,36 +142,77 @@ def schedule_check(db: Database[dict[str, Any]], batch_id: ObjectId, delay: floa
     return r.modified_count == 1
 
 
-def begin_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, worker: str) -> dict | None:
-    """Take the batch's aggregation; ``None`` if another copy has it or it is done."""
+def begin_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, worker: str, lease_seconds: float) -> dict | None:
+    """Take the batch's aggregation for ``worker`` under a lease of ``lease_seconds``; the
+    batch as taken (its ``aggregate_runs`` is this run's token), or ``None`` if another copy
+    of the message has it or it is done."""
     now = utcnow()
     return db[COLLECTION].find_one_and_update(
         {"_id": batch_id, "state": OPEN},
-        {"$set": {"state": AGGREGATING, "aggregator": worker, "aggregating_since": now}},
+        {
+            "$set": {
+                "state": AGGREGATING,
+                "aggregator": worker,
+                "aggregating_since": now,
+                "lease_until": now + _dt.timedelta(seconds=lease_seconds),
+            },
+            "$inc": {"aggregate_runs": 1},
+        },
         return_document=ReturnDocument.AFTER,
     )
 
 
-def finish_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, worker: str, summary: dict) -> bool:
+def renew_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, run: int, lease_seconds: float) -> bool:
+    """Extend the lease of aggregation run ``run``; ``False`` once that run was taken over."""
     r = db[COLLECTION].update_one(
-        {"_id": batch_id, "state": AGGREGATING, "aggregator": worker},
-        {"$set": {"state": AGGREGATED, "summary": summary, "aggregated_at": utcnow()}, "$inc": {"aggregate_runs": 1}},
+        {"_id": batch_id, "state": AGGREGATING, "aggregate_runs": run},
+        {"$set": {"lease_until": utcnow() + _dt.timedelta(seconds=lease_seconds)}},
+    )
+    return r.matched_count == 1
+
+
+def finish_aggregation(db: Database[dict[str, Any]], batch_id: ObjectId, run: int, summary: dict) -> bool:
+    """Store ``summary`` and mark the batch aggregated, only if aggregation run ``run`` still
+    holds it; ``False`` (nothing written) when the run was taken over."""
+    r = db[COLLECTION].update_one(
+        {"_id": batch_id, "state": AGGREGATING, "aggregate_runs": run},
+        {"$set": {"state": AGGREGATED, "summary": summary, "aggregated_at": utcnow(), "lease_until": None}},
     )
     return r.modified_count == 1
 
 
-def stalled(db: Database[dict[str, Any]], older_than: float) -> list[dict]:
+def stalled(db: Database[dict[str, Any]], older_than: float, max_runs: int | None = None) -> list[dict]:
     """Batches beat should re-check, since a lost or failed chord never fires: open batches
     (any pool) created more than ``older_than`` seconds ago and not re-checked within that
-    time, and aggregations whose aggregator vanished longer ago than that (reopened here)."""
+    time, and aggregations whose holder stopped renewing its lease (reopened here, each
+    one conditional update; a live aggregation is never reopened, however long it runs).
+
+    An expired aggregation that already began ``max_runs`` runs is not reopened but ended:
+    ``aggregated`` with a summary whose ``aggregate_error`` says so, as a task is ``failed``
+    when its attempts are used up, so a collector that kills its worker every time (out of
+    memory, a hard time limit) is not run forever."""
     now = utcnow()
     cutoff = now - _dt.timedelta(seconds=older_than)
-    stuck = list(db[COLLECTION].find({"state": AGGREGATING, "aggregating_since": {"$lt": cutoff}}, {"_id": 1}))
-    for d in stuck:
-        db[COLLECTION].update_one(
-            {"_id": d["_id"], "state": AGGREGATING, "aggregating_since": {"$lt": cutoff}},
-            {"$set": {"state": OPEN, "aggregator": None, "aggregating_since": None}},
-        )
+    expired = {
+        "state": AGGREGATING,
+        # a batch an older qcelery began has no lease: its start time stands in for one
+        "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None, "aggregating_since": {"$lt": cutoff}}],
+    }
+    for d in list(db[COLLECTION].find(expired, {"aggregate_runs": 1, "aggregator": 1, "n_tasks": 1})):
+        runs = d.get("aggregate_runs") or 0
+        if max_runs is not None and runs >= max_runs:
+            error = f"aggregation lease expired {runs} time(s) (last aggregator {d.get('aggregator')}); runs exhausted (max {max_runs})"
+            upd = {
+                "state": AGGREGATED,
+                "lease_until": None,
+                "aggregated_at": now,
+                "summary": {"n_tasks": d.get("n_tasks"), "aggregate_error": error},
+            }
+        else:
+            upd = {"state": OPEN, "aggregator": None, "aggregating_since": None, "lease_until": None, "next_check_at": None}
+        r = db[COLLECTION].update_one({**expired, "_id": d["_id"], "aggregate_runs": d.get("aggregate_runs")}, {"$set": upd})
+        if r.modified_count == 1:
+            logger.warning("batch %s: lease of aggregation run %s (%s) expired; now %s", d["_id"], runs, d.get("aggregator"), upd["state"])
     return list(
         db[COLLECTION].find(
             {"state": OPEN, "created_at": {"$lt": cutoff}, "$or": [{"next_check_at": None}, {"next_check_at": {"$lt": cutoff}}]},

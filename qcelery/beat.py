@@ -118,7 +118,7 @@ def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) 
 
     republished, failed = _each_pool(settings, "sweep", step)
     rechecked = 0
-    for b in batches.stalled(database(settings), max(settings.sweep_after, settings.lease_seconds)):
+    for b in batches.stalled(database(settings), max(settings.sweep_after, settings.lease_seconds), max_runs=settings.max_attempts):
         app.send_task(AGGREGATE, args=(b["pool"], str(b["_id"])), queue=CONTROL_QUEUE)
         rechecked += 1
     result = {"republished": republished, "batches_rechecked": rechecked, "failed_pools": failed}

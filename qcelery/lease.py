@@ -20,8 +20,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pymongo
 from bson import ObjectId
@@ -333,8 +333,44 @@ class Leases:
         return [d["_id"] for d in self.task_pool.find(q, {"_id": 1}).limit(limit)]
 
 
-class Heartbeat:
-    """Keeps the lease of a claimed task alive from a daemon thread.
+_Keeper = TypeVar("_Keeper", bound="LeaseKeeper")
+
+
+class LeaseKeeper:
+    """Keeps a lease alive from a daemon thread: every ``interval`` seconds it calls
+    ``renew()``, which extends the lease and returns ``False`` once this holder no longer
+    has it (taken over elsewhere). Then ``lost`` is set and renewing stops: the holder
+    must not commit. A renewal that cannot reach the store is retried on the next tick
+    (the lease has slack for that). ``what`` names the lease in logs.
+    """
+
+    def __init__(self, renew: Callable[[], bool], interval: float, what: str):
+        self.renew, self.interval, self.what = renew, interval, what
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{what}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.renew():
+                    logger.warning("%s: lease lost to another holder; no longer renewed", self.what)
+                    self.lost.set()
+                    return
+            except PyMongoError as exc:  # the store is briefly away: the lease has slack, try again
+                logger.warning("heartbeat for %s failed: %s", self.what, exc)
+
+    def __enter__(self: _Keeper) -> _Keeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Heartbeat(LeaseKeeper):
+    """Keeps the lease of a claimed task alive (:meth:`Leases.heartbeat` at its attempt).
 
     ``lost`` is set when an extension finds the task no longer held at this attempt
     (recovered and re-claimed elsewhere): the holder must not commit then.
@@ -342,24 +378,8 @@ class Heartbeat:
 
     def __init__(self, manager: TaskManager, task: dict, interval: float | None = None):
         self.manager, self.task_id, self.attempt = manager, task["_id"], task["attempt"]
-        self.interval = interval or manager.settings.heartbeat_seconds
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.task_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if not self.manager.heartbeat(self.task_id, self.attempt):
-                    self.lost.set()
-                    return
-            except PyMongoError as exc:  # the store is briefly away: the lease has slack, try again
-                logger.warning("heartbeat for task %s failed: %s", self.task_id, exc)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__(
+            lambda: manager.heartbeat(self.task_id, self.attempt),
+            interval or manager.settings.heartbeat_seconds,
+            f"task {self.task_id}",
+        )

@@ -2,17 +2,19 @@
 
 Each takes the task definition (a dict) and reads its own knobs from it, so a batch
 of probes is an ordinary batch. ``counted`` records every start and completed run in
-the ``qcelery_probe_runs`` collection, so exactly-once can be checked in Mongo rather
-than in a worker's memory.
+the ``qcelery_probe_runs`` collection, and the aggregation probe ``counted_aggregate``
+every call in ``qcelery_probe_aggregations``, so exactly-once can be checked in Mongo,
+by side effects, rather than in a worker's memory or in qcelery's own counters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
@@ -20,7 +22,11 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError
 from .settings import Settings
 from .store import database
 
+if TYPE_CHECKING:
+    from .manage import TaskManager
+
 RUNS = "qcelery_probe_runs"
+AGGREGATIONS = "qcelery_probe_aggregations"
 
 
 def noop(task_def: dict) -> dict:
@@ -51,6 +57,31 @@ def counted(task_def: dict, settings: Settings, tags: dict | None = None) -> dic
         raise RuntimeError(f"probe {key} failed on purpose (run {started + 1})")
     record("done")
     return {"key": key, "value": task_def.get("value"), "pid": os.getpid()}
+
+
+def counted_aggregate(tm: TaskManager, sleep: float = 0.0, crash: bool = False, *, batch: dict) -> dict:
+    """A batch aggregation that records each call's start and end in Mongo (one document
+    each, sharing a ``call`` id, with the batch id, the aggregation run and the pid) and
+    sleeps ``sleep`` seconds in between, like a slow collector; with ``crash`` it kills its
+    own process (SIGKILL) right after the start, like a collector that runs its worker out
+    of memory. Its summary fields name the call, so a test can tell which call's summary
+    the batch kept."""
+    calls = tm.db[AGGREGATIONS]
+    call = ObjectId()
+    base = {"call": call, "batch_id": batch["_id"], "run": batch.get("aggregate_runs"), "pid": os.getpid()}
+
+    def record(event: str) -> None:
+        # a fixed _id makes a retried insert idempotent (the first may have landed)
+        doc = {"_id": ObjectId(), **base, "event": event}
+        with contextlib.suppress(DuplicateKeyError):
+            _patiently(lambda: calls.insert_one(doc))
+
+    record("start")
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(sleep)
+    record("done")
+    return {"aggregate_call": str(call), "aggregate_pid": os.getpid()}
 
 
 def _patiently(op: Callable[[], Any], patience: float = 60.0) -> Any:

@@ -29,6 +29,7 @@ from pymongo.errors import ConnectionFailure
 from . import batch as batches
 from . import status as st
 from .errors import ConfigError, TaskDefinitionError, TaskNotFoundError
+from .lease import LeaseKeeper
 from .manage import Heartbeat, TaskManager, format_exception, to_object_id, worker_name
 from .settings import Settings
 
@@ -165,7 +166,12 @@ def _commit(tm: TaskManager, task: dict, res: Any, status: str, settings: Settin
 
 
 def aggregate_batch(app: QceleryApp, pool: str, batch_id: str) -> dict:
-    """Run the batch's aggregation once every task is final; else check again later."""
+    """Run the batch's aggregation once every task is final; else check again later.
+
+    The aggregation is taken under a lease (:func:`qcelery.batch.begin_aggregation`) that
+    a heartbeat thread renews while the collector runs, however long it takes; beat
+    reopens it only once the renewals stop (this process killed or cut off from Mongo).
+    A run whose lease was taken over drops its summary: the finish is fenced on the run."""
     settings: Settings = app.qcelery_settings
     tm = manager(app, pool)
     bid = to_object_id(batch_id)
@@ -177,19 +183,42 @@ def aggregate_batch(app: QceleryApp, pool: str, batch_id: str) -> dict:
         if batches.schedule_check(tm.db, bid, settings.aggregate_countdown):
             app.send_task(AGGREGATE, args=(pool, str(bid)), queue=_control_queue(), countdown=settings.aggregate_countdown)
         return {"batch_id": str(bid), "state": "waiting", "outstanding": left}
-    me = worker_name()
-    taken = batches.begin_aggregation(tm.db, bid, me)
+    taken = batches.begin_aggregation(tm.db, bid, worker_name(), settings.lease_seconds)
     if taken is None:
         return {"batch_id": str(bid), "state": "taken"}
-    doc = taken
-    try:
-        summary = run_aggregation(tm, doc)
-    except Exception as exc:
-        # a collector that raises would raise again: record it once rather than loop
-        logger.exception("batch %s: aggregation raised", bid)
-        summary = {**default_summary(tm, doc), "aggregate_error": format_exception(exc)}
-    batches.finish_aggregation(tm.db, bid, me, summary)
+    run = taken["aggregate_runs"]
+    lease = LeaseKeeper(
+        lambda: batches.renew_aggregation(tm.db, bid, run, settings.lease_seconds),
+        settings.heartbeat_seconds,
+        f"aggregation run {run} of batch {bid}",
+    )
+    with lease:
+        try:
+            summary = run_aggregation(tm, taken)
+        except Exception as exc:
+            # a collector that raises would raise again: record it once rather than loop
+            logger.exception("batch %s: aggregation raised", bid)
+            summary = {**default_summary(tm, taken), "aggregate_error": format_exception(exc)}
+    if lease.lost.is_set() or not _finish_aggregation(tm, bid, run, summary, settings):
+        logger.warning("batch %s: aggregation run %s was taken over (lease lost); its summary is dropped", bid, run)
+        return {"batch_id": str(bid), "state": "lease-lost"}
     return {"batch_id": str(bid), "state": batches.AGGREGATED}
+
+
+def _finish_aggregation(tm: TaskManager, bid: Any, run: int, summary: dict, settings: Settings) -> bool:
+    """Store the summary of run ``run``, waiting out a short Mongo outage (a summary that
+    took long to compute is kept rather than computed again; the write is fenced on the
+    run, so repeating it is safe)."""
+    ok, retried = _outlast_outage(lambda: batches.finish_aggregation(tm.db, bid, run, summary), settings, f"batch {bid}: summary")
+    if not ok and retried:
+        # the write may have landed with its reply lost: then the batch is aggregated by this run
+        doc = _outlast_outage(
+            lambda: tm.db[batches.COLLECTION].find_one({"_id": bid}, {"state": 1, "aggregate_runs": 1}),
+            settings,
+            f"batch {bid}: summary check",
+        )[0]
+        ok = doc is not None and doc["state"] == batches.AGGREGATED and doc["aggregate_runs"] == run
+    return ok
 
 
 def run_aggregation(tm: TaskManager, batch: dict) -> dict:

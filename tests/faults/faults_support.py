@@ -2,8 +2,10 @@
 exactly-once check. Imported by the tests as ``faults_support`` (like ``cli_support``).
 
 Every scenario runs batches of the ``qcelery.probes.counted`` probe, which records
-each start and each completed run in the ``qcelery_probe_runs`` collection, so
-"ran to completion exactly once" is checked in Mongo, not in a worker's memory.
+each start and each completed run in the ``qcelery_probe_runs`` collection, aggregated
+by ``qcelery.probes.counted_aggregate`` (``enqueue_probes``), which records each call of
+the aggregation in ``qcelery_probe_aggregations``. So "ran to completion exactly once"
+is checked by side effects in Mongo, not in a worker's memory or qcelery's own counters.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from qcelery import batch as batches
 from qcelery.celery_app import app_for
 from qcelery.cluster import Cluster
 from qcelery.manage import TaskManager
-from qcelery.probes import RUNS
+from qcelery.probes import AGGREGATIONS, RUNS
+from qcelery.producer import enqueue
 from qcelery.settings import Settings
 from qcelery.store import database
 
 PROBE = "qcelery.probes.counted"
+AGGREGATE_PROBE = "qcelery.probes.counted_aggregate"
 POOL = "probes"
 
 #: the issue's short settings: a dead worker's task is back within lease + recover interval
@@ -84,6 +88,17 @@ def probe_defs(n: int, prefix: str = "t", **knobs: Any) -> list[dict]:
     return [{"key": f"{prefix}{i}", **knobs} for i in range(n)]
 
 
+def counted_aggregation(sleep: float = 0.0) -> dict:
+    """The ``aggregate`` spec of a batch aggregated by the counting probe (``sleep`` s long)."""
+    return {"func": AGGREGATE_PROBE, "kwargs": {"sleep": sleep}}
+
+
+def enqueue_probes(task_defs: list[dict], settings: Settings, *, aggregate_sleep: float = 0.0, **options: Any) -> str:
+    """``enqueue`` the probe definitions into the probe pool as one batch aggregated by the
+    counting probe; ``options`` go to ``enqueue``. Returns the batch id."""
+    return enqueue(task_defs, POOL, settings=settings, aggregate=counted_aggregation(aggregate_sleep), **options)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, poll: float = 0.1, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout
@@ -120,18 +135,46 @@ def probe_runs(settings: Settings) -> dict[str, Counter]:
     return out
 
 
+def aggregation_calls(settings: Settings, batch_id: Any) -> dict[str, list[dict]]:
+    """Per event (``start``/``done``), the recorded calls of the counting aggregation for the
+    batch, in the order they were recorded (each with ``call``, ``run`` and ``pid``)."""
+    out: dict[str, list[dict]] = {"start": [], "done": []}
+    for d in database(settings)[AGGREGATIONS].find({"batch_id": batches.load(database(settings), batch_id)["_id"]}).sort("_id", 1):
+        out[d["event"]].append(d)
+    return out
+
+
+def assert_aggregated_once(settings: Settings, batch: dict, *, started: int = 1) -> dict:
+    """The batch is aggregated by exactly one call of the counting aggregation that ran to
+    completion, ``started`` calls began (more than one only where an aggregator was killed
+    mid-run) and the summary stored is the finishing call's. Returns that call's record."""
+    assert batch["state"] == batches.AGGREGATED
+    calls = aggregation_calls(settings, batch["_id"])
+    assert len(calls["done"]) == 1, f"aggregation completed {len(calls['done'])} times: {calls['done']}"
+    assert len(calls["start"]) == started, f"aggregation started {len(calls['start'])} times, expected {started}: {calls['start']}"
+    assert batch["summary"]["aggregate_call"] == str(calls["done"][0]["call"])
+    return calls["done"][0]
+
+
 def task_statuses(tm: TaskManager, batch_id: Any) -> dict[str, str]:
     """Probe key -> status of every task of the batch."""
     return {t["def"]["key"]: t["status"] for t in tm.query({"batch_ids": batches.load(tm.db, batch_id)["_id"]})}
 
 
-def assert_exactly_once(settings: Settings, tm: TaskManager, batch: dict, *, failed: Iterable[str] = ()) -> None:
+def assert_exactly_once(
+    settings: Settings, tm: TaskManager, batch: dict, *, failed: Iterable[str] = (), aggregations_started: int = 1
+) -> None:
     """The issue's end condition: every task of ``batch`` done (or failed, for the keys in
-    ``failed``), each done task's function completed exactly once (counted in Mongo),
-    and the aggregation ran exactly once, its summary listing the failures."""
+    ``failed``), each done task's function completed exactly once and, for a batch of
+    ``enqueue_probes``, the aggregation function completed exactly once (both counted by
+    their records in Mongo; see :func:`assert_aggregated_once`), its summary listing the
+    failures."""
     failed = set(failed)
     assert batch["state"] == batches.AGGREGATED
-    assert batch["aggregate_runs"] == 1
+    if (batch.get("aggregate") or {}).get("func") == AGGREGATE_PROBE:
+        assert_aggregated_once(settings, batch, started=aggregations_started)
+    # a batch without the counting aggregation has no aggregation side effect to count:
+    # enqueue fault batches with enqueue_probes
     statuses = task_statuses(tm, batch["_id"])
     assert len(statuses) == batch["n_tasks"]
     assert statuses == {k: ("failed" if k in failed else "done") for k in statuses}

@@ -5,11 +5,10 @@ reports it; the batch still completes exactly once."""
 from __future__ import annotations
 
 import pytest
-from faults_support import POOL, assert_exactly_once, probe_defs, running, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, enqueue_probes, probe_defs, running, wait_batch, wait_for
 
 from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 
 
 @pytest.fixture
@@ -24,6 +23,9 @@ def autoscaled(fsettings):
 
 
 def test_autoscaled_worker_grows_under_slow_tasks_and_shrinks_when_idle(fsettings, autoscaled):
+    """Fault: the pool grows from one to three processes under load and shrinks back while
+    the batch runs. Proves: the autoscaler follows the load as Celery reports it, and each
+    task and the aggregation still complete exactly once (counted by their records)."""
     _, hostname = autoscaled
     inspect = app_for(fsettings).control.inspect(destination=[hostname], timeout=2.0)
 
@@ -36,7 +38,7 @@ def test_autoscaled_worker_grows_under_slow_tasks_and_shrinks_when_idle(fsetting
 
     assert wait_for(lambda: processes() == 1, timeout=30, what="one process when idle")
     tm = TaskManager(POOL, fsettings)
-    bid = enqueue(probe_defs(9, sleep=1.5), POOL, settings=fsettings)
+    bid = enqueue_probes(probe_defs(9, sleep=1.5), fsettings)
 
     def running_tasks() -> int:
         return len((inspect.active() or {}).get(hostname, []))

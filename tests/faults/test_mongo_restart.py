@@ -8,12 +8,11 @@ import threading
 import time
 
 import pytest
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, started, wait_batch, wait_for
 
 from qcelery.celery_app import app_for
 from qcelery.embedded import EmbeddedMongo, free_port
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 from qcelery.worker import execute_task
 
 #: longer than the client's server-selection timeout, so operations in flight fail
@@ -29,10 +28,13 @@ def own_mongo(tmp_path):
 
 
 def test_mongo_restart_mid_batch_loses_nothing(settings, own_mongo):
+    """Fault: the Mongo server is stopped for 4.5 s and started again while workers run the
+    batch. Proves: no task, result or batch is lost, each task and the aggregation complete
+    exactly once, and every worker and beat process survives (reconnects)."""
     fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0)
     tm = TaskManager(POOL, fs)
     with started(fs) as cluster:
-        bid = enqueue(probe_defs(20, sleep=0.3), POOL, settings=fs)
+        bid = enqueue_probes(probe_defs(20, sleep=0.3), fs)
         wait_for(lambda: tm.task_stat().get("done", 0) >= 4, what="4 tasks done")
 
         own_mongo.stop()
@@ -60,6 +62,9 @@ def stop_store_then_return(task_def: dict) -> dict:
 
 
 def test_a_commit_during_a_mongo_restart_waits_it_out_and_keeps_the_result(settings, own_mongo):
+    """Fault: the store goes away between the end of a task's run and its commit. Proves: the
+    worker waits the outage out and commits the result it computed, without running the
+    task function again."""
     # in-process execute, so the outage falls exactly between the run and its commit
     fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0, task_func=f"{__name__}.stop_store_then_return")
     tm = TaskManager(POOL, fs)

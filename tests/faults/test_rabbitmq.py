@@ -4,19 +4,20 @@ server and the test's own virtual host come from the ``rabbitmq``/``vhost`` fixt
 
 from __future__ import annotations
 
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch
+from faults_support import POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, started, wait_batch
 from kombu import Connection
 
 from qcelery.celery_app import CONTROL_QUEUE
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 
 
 def test_batch_on_rabbitmq_with_redis_results_runs_each_task_once(settings, servers, vhost):
+    """Fault: none (the broker is RabbitMQ, results in Redis). Proves: the messages go through
+    the AMQP queues of the test's vhost and each task and the aggregation complete once."""
     fs = fault_settings(settings, broker_url=vhost, result_backend=servers.broker_url)
     tm = TaskManager(POOL, fs)
     with started(fs):
-        bid = enqueue(probe_defs(12, sleep=0.05), POOL, settings=fs)
+        bid = enqueue_probes(probe_defs(12, sleep=0.05), fs)
 
         batch = wait_batch(tm, bid)
 

@@ -14,10 +14,9 @@ eval``, as RabbitMQ's own tests do), and restored afterwards."""
 from __future__ import annotations
 
 import pytest
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, rabbitmqctl, started, wait_batch
+from faults_support import POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, rabbitmqctl, started, wait_batch
 
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 
 TIMEOUT_MS = 3000
 
@@ -46,12 +45,15 @@ def short_consumer_timeout(rabbitmq):
 
 
 def test_a_task_outliving_the_consumer_timeout_runs_once_and_the_worker_stays(settings, servers, vhost, short_consumer_timeout):
+    """Fault: RabbitMQ closes the worker's channel because a task holds its message past the
+    consumer timeout (3 s here). Proves: the task and the aggregation complete exactly once
+    and the worker reconnects and keeps serving the queue instead of stopping."""
     fs = fault_settings(settings, broker_url=vhost, result_backend=servers.broker_url)
     tm = TaskManager(POOL, fs)
     with started(fs) as cluster:
         worker = next(p for p in cluster.procs if p.name.startswith("worker"))
         # one task holds its message 4x the timeout; the others are quick
-        bid = enqueue(probe_defs(1, prefix="long", sleep=4 * TIMEOUT_MS / 1000) + probe_defs(4, prefix="short"), POOL, settings=fs)
+        bid = enqueue_probes(probe_defs(1, prefix="long", sleep=4 * TIMEOUT_MS / 1000) + probe_defs(4, prefix="short"), fs)
         batch = wait_batch(tm, bid, timeout=120)
         assert_exactly_once(fs, tm, batch)
 
@@ -61,5 +63,5 @@ def test_a_task_outliving_the_consumer_timeout_runs_once_and_the_worker_stays(se
         assert worker.alive()
 
         # the reconnected worker keeps serving the queue
-        again = enqueue(probe_defs(3, prefix="after"), POOL, settings=fs)
+        again = enqueue_probes(probe_defs(3, prefix="after"), fs)
         assert_exactly_once(fs, tm, wait_batch(tm, again))

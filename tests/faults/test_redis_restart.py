@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, started, wait_batch, wait_for
+from faults_support import POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, started, wait_batch, wait_for
 
 from qcelery.beat import BEAT_LOG
 from qcelery.embedded import EmbeddedRedis, free_port
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 
 
 @pytest.fixture
@@ -24,10 +23,13 @@ def own_redis(tmp_path):
 
 
 def test_redis_restart_mid_batch_loses_the_queue_and_the_sweep_republishes(settings, own_redis, tmp_path):
+    """Fault: Redis (no persistence) is stopped mid-batch, losing the queued messages and the
+    chord's counter, and started again. Proves: beat's sweep re-publishes the lost tasks and
+    re-checks the batch, each task and the aggregation complete exactly once."""
     fs = fault_settings(settings, broker_url=own_redis.url)
     tm = TaskManager(POOL, fs)
     with started(fs) as cluster:
-        bid = enqueue(probe_defs(20, sleep=0.3), POOL, settings=fs)
+        bid = enqueue_probes(probe_defs(20, sleep=0.3), fs)
         wait_for(lambda: tm.task_stat().get("done", 0) >= 4, what="4 tasks done")
 
         own_redis.stop()  # no persistence: the queued messages and the chord counter are gone

@@ -4,16 +4,18 @@ and its summary lists the failure."""
 
 from __future__ import annotations
 
-from faults_support import POOL, assert_exactly_once, probe_defs, probe_runs, wait_batch
+from faults_support import POOL, assert_exactly_once, enqueue_probes, probe_defs, probe_runs, wait_batch
 
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 
 
 def test_raising_task_is_retried_then_failed_and_the_batch_aggregates_listing_it(fsettings, cluster):
+    """Fault: one task function always raises, another raises on its first run. Proves: the
+    first is run max_attempts times then failed with its traceback, the second completes
+    once on its retry, and the aggregation completes once with a summary listing the failure."""
     tm = TaskManager(POOL, fsettings)
     defs = probe_defs(8, sleep=0.05) + [{"key": "always", "fail": True}, {"key": "once", "fail_times": 1}]
-    bid = enqueue(defs, POOL, settings=fsettings)
+    bid = enqueue_probes(defs, fsettings)
 
     batch = wait_batch(tm, bid)
 

@@ -6,10 +6,9 @@ once its attempts are used up. Either way the batch aggregates once."""
 from __future__ import annotations
 
 import pytest
-from faults_support import POOL, assert_exactly_once, fault_settings, probe_defs, probe_runs, started, wait_batch
+from faults_support import POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, probe_runs, started, wait_batch
 
 from qcelery.manage import TaskManager
-from qcelery.producer import enqueue
 
 TIME_LIMIT = 2.0
 
@@ -23,13 +22,16 @@ def limited(settings):
 
 
 def test_task_over_the_hard_time_limit_is_recovered_and_then_done_or_failed(limited):
+    """Fault: Celery kills the pool process of a task over the hard time limit (once, or on
+    every attempt). Proves: beat recovers the task when its lease expires, it ends done
+    (completed once) or failed after its attempts, and the aggregation completes once."""
     fs, cluster = limited
     tm = TaskManager(POOL, fs)
     defs = probe_defs(6, sleep=0.05) + [
         {"key": "overran-once", "sleep": 0.1, "slow_times": 1, "slow_sleep": 30},
         {"key": "always-over", "sleep": 30},
     ]
-    bid = enqueue(defs, POOL, settings=fs)
+    bid = enqueue_probes(defs, fs)
 
     batch = wait_batch(tm, bid, timeout=120)
 

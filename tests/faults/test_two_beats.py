@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from faults_support import POOL, PROBE, assert_exactly_once, probe_defs, wait_batch, wait_for
+from faults_support import POOL, PROBE, assert_exactly_once, counted_aggregation, probe_defs, wait_batch, wait_for
 
 from qcelery import batch as batches
 from qcelery.beat import BEAT_LOG
@@ -18,6 +18,9 @@ def _beat_pid(owner: str) -> int:
 
 
 def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsettings, cluster):
+    """Fault: a second beat runs beside the first, then the lock holder is stopped (SIGTERM).
+    Proves: only the lock holder ever sends jobs, the other takes over once it stops, and its
+    sweep runs a never-published batch whose tasks and aggregation complete exactly once."""
     cluster.start_beat()  # the fixture started one; now there are two
     beats = {p.pid: p for p in cluster.procs if p.name.startswith("beat")}
     assert len(beats) == 2
@@ -54,7 +57,7 @@ def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsett
         task_kwargs=None,
         before_status="waiting",
         after_status="done",
-        aggregate=None,
+        aggregate=counted_aggregation(),
     )
     batch = wait_batch(tm, doc["_id"])
     assert_exactly_once(fsettings, tm, batch)
