@@ -84,6 +84,22 @@ def counted_aggregate(tm: TaskManager, sleep: float = 0.0, crash: bool = False, 
     return {"aggregate_call": str(call), "aggregate_pid": os.getpid()}
 
 
+def recorded(task_def: dict, settings: Settings, tags: dict | None = None) -> Any:
+    """A training stand-in with an MLflow run, as ``task_train`` has: opens a run in
+    experiment ``task_def['experiment']`` tagged with the task's tags and this host, sleeps
+    ``task_def['sleep']`` seconds inside it, ends it ``FINISHED`` and returns its recorder
+    (the task's result)."""
+    import socket
+
+    from .exp import Recorder, get_experiment
+
+    exp = get_experiment(str(task_def.get("experiment", "probes")), settings)
+    rec = exp.create_recorder(tags={**(tags or {}), "hostname": socket.gethostname(), "key": str(task_def.get("key", ""))})
+    time.sleep(float(task_def.get("sleep", 0)))
+    rec.end_run(Recorder.STATUS_FI)
+    return rec
+
+
 def _patiently(op: Callable[[], Any], patience: float = 60.0) -> Any:
     """``op()``, waiting out a Mongo outage (fault tests restart the server): the probe's
     records must survive it, or the tests would measure the probe instead of qcelery."""

@@ -134,8 +134,30 @@ def execute_task(
         return {"task_id": str(task_id), "status": new or "lease-lost"}
     if hb.lost.is_set() or not _commit(tm, task, res, after_status, settings):
         logger.warning("task %s of pool %s: lease lost during the run; result dropped", task_id, pool)
+        _mark_superseded(res, task)
         return {"task_id": str(task_id), "status": "lease-lost"}
     return {"task_id": str(task_id), "status": after_status}
+
+
+#: tag on the MLflow run of a run whose result was not committed
+SUPERSEDED_TAG = "qcelery.superseded"
+
+
+def _mark_superseded(res: Any, task: dict) -> None:
+    """A run that lost its lease (cut off, taken over) keeps no result; its MLflow run, if
+    the result is one, is ended ``KILLED`` and tagged, so MLflow shows one ``FINISHED`` run
+    per task: the committed one. Best effort: MLflow may be as unreachable as Mongo was."""
+    from mlflow.exceptions import MlflowException
+
+    from .exp import Recorder
+
+    if not isinstance(res, Recorder):
+        return
+    try:
+        res.set_tags(**{SUPERSEDED_TAG: f"attempt {task['attempt']} lost its lease; another attempt's result was committed"})
+        res.end_run("KILLED")
+    except (MlflowException, OSError) as exc:  # MLflow away too (requests' errors are OSErrors): logged, the task is settled
+        logger.warning("task %s: could not mark MLflow run %s as superseded: %s", task["_id"], res.id, exc)
 
 
 def _outlast_outage(op: Callable[[], _T], settings: Settings, what: str) -> tuple[_T, bool]:
