@@ -94,6 +94,10 @@ class _Server:
         return self.run_dir / f"{self.name}.log"
 
     def start(self: _S, timeout: float = 30.0) -> _S:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self: _S) -> _S:
+        """Start the process and return at once (:meth:`wait_ready` waits for it)."""
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,12 @@ class _Server:
         with _LIVE_LOCK:
             _LIVE.add(self)
         _install_signal_cleanup()
+        return self
+
+    def wait_ready(self: _S, timeout: float = 30.0) -> _S:
+        """Wait until the launched server answers; stop it and raise if it exits or does not."""
+        if self.proc is None:
+            raise EmbeddedServerError(f"{self.name} is not started")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.proc.poll()
@@ -272,6 +282,42 @@ class EmbeddedRedis(_Server):
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
+
+
+class EmbeddedMlflow(_Server):
+    """An MLflow tracking server for the processes of one run directory: runs in SQLite
+    (``mlflow.db``; MLflow 3 deprecates the file store), artifacts under ``mlartifacts/``,
+    served by the server itself. Several workers log through it at once, which SQLite
+    alone would answer with "database is locked"."""
+
+    name = "mlflow"
+
+    @property
+    def store_uri(self) -> str:
+        return f"sqlite:///{self.run_dir / 'mlflow.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.run_dir / "mlartifacts"
+
+    def command(self) -> list[str]:
+        return [
+            _bin("mlflow"), "server", "--host", self.host, "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", self.store_uri, "--artifacts-destination", str(self.artifacts_dir),
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 def _stop_all(*_: object) -> None:

@@ -60,6 +60,17 @@ def _file_store_dir(uri: str) -> Path | None:
     return None
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: ``mlartifacts/``
+    beside the database (MLflow's own default is ``./mlruns`` under whatever directory the
+    process runs in). ``None`` elsewhere: servers and file stores decide themselves."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite" or not parts.path or parts.path == "/:memory:":
+        return None
+    db = Path(url2pathname(parts.path[1:])).resolve()  # SQLAlchemy: the path after 'sqlite:///'
+    return (db.parent / "mlartifacts").as_uri()
+
+
 @functools.lru_cache(maxsize=32)
 def _cached_client(uri: str, pid: int) -> Any:
     from mlflow.tracking import MlflowClient
@@ -439,7 +450,7 @@ def get_experiment(
                 exp = c.get_experiment_by_name(experiment_name)
                 if exp is None:
                     try:
-                        c.create_experiment(experiment_name)
+                        c.create_experiment(experiment_name, artifact_location=_artifact_location(tracking_uri))
                     except MlflowException as exc:  # another process created it meanwhile
                         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                             raise

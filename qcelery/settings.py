@@ -145,7 +145,9 @@ class Settings(BaseSettings):
     def effective_tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        return (Path(self.run_dir).resolve() / "mlruns").as_uri()
+        # MLflow's SQLite store (its file store is deprecated in MLflow 3); fine for one
+        # process at a time: `qcelery up` serves it through a tracking server instead
+        return f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}"
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``QCELERY_*`` variables, to start workers and beat with."""

@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pymongo
@@ -85,10 +86,14 @@ def up(tmp_path_factory):
 def test_up_writes_the_live_settings_and_refuses_a_second_up(up):
     live = up.live
     assert live["mongo_url"].startswith("mongodb://127.0.0.1:") and live["broker_url"].startswith("redis://127.0.0.1:")
-    assert live["mlflow_tracking_uri"] == (up.run_dir / "mlruns").resolve().as_uri()
+    # MLflow: a tracking server on SQLite (not the deprecated file store), answering
+    assert live["mlflow_tracking_uri"].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(live["mlflow_tracking_uri"] + "/health", timeout=10) as health:
+        assert health.status == 200
+    assert (up.run_dir / "mlflow.db").is_file() and not (up.run_dir / "mlruns").exists()
     assert stat.S_IMODE(os.stat(up.run_dir / "qcelery.toml").st_mode) == 0o600
     names = [p["name"] for p in json.loads((up.run_dir / "state.json").read_text())["processes"]]
-    assert names == ["secantusdb", "redis", "worker-cpu-1", "beat-1"]
+    assert names == ["mlflow", "secantusdb", "redis", "worker-cpu-1", "beat-1"]
     again = up("up")
     assert again.returncode == 2 and "already up" in again.stderr
 

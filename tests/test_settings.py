@@ -35,7 +35,8 @@ def test_defaults_serve_the_embedded_servers():
     assert s.mongo_url.startswith("mongodb://127.0.0.1") and s.broker_url.startswith("redis://127.0.0.1")
     assert s.mongo_db == "qcelery" and s.result_backend is None
     assert s.effective_result_backend == s.broker_url
-    assert s.effective_tracking_uri == (Path(".qcelery").resolve() / "mlruns").as_uri()
+    # MLflow's SQLite store under the run directory (its file store is deprecated)
+    assert s.effective_tracking_uri == f"sqlite:///{Path('.qcelery').resolve() / 'mlflow.db'}"
     assert s.heartbeat_seconds < s.lease_seconds
 
 

@@ -17,7 +17,6 @@ import typer
 
 from .. import status as st
 from ..errors import ConfigError
-from ..settings import mask_url
 from . import workflow as wfl
 from .rundir import RunState
 from .state import CliState, err, out
@@ -29,17 +28,19 @@ DEFAULT_RUN_DIR = Path(".qcelery") / "demo"
 MARKER = ".qcelery-demo"
 
 
-def mlflow_ui_command(tracking_uri: str) -> str:
-    """The shell command that opens MLflow's UI on ``tracking_uri``, as printed after the demo.
-
-    MLflow 3 refuses a ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE=true``; the
-    ``mlflow`` of this interpreter's environment is named when it is not on ``PATH``."""
+def mlflow_ui_command(run_dir: Path) -> str:
+    """The shell command that opens MLflow's UI on the demo's store after the demo: its
+    SQLite database and the artifacts the demo's tracking server kept, under ``run_dir``.
+    The ``mlflow`` of this interpreter's environment is named when it is not on ``PATH``."""
     import shlex
     import sys
 
+    from ..embedded import EmbeddedMlflow
+
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    env = "MLFLOW_ALLOW_FILE_STORE=true " if tracking_uri.startswith("file:") else ""
-    return f"{env}{shlex.quote(exe)} ui --backend-store-uri {shlex.quote(mask_url(tracking_uri))}"
+    store = EmbeddedMlflow(run_dir)
+    store_args = f"--backend-store-uri {shlex.quote(store.store_uri)} --artifacts-destination {shlex.quote(str(store.artifacts_dir))}"
+    return f"{shlex.quote(exe)} ui {store_args}"
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -63,7 +64,7 @@ def demo(
     timeout: float = typer.Option(600.0, "--timeout", help="Give up waiting after this many seconds."),
     poll: float = typer.Option(0.5, "--poll", min=0.1, help="Seconds between two progress counts."),
 ) -> None:
-    """Run the demo: embedded SecantusDB + redis-server + a local MLflow store,
+    """Run the demo: embedded SecantusDB + redis-server + an MLflow tracking server,
     N workers and beat; enqueue the workflow (two models x rolling windows on built-in
     synthetic data); show progress; print the model comparison and the HTML report's
     path; stop everything. Uses <run_dir> = .qcelery/demo unless --run-dir is given."""
@@ -96,7 +97,7 @@ def demo(
         doc = batches.load(database(live), sub.batch_id)
         out.print()
         print_summary(doc, live)
-        out.print(f"MLflow runs: {mlflow_ui_command(live.effective_tracking_uri)}", markup=False)
+        out.print(f"MLflow runs: {mlflow_ui_command(run_dir)}", markup=False)
         out.print(f"run directory (logs, data): {run_dir}", markup=False)
         out.print(f"demo finished in {time.monotonic() - t0:.0f}s", markup=False)
     finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cluster import Cluster, Proc
-from ..embedded import EmbeddedMongo, EmbeddedRedis, free_port, port_open
+from ..embedded import EmbeddedMlflow, EmbeddedMongo, EmbeddedRedis, free_port, port_open
 from ..errors import ConfigError, EmbeddedServerError
 from ..settings import Settings, mask_url
 from . import checks
@@ -54,6 +54,7 @@ class Stack:
     options: StackOptions = field(default_factory=StackOptions)
     mongo: EmbeddedMongo | None = None
     redis: EmbeddedRedis | None = None
+    mlflow: EmbeddedMlflow | None = None
     cluster: Cluster | None = None
     settings: Settings | None = None  # the live settings, once started
     flower_url: str | None = None
@@ -92,9 +93,13 @@ class Stack:
         if state is None:  # start() sets it
             raise RuntimeError("Stack._start runs from Stack.start() only")
         update: dict = {"run_dir": self.run_dir}
-        if opts.embedded_only:
-            update["mlflow_tracking_uri"] = None  # a local store under the run directory
         configured = set() if opts.embedded_only else base.model_fields_set
+        if "mlflow_tracking_uri" not in configured:
+            # first: it takes longest to come up, and boots while the rest starts
+            step("starting embedded MLflow tracking server")
+            self.mlflow = EmbeddedMlflow(self.run_dir).launch()
+            state.add("mlflow", self.mlflow.pid, "server", self.mlflow.log_path, self.mlflow.url)
+            update["mlflow_tracking_uri"] = self.mlflow.url
         if "mongo_url" in configured:
             step(f"MongoDB {mask_url(base.mongo_url)} (configured)")
             checks.check_mongo(base)
@@ -115,7 +120,8 @@ class Stack:
                 update["result_backend"] = None
         settings = base.model_copy(update=update)
         settings = settings.model_copy(update={"mlflow_tracking_uri": settings.effective_tracking_uri})
-        checks.check_tracking(settings)
+        if self.mlflow is None:
+            checks.check_tracking(settings)
         self.settings = settings
         state.urls = {
             "mongo": mask_url(settings.mongo_url),
@@ -141,6 +147,9 @@ class Stack:
             self.cluster.wait_ready(app_for(settings), opts.workers, timeout=opts.ready_timeout)
         if opts.flower:
             self._wait_flower()
+        if self.mlflow is not None:
+            step("waiting for the MLflow tracking server")
+            self.mlflow.wait_ready(timeout=opts.ready_timeout + 120)
 
     def _record(self, proc: Proc, detail: str) -> None:
         if self.state is None:  # start() sets it before anything runs
@@ -179,7 +188,7 @@ class Stack:
 
     def detach(self) -> None:
         """Leave everything running after this process exits (``qcelery up``)."""
-        for server in (self.mongo, self.redis):
+        for server in (self.mongo, self.redis, self.mlflow):
             if server is not None:
                 server.detach()
         self.cluster = None
@@ -189,7 +198,7 @@ class Stack:
         if self.cluster is not None:
             self.cluster.stop(timeout)
             self.cluster = None
-        for server in (self.redis, self.mongo):
+        for server in (self.redis, self.mongo, self.mlflow):
             if server is not None:
                 server.stop()
         if self.state is not None:
