@@ -15,8 +15,10 @@ import types
 
 import numpy as np
 import pytest
+from cli_support import PROBE, cli_env, error_lines, probe_workflow, qcelery
 
 from qcelery import batch as batches
+from qcelery.config import load_workflow
 from qcelery.errors import ConfigError, ModuleNotAllowedError, UnsafePickleError
 from qcelery.exp import get_experiment
 from qcelery.instance import allowed_imports, check_task_names, init_instance_by_config
@@ -181,6 +183,26 @@ def test_enqueue_refuses_a_batch_function_outside_the_list_with_nothing_written(
     assert SETTING in str(info.value)
     assert "refused_pool" not in mongo_db.list_collection_names()
     assert mongo_db[batches.COLLECTION].count_documents({}) == 0
+
+
+def test_a_workflow_file_naming_a_module_outside_the_list_is_refused_before_it_is_imported(tmp_path, settings):
+    wf = probe_workflow(tmp_path / "wf.yaml")
+    wf.write_text(wf.read_text().replace("module_path: collections", "module_path: this", 1))  # `import this` prints
+    with pytest.raises(ModuleNotAllowedError, match=f"wf.yaml: task: model class 'OrderedDict' this.OrderedDict is refused.*{SETTING}"):
+        load_workflow(wf, settings=settings)
+    assert "this" not in sys.modules
+
+
+def test_qcelery_enqueue_of_such_a_workflow_is_one_line_and_writes_nothing(tmp_path, settings, mongo_db):
+    wf = probe_workflow(tmp_path / "wf.yaml")
+    wf.write_text(
+        wf.read_text().replace("class: OrderedDict\n", "class: system\n", 1).replace("module_path: collections", "module_path: os", 1)
+    )
+    proc = qcelery("enqueue", str(wf), cwd=tmp_path, env=cli_env(settings, QCELERY_TASK_FUNC=PROBE))
+    lines = error_lines(proc)
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "os.system is refused" in lines[0] and SETTING in lines[0]
+    assert mongo_db.list_collection_names() == []
 
 
 # ----------------------------------------------------------------------- in-process trainers
