@@ -58,9 +58,9 @@ def _attempts_used_up(doc: dict, default_max: int) -> tuple[bool, str | None]:
     """Whether ``doc`` (a claimed task) has used its last attempt of this phase, and,
     when its ``attempt_base`` / ``max_attempts`` are not numbers, why it cannot be told:
     such a task is failed rather than retried (or left to crash every recovery)."""
-    attempt = doc.get("attempt")
-    base = doc.get("attempt_base")
-    cap = doc.get("max_attempts")
+    attempt: Any = doc.get("attempt")
+    base: Any = doc.get("attempt_base")
+    cap: Any = doc.get("max_attempts")
     base = 0 if base is None else base
     cap = default_max if cap is None else cap
     corrupt = [
