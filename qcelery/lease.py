@@ -198,17 +198,27 @@ class Leases:
     @contextlib.contextmanager
     def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> Iterator[dict | None]:
         """``fetch_task`` as a context manager: if the body raises (or is interrupted),
-        the task goes back to ``status`` and the error propagates, as in Qlib."""
+        the task goes back to ``status`` and the error propagates, as in Qlib.
+
+        Unlike Qlib (which has no leases), a :class:`Heartbeat` keeps the task's lease
+        alive for as long as the body holds it: a hand-written loop that trains for an
+        hour is not taken over by beat's recovery. A process that dies stops renewing,
+        and its task is recovered one lease later."""
         task = self.fetch_task(query=query, status=status)
-        try:
-            yield task
-        except BaseException:
-            if task is not None:
+        if task is None:
+            yield None
+            return
+        with Heartbeat(self, task):  # type: ignore[arg-type]  # Leases is a part of TaskManager
+            try:
+                yield task
+            except BaseException:
                 logger.info("returning task %s to %s before raising", task["_id"], status)
                 self.return_task(task, status=status)
-            raise
+                raise
 
     def task_fetcher_iter(self, query: dict | None = None) -> Iterator[dict]:
+        """Fetch and yield tasks until none is left (Qlib's ``task_fetcher_iter``); each
+        task's lease is kept alive while the loop body holds it (see :meth:`safe_fetch_task`)."""
         while True:
             with self.safe_fetch_task(query=query) as task:
                 if task is None:
