@@ -1,4 +1,5 @@
-"""Serialization: Qlib's ``Serializable`` and the allow-listing unpickler.
+"""Serialization: Qlib's ``Serializable``, the allow-listing unpickler, and the one
+allow-list that decides what task data may name.
 
 Task definitions (``def``) and results (``res``) are stored pickled, as Qlib stores
 them, so a Qlib pool can be read by qcelery and back. They are only ever decoded
@@ -13,8 +14,9 @@ An entry of the allow-list is either a module prefix (``"mypkg"`` admits
 (``"numpy:savetxt"``). Entries come from :data:`DEFAULT_ALLOWED_MODULES` plus the
 caller's (``settings.allowed_modules`` / ``QCELERY_ALLOWED_MODULES``).
 
-* From the **default** modules (numpy, pandas, the standard data types, qcelery's
-  value types) a pickle may load classes, constants, numpy ufuncs and the
+* From the **default** modules (qcelery, qlib, lightgbm, xgboost, catboost, sklearn,
+  torch, numpy, pandas and the standard data types) a pickle may load classes,
+  constants, numpy ufuncs and the
   helpers pickles are rebuilt with (``_reconstruct``, ``_unpickle_block``,
   ``__pyx_unpickle_*``...), never another function: ``numpy.savetxt``,
   ``pandas.read_csv`` or ``qcelery.worker.resolve`` would let a pickle write files
@@ -33,6 +35,16 @@ caller's (``settings.allowed_modules`` / ``QCELERY_ALLOWED_MODULES``).
   ``builtins.getattr`` (pickles of ``ZoneInfo`` go through it) is replaced by a
   guarded version that returns class attributes that are classes, members (enums)
   or listed class methods.
+
+The same list decides what a task definition or batch may *import* (a model's
+``class`` / ``module_path``, a batch's ``task_func``): :func:`admit_import`. From the
+default modules, public classes and functions (never names starting with ``_``), minus
+the sub-modules and names that load, import or run what they are handed (the risky
+sub-modules above, ``qcelery.instance``, ``qcelery.serial``, ``init``,
+``init_instance_by_config``...); from modules you add, anything public; always judged by
+where the object really comes from. A refusal is one
+:class:`~qcelery.errors.ModuleNotAllowedError` naming the module and
+``QCELERY_ALLOWED_MODULES``.
 
 This keeps a hostile document from running code; it does not bound memory or CPU.
 """
