@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,7 +70,7 @@ def list_recorders(
         experiment = get_experiment(experiment, settings if settings is not None else load_settings(), create=False)
     if not isinstance(experiment, Experiment):
         raise TaskTypeError(f"experiment must be an Experiment or its name, got {type(experiment).__name__}")
-    recs = cast(dict[str, Recorder], experiment.list_recorders(rtype=Experiment.RT_D))
+    recs = experiment.list_recorders(rtype=Experiment.RT_D)
     return {rid: rec for rid, rec in recs.items() if rec_filter_func is None or rec_filter_func(rec)}
 
 

@@ -74,9 +74,10 @@ def _resolve(path: Any, allowed_modules: tuple[str, ...], what: str) -> Callable
     if not sep or not module:
         raise ConfigError(f"{what} {path!r} must be a dotted path like 'package.module.function'")
     try:
-        return admit_import(module, attr, allowed_modules, what=f"{what} {path!r}:")
+        func: Callable = admit_import(module, attr, allowed_modules, what=f"{what} {path!r}:")
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{what} {path!r} cannot be imported: {exc}") from None
+    return func
 
 
 @functools.lru_cache(maxsize=64)
