@@ -446,6 +446,7 @@ def _as_entries(allowed_modules: Iterable[str]) -> tuple[str, ...]:
     return tuple(allowed_modules)
 
 
+@functools.lru_cache(maxsize=1024)
 def _import_refusal(policy: _Policy, module: str, name: str) -> str | None:
     """Why a task part may not name ``module.name``, judged from the names alone (nothing
     imported), or ``None``."""
