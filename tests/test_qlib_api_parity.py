@@ -90,7 +90,7 @@ def test_replace_task_handler_with_cache_takes_qlibs_cache_dir(tmp_path, qlib_ca
 
 @pytest.mark.parametrize("how", ["safe_fetch_task", "task_fetcher_iter"])
 def test_a_task_held_past_its_lease_by_a_fetch_loop_is_not_taken_over(settings, mongo_db, how):
-    fast = settings.model_copy(update={"lease_seconds": 3.0, "heartbeat_seconds": 0.5})
+    fast = settings.model_copy(update={"lease_seconds": 4.0, "heartbeat_seconds": 0.5})
     tm = TaskManager("held", fast)
     tm.create_task([{"key": "long"}])
 
