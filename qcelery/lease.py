@@ -196,19 +196,21 @@ class Leases:
         return ordered
 
     @contextlib.contextmanager
-    def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> Iterator[dict | None]:
+    def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING, *, heartbeat: bool = True) -> Iterator[dict | None]:
         """``fetch_task`` as a context manager: if the body raises (or is interrupted),
         the task goes back to ``status`` and the error propagates, as in Qlib.
 
         Unlike Qlib (which has no leases), a :class:`Heartbeat` keeps the task's lease
         alive for as long as the body holds it: a hand-written loop that trains for an
         hour is not taken over by beat's recovery. A process that dies stops renewing,
-        and its task is recovered one lease later."""
+        and its task is recovered one lease later. (``heartbeat=False``: the caller keeps
+        the lease itself, as :func:`~qcelery.manage.pull_tasks` does.)"""
         task = self.fetch_task(query=query, status=status)
         if task is None:
             yield None
             return
-        with Heartbeat(self, task):  # type: ignore[arg-type]  # Leases is a part of TaskManager
+        keeper = Heartbeat(self, task) if heartbeat else contextlib.nullcontext()  # type: ignore[arg-type]  # Leases is a part of TaskManager
+        with keeper:
             try:
                 yield task
             except BaseException:

@@ -48,6 +48,7 @@ from .canonical import canonical_json, filter_hash, hash_text, normalize
 from .errors import (
     DecodeError,
     ForeignCollectionError,
+    PermanentTaskError,
     QceleryError,
     ResultEncodeError,
     TaskDefinitionError,
@@ -852,7 +853,7 @@ def pull_tasks(
         q = decoded
         if before_status == after_status and ran:
             q = {"$and": [decoded, {"_id": {"$nin": ran}}]}
-        with tm.safe_fetch_task(query=q, status=before_status) as task:
+        with tm.safe_fetch_task(query=q, status=before_status, heartbeat=False) as task:  # its lease: the Heartbeat below
             if task is None:
                 break
             ran.append(task["_id"])
@@ -865,13 +866,15 @@ def pull_tasks(
                             res = executor.submit(task_func, param, **kwargs).result()
                     else:
                         res = task_func(param, **kwargs)
+                committed = not hb.lost.is_set() and tm.commit(task, res, after_status)
             except Exception as exc:
                 if not record_failures:
                     raise
-                new = tm.fail(task, format_exception(exc))
+                # a refused name, an undecodable document, a result that cannot be pickled: no retry
+                new = tm.fail(task, format_exception(exc), permanent=isinstance(exc, PermanentTaskError))
                 logger.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], tm.name, type(exc).__name__, exc, new)
                 continue
-            if hb.lost.is_set() or not tm.commit(task, res, after_status):
+            if not committed:
                 logger.warning("task %s of pool %s: lease lost while running; result dropped", task["_id"], tm.name)
     return len(ran)
 

@@ -228,6 +228,34 @@ def test_a_module_outside_the_list_is_refused_before_it_is_known_whether_it_impo
         task_train(task, "exp_unlisted", settings=listed)
 
 
+def test_a_trainer_rm_worker_fails_a_refused_task_at_once_and_trains_the_others(settings, mongo_db, tmp_path):
+    from bson import Binary
+
+    from qcelery import status as st
+    from qcelery.trainer import TrainerRM
+
+    target = tmp_path / "made-by-model"
+    handler = {"class": "SyntheticAlphaHandler", "module_path": "qcelery.data", "kwargs": {"instruments": 5, "seed": 2}}
+    segments = {"train": ("2019-01-02", "2019-12-31"), "test": ("2020-01-02", "2020-03-31")}
+    good = {
+        "model": {"class": "LinearModel", "module_path": "qcelery.models"},
+        "dataset": {"class": "DatasetH", "module_path": "qcelery.data", "kwargs": {"handler": handler, "segments": segments}},
+    }
+    tm = TaskManager("rm_pool", settings)
+    good_id, bad_id = tm.create_task([good, {**good, "twin": True}])
+    # the pool is edited afterwards: the pull loop meets a definition naming os.system
+    edited = {**good, "model": shell_config(target)}
+    tm.task_pool.update_one({"_id": bad_id}, {"$set": {"def": Binary(pickle.dumps(edited))}})
+
+    assert TrainerRM("exp_rm_refused", "rm_pool", settings=settings).worker() == 2
+
+    assert not target.exists()
+    failed = tm.re_query(bad_id)
+    assert (failed["status"], failed["attempt"]) == (st.FAILED, 1), failed["error"]
+    assert "os.system is refused" in failed["error"] and SETTING in failed["error"]
+    assert tm.re_query(good_id)["status"] == st.DONE
+
+
 # ----------------------------------------------------------------------- the unpickler, same list
 def test_results_of_the_default_packages_unpickle_and_a_refused_global_names_the_setting():
     from sklearn.linear_model import Ridge
