@@ -15,7 +15,17 @@ from __future__ import annotations
 import pickle
 
 from bson import Binary, ObjectId
-from faults_support import POOL, fault_settings, probe_defs, probe_runs, started, wait_batch, wait_for
+from faults_support import (
+    POOL,
+    assert_aggregated_once,
+    counted_aggregation,
+    fault_settings,
+    probe_defs,
+    probe_runs,
+    started,
+    wait_batch,
+    wait_for,
+)
 
 from qcelery import batch as batches
 from qcelery import status as st
@@ -62,21 +72,27 @@ def test_an_edited_pool_naming_os_system_subprocess_or_eval_runs_nothing(setting
     made = {name: tmp_path / f"made-by-{name}" for name in ("system", "run", "eval", "model", "aggregate")}
 
     # enqueued while no worker runs, then edited in Mongo before any worker starts
-    by_system = enqueue(probe_defs(2, "s"), POOL, settings=fs)
+    counted = counted_aggregation()
+    by_system = enqueue(probe_defs(2, "s"), POOL, settings=fs, aggregate=counted)
     edit_batch(tm, by_system, task_func="os.system")
     edit_task(tm, "s0", **{"def": Binary(pickle.dumps(f"touch {made['system']}"))})
 
-    by_run = enqueue(probe_defs(1, "r"), POOL, settings=fs)
+    by_run = enqueue(probe_defs(1, "r"), POOL, settings=fs, aggregate=counted)
     edit_batch(tm, by_run, task_func="subprocess.run")
     edit_task(tm, "r0", **{"def": Binary(pickle.dumps(["touch", str(made["run"])]))})
 
-    by_eval = enqueue(probe_defs(1, "e"), POOL, settings=fs)
+    by_eval = enqueue(probe_defs(1, "e"), POOL, settings=fs, aggregate=counted)
     edit_batch(tm, by_eval, task_func="builtins.eval")
     edit_task(tm, "e0", **{"def": Binary(pickle.dumps(f"__import__('pathlib').Path({str(made['eval'])!r}).touch()"))})
 
     # the trainer would build this model: os.system(command="touch ...")
     by_model = enqueue(
-        probe_defs(1, "m"), POOL, settings=fs, task_func="qcelery.trainer.task_train", task_kwargs={"experiment_name": "edited"}
+        probe_defs(1, "m"),
+        POOL,
+        settings=fs,
+        aggregate=counted,
+        task_func="qcelery.trainer.task_train",
+        task_kwargs={"experiment_name": "edited"},
     )
     model = {"class": "system", "module_path": "os", "kwargs": {"command": f"touch {made['model']}"}}
     edited_def = {"model": model, "dataset": {"class": "DatasetH", "module_path": "qcelery.data", "kwargs": {"segments": {}}}}
@@ -97,7 +113,9 @@ def test_an_edited_pool_naming_os_system_subprocess_or_eval_runs_nothing(setting
     assert [task_doc(tm, k)["status"] for k in ("g0", "g1")] == [st.DONE, st.DONE]
     summary = done[by_aggregate]["summary"]
     assert "aggregate function 'subprocess.run'" in summary["aggregate_error"] and SETTING in summary["aggregate_error"]
-    assert all(doc["aggregate_runs"] == 1 for doc in done.values())
+    for bid in (by_system, by_run, by_eval, by_model):
+        assert_aggregated_once(fs, done[bid])
+    assert done[by_aggregate]["aggregate_runs"] == 1
     assert probe_runs(fs)["start"] == {"g0": 1, "g1": 1}  # no refused task ran its probe either
 
 
@@ -115,7 +133,7 @@ def test_every_task_ends_with_its_real_reason_at_once_and_the_batch_aggregates_o
         {"key": "shell"},
         {"key": "corrupt_max", "fail": True},
     ]
-    bid = enqueue(defs, POOL, settings=fs)
+    bid = enqueue(defs, POOL, settings=fs, aggregate=counted_aggregation())
     edit_task(tm, "abc", attempt="abc")
     edit_task(tm, "bogus", status="bogus")
     edit_task(tm, "garbage", **{"def": Binary(b"\x80\x05 this is no pickle")})
@@ -130,7 +148,9 @@ def test_every_task_ends_with_its_real_reason_at_once_and_the_batch_aggregates_o
         wait_for(lambda: tm.db["qcelery_beat_log"].count_documents({"job": "sweep"}) >= sweeps + 3, timeout=60, what="3 more sweeps")
     doc = {k: task_doc(tm, k) for k in (d["key"] for d in defs)}
 
-    assert batch["aggregate_runs"] == 1
+    assert_aggregated_once(fs, batch)
+    failed_ids = {str(d["_id"]) for d in tm.task_pool.find({"batch_ids": batch["_id"], "status": st.FAILED}, {"_id": 1})}
+    assert {f["task_id"] for f in batch["summary"]["failures"]} == failed_ids and len(failed_ids) == 7
     assert {k: d["status"] for k, d in doc.items()} == {
         "ok0": st.DONE,
         "ok1": st.DONE,
