@@ -113,6 +113,8 @@ def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) 
     settings: Settings = app.qcelery_settings
 
     def step(tm: TaskManager) -> int:
+        # a task whose status is none of ours would keep its batch open for ever
+        tm.fail_unknown_statuses()
         ids = tm.stale_waiting(settings.sweep_after)
         return publish(app, tm.name, ids) if ids else 0
 

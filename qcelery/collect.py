@@ -11,9 +11,11 @@ MLflow run with CSV tables, PNG plots and an HTML report.
 
 Differences from Qlib:
 
-* ``RecorderCollector(experiment="name")`` needs ``settings`` (or pass an
-  :class:`~qcelery.exp.Experiment`): there is no global ``R``; artifacts are decoded
-  through the restricted unpickler (``allowed_modules`` adds trusted modules);
+* ``RecorderCollector("name")`` finds the experiment in the tracking store of
+  ``settings`` (default: read from the environment, as the trainers do; there is no
+  global ``R``); artifacts are decoded through the restricted unpickler
+  (``allowed_modules`` adds trusted modules);
+* :func:`list_recorders` is Qlib's ``qlib.workflow.task.utils.list_recorders``;
 * processors run in this process (``n_jobs`` is accepted and ignored: joblib is not a
   dependency); a non-tuple key given to :class:`RollingGroup` raises
   :class:`~qcelery.errors.TaskTypeError` naming it;
@@ -38,7 +40,7 @@ from .errors import ConfigError, TaskTypeError
 from .exp import Experiment, LoadObjectError, Recorder, client, get_experiment
 from .records import calc_ic, long_short_return, risk_analysis
 from .serial import Serializable
-from .settings import Settings, mask_url
+from .settings import Settings, load_settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,23 @@ __all__ = [
     "AverageEnsemble",
     "SingleKeyEnsemble",
     "summarize_batch",
+    "list_recorders",
 ]
+
+
+def list_recorders(
+    experiment: Experiment | str, rec_filter_func: Callable[[Recorder], bool] | None = None, *, settings: Settings | None = None
+) -> dict[str, Recorder]:
+    """``{run id: recorder}`` of the experiment's runs that ``rec_filter_func`` keeps (all
+    when ``None``), as Qlib's ``qlib.workflow.task.utils.list_recorders``. ``experiment``
+    is an :class:`~qcelery.exp.Experiment` or its name, looked up in the tracking store
+    of ``settings`` (default: read from the environment)."""
+    if isinstance(experiment, str):
+        experiment = get_experiment(experiment, settings if settings is not None else load_settings(), create=False)
+    if not isinstance(experiment, Experiment):
+        raise TaskTypeError(f"experiment must be an Experiment or its name, got {type(experiment).__name__}")
+    recs = experiment.list_recorders(rtype=Experiment.RT_D)
+    return {rid: rec for rid, rec in recs.items() if rec_filter_func is None or rec_filter_func(rec)}
 
 
 # ---------------------------------------------------------------- collectors
@@ -142,8 +160,7 @@ class RecorderCollector(Collector):
     ):
         super().__init__(process_list)
         if isinstance(experiment, str):
-            if settings is None:
-                raise ConfigError(f"RecorderCollector(experiment={experiment!r}) needs settings (or an Experiment)")
+            settings = settings if settings is not None else load_settings()
             experiment = get_experiment(experiment, settings, create=False)
         if not isinstance(experiment, Experiment) and not callable(experiment):
             raise TaskTypeError(f"experiment must be an Experiment, its name or a callable, got {type(experiment).__name__}")

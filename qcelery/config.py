@@ -17,6 +17,7 @@ import yaml
 from .calendar import TradingCalendar, default_calendar, resolve_calendar
 from .errors import ConfigError, QceleryError, TaskTypeError
 from .gen import GridGen, LabelHorizonGen, ModelGen, RollingGen, TaskGen, validate_template
+from .instance import check_task_names
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,9 @@ def load_workflow(
     else ``settings.calendar`` (when ``settings`` is given), else XSHG. Errors (YAML
     syntax with its line, unknown generator names or parameters, templates without a
     test segment, start after end...) raise :class:`~qcelery.errors.ConfigError` before
-    any task exists.
+    any task exists; with ``settings``, a class of a module outside its allow-list raises
+    :class:`~qcelery.errors.ModuleNotAllowedError` (naming the module and
+    ``QCELERY_ALLOWED_MODULES``) before any module is imported.
     """
     path = Path(path)
     doc = read_yaml(path)
@@ -257,5 +260,9 @@ def load_workflow(
     for i, tpl in enumerate(templates):
         name = "task" if "task" in doc else f"tasks[{i}]"
         _check_template(tpl, name, path, needs_model, test_keys)
+        if settings is not None:  # task data is never code: refused by name, before anything is imported
+            check_task_names(tpl, settings.allowed_modules, where=f"{path}: {name}")
+    if settings is not None:
+        check_task_names(doc.get("generators"), settings.allowed_modules, where=f"{path}: generators")
     log.debug("loaded %s: %d template(s), generators %s", path, len(templates), generators)
     return templates, generators

@@ -47,8 +47,28 @@ class BrokerUnavailableError(QceleryError, ConnectionError):
     """The Celery broker or result backend did not answer."""
 
 
-class UnsafePickleError(QceleryError, ValueError):
+class PermanentTaskError(QceleryError):
+    """Running the task again cannot help (a refused name, an undecodable definition or
+    document, a result that cannot be pickled): a worker fails the task at once, without
+    spending its remaining attempts."""
+
+
+class UnsafePickleError(PermanentTaskError, ValueError):
     """A pickled ``def``/``res`` refers to a global outside the allow-list."""
+
+
+class ModuleNotAllowedError(TaskDefinitionError, PermanentTaskError):
+    """A task definition or batch names a class or function of a module outside the
+    allow-list (``QCELERY_ALLOWED_MODULES`` / ``settings.allowed_modules``)."""
+
+
+class ResultEncodeError(TaskTypeError, PermanentTaskError):
+    """A task's result cannot be pickled (so it cannot be stored); nothing was written."""
+
+
+class CorruptTaskError(PermanentTaskError, ValueError):
+    """A task document's own fields (``attempt``, ``status``...) hold values qcelery
+    never writes; the task is failed with this reason rather than retried or skipped."""
 
 
 class DecodeError(QceleryError, ValueError):

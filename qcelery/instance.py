@@ -15,27 +15,123 @@ Differences from Qlib (``qlib.utils.mod``):
   the constructor;
 * a string or path naming a pickle file is not loaded (pickles come from MLflow
   artifacts or the task pool, through :mod:`qcelery.serial`);
-* :func:`fill_placeholder` returns a filled copy and leaves its input alone.
+* :func:`fill_placeholder` returns a filled copy and leaves its input alone;
+* task data is never code: inside :func:`allowed_imports` (where the worker and the
+  trainers build a task) every class or function a config names must be admitted by the
+  allow-list (``settings.allowed_modules``, see :func:`qcelery.serial.admit_import`),
+  and :func:`check_task_names` checks a whole task definition before anything is built.
+  Outside that block a config is what the caller's own code wrote, imported as in Qlib.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import importlib
 import inspect
 import logging
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import PurePath
 from typing import Any
 
-from .errors import ConfigError, TaskTypeError
+from .errors import ConfigError, ModuleNotAllowedError, TaskTypeError
+from .serial import admit_import
 
 log = logging.getLogger(__name__)
 
-__all__ = ["init_instance_by_config", "get_callable_kwargs", "fill_placeholder", "flatten_dict", "accepted_kwargs"]
+__all__ = [
+    "init_instance_by_config",
+    "get_callable_kwargs",
+    "fill_placeholder",
+    "flatten_dict",
+    "accepted_kwargs",
+    "allowed_imports",
+    "check_task_names",
+]
 
 _PLACEHOLDER = re.compile(r"^<([^<>]+)>$")
+_DOTTED_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+#: the allow-list in force while task data is built (``None``: the caller's own code)
+_ALLOWED: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("qcelery_allowed_imports", default=None)
+
+#: keys whose value Qlib's ``init_instance_by_config`` resolves (a config, a dotted class
+#: path, or in Qlib a ``file://`` pickle), so their plain strings name code as well
+_CONFIG_SLOTS = frozenset(
+    {"model", "dataset", "handler", "record", "data_loader", "processors", "infer_processors", "learn_processors", "reweighter"}
+)
+
+
+@contextlib.contextmanager
+def allowed_imports(allowed_modules: Iterable[str]) -> Iterator[None]:
+    """Within the block, every class or function a config names (here, in any task part
+    qcelery builds) must be admitted by the allow-list: the defaults plus
+    ``allowed_modules``; anything else raises :class:`~qcelery.errors.ModuleNotAllowedError`
+    before its module is imported. The worker and the trainers build tasks inside it."""
+    token = _ALLOWED.set(tuple(allowed_modules))
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def _named(target: str, module_path: Any) -> tuple[str, str] | None:
+    """``(module, name)`` a config's ``class`` / ``module_path`` name, or ``None`` when
+    only the building code's default module would say (that is code, not data)."""
+    modname, _, name = target.rpartition(".")
+    if modname:
+        return modname, name
+    if isinstance(module_path, types.ModuleType):
+        return module_path.__name__, name
+    if isinstance(module_path, str) and module_path:
+        return module_path, name
+    return None
+
+
+def check_task_names(task: Any, allowed_modules: Iterable[str], *, load: bool = False, where: str = "task definition") -> None:
+    """Raise :class:`~qcelery.errors.ModuleNotAllowedError` for the first class or function
+    ``task`` names (a ``class`` / ``func`` entry at any depth, a dotted path or ``file://``
+    string in a config slot) that the allow-list does not admit.
+
+    With ``load=False`` (producers) only the names are judged and nothing is imported;
+    with ``load=True`` (workers) the admitted ones are imported and checked for where
+    they really come from. A module that does not import is left for the build to
+    report, as before. ``where`` starts the message (``"task 65f... in pool 'p'"``).
+    """
+    allowed = tuple(allowed_modules)
+
+    def admit(module: str, name: str, what: str) -> None:
+        # a module or class that does not exist is no refusal: the build reports it as before
+        with contextlib.suppress(ImportError, AttributeError):
+            admit_import(module, name, allowed, what=f"{where}: {what}", load=load)
+
+    def walk(node: Any, path: str, slot: bool) -> None:
+        if isinstance(node, Mapping):
+            for key in ("class", "func"):
+                target = node.get(key)
+                if isinstance(target, str):
+                    named = _named(target, node.get("module_path"))
+                    if named:
+                        admit(*named, f"{path} {key} {target!r}")
+            for key, value in node.items():
+                if key not in ("class", "func", "module_path"):
+                    walk(value, f"{path}.{key}" if path else str(key), key in _CONFIG_SLOTS)
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]", slot)
+        elif slot and isinstance(node, PurePath):
+            raise ModuleNotAllowedError(f"{where}: {path} is a path ({str(node)!r}); Qlib would unpickle that file, so task data may not")
+        elif slot and isinstance(node, str):
+            if node.strip().lower().startswith("file:"):
+                raise ModuleNotAllowedError(f"{where}: {path} is {node!r}; Qlib would unpickle that file, so task data may not name one")
+            if _DOTTED_PATH.match(node):
+                module, _, name = node.rpartition(".")
+                admit(module, name, f"{path} {node!r}")
+
+    walk(task, "", False)
 
 
 def _import_module(module_path: Any, name: str) -> types.ModuleType:
@@ -85,6 +181,10 @@ def get_callable_kwargs(config: Any, default_module: str | types.ModuleType | No
             raise TaskTypeError(f"'class' must be a class name or a class, got {target!r}")
         return target, dict(kwargs)
     modname, _, name = target.rpartition(".")
+    allowed = _ALLOWED.get()
+    named = _named(target, module_path)
+    if allowed is not None and named:  # judged by name before its module is imported
+        admit_import(*named, allowed, what=f"class {target!r}", load=False)
     module = _import_module(modname or module_path, name)
     try:
         obj = getattr(module, name)
@@ -92,6 +192,8 @@ def get_callable_kwargs(config: Any, default_module: str | types.ModuleType | No
         raise ConfigError(f"module {module.__name__!r} has no class {name!r} (it offers: {_public_names(module)})") from None
     if not callable(obj):
         raise ConfigError(f"{module.__name__}.{name} is not a class or function")
+    if allowed is not None:  # and by what it really is
+        admit_import(module.__name__, name, allowed, what=f"class {target!r}")
     return obj, dict(kwargs)
 
 

@@ -49,6 +49,28 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+def _is_count(value: Any) -> bool:
+    """Whether a counter field holds a number (what qcelery writes there)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _attempts_used_up(doc: dict, default_max: int) -> tuple[bool, str | None]:
+    """Whether ``doc`` (a claimed task) has used its last attempt of this phase, and,
+    when its ``attempt_base`` / ``max_attempts`` are not numbers, why it cannot be told:
+    such a task is failed rather than retried (or left to crash every recovery)."""
+    attempt: Any = doc.get("attempt")
+    base: Any = doc.get("attempt_base")
+    cap: Any = doc.get("max_attempts")
+    base = 0 if base is None else base
+    cap = default_max if cap is None else cap
+    corrupt = [
+        f"{name} {value!r}" for name, value in (("attempt", attempt), ("attempt_base", base), ("max_attempts", cap)) if not _is_count(value)
+    ]
+    if corrupt:
+        return True, f"the document is corrupt: {', '.join(corrupt)} is not a number"
+    return attempt - base >= cap, None
+
+
 def worker_name() -> str:
     """``host:pid`` of this process, stored in ``worker`` while it holds a lease."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -174,19 +196,31 @@ class Leases:
         return ordered
 
     @contextlib.contextmanager
-    def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> Iterator[dict | None]:
+    def safe_fetch_task(self, query: dict | None = None, status: str = st.WAITING, *, heartbeat: bool = True) -> Iterator[dict | None]:
         """``fetch_task`` as a context manager: if the body raises (or is interrupted),
-        the task goes back to ``status`` and the error propagates, as in Qlib."""
+        the task goes back to ``status`` and the error propagates, as in Qlib.
+
+        Unlike Qlib (which has no leases), a :class:`Heartbeat` keeps the task's lease
+        alive for as long as the body holds it: a hand-written loop that trains for an
+        hour is not taken over by beat's recovery. A process that dies stops renewing,
+        and its task is recovered one lease later. (``heartbeat=False``: the caller keeps
+        the lease itself, as :func:`~qcelery.manage.pull_tasks` does.)"""
         task = self.fetch_task(query=query, status=status)
-        try:
-            yield task
-        except BaseException:
-            if task is not None:
+        if task is None:
+            yield None
+            return
+        keeper = Heartbeat(self, task) if heartbeat else contextlib.nullcontext()  # type: ignore[arg-type]  # Leases is a part of TaskManager
+        with keeper:
+            try:
+                yield task
+            except BaseException:
                 logger.info("returning task %s to %s before raising", task["_id"], status)
                 self.return_task(task, status=status)
-            raise
+                raise
 
     def task_fetcher_iter(self, query: dict | None = None) -> Iterator[dict]:
+        """Fetch and yield tasks until none is left (Qlib's ``task_fetcher_iter``); each
+        task's lease is kept alive while the loop body holds it (see :meth:`safe_fetch_task`)."""
         while True:
             with self.safe_fetch_task(query=query) as task:
                 if task is None:
@@ -235,12 +269,16 @@ class Leases:
             self._drop_res_file(old["res_file"])
         return True
 
-    def fail(self, task: dict, error: str) -> str | None:
+    def fail(self, task: dict, error: str, permanent: bool = False) -> str | None:
         """Record a failed run of the claimed ``task``: back to the status it was claimed
         from while attempts remain, else ``failed``; ``error`` (a traceback) is kept.
-        Returns the new status, or ``None`` if the lease was lost (nothing written)."""
-        used = task["attempt"] - task.get("attempt_base", 0)
-        new = st.FAILED if used >= task.get("max_attempts", self.settings.max_attempts) else (task.get("claimed_from") or st.WAITING)
+        ``permanent`` (an error no retry can mend, or a corrupt counter in the document)
+        fails it at once. Returns the new status, or ``None`` if the lease was lost
+        (nothing written)."""
+        exhausted, corrupt = _attempts_used_up(task, self.settings.max_attempts)
+        if corrupt:
+            error = f"{error}\nCorruptTaskError: task {task['_id']} in pool {self.name!r}: {corrupt}; failed at once"
+        new = st.FAILED if permanent or exhausted else (task.get("claimed_from") or st.WAITING)
         now = utcnow()
         r = self.task_pool.update_one(
             {"_id": to_object_id(task), "status": st.RUNNING, "attempt": task["attempt"]},
@@ -257,6 +295,62 @@ class Leases:
             },
         )
         return new if r.matched_count == 1 else None
+
+    def fail_unclaimable(self, task_id: Any, status: str, refusal: str) -> bool:
+        """Fail a ``status`` task whose claim the server refused because its ``attempt``
+        is not a number (so ``$inc`` cannot apply): nothing can ever claim it, and the sweep
+        would publish it for ever. The write is conditioned on the document still holding
+        that status and that very value (``$eq``: a value shaped like an operator stays a
+        value). ``False`` when the document is not in that state: the refusal had another
+        cause, for the caller to raise."""
+        oid = to_object_id(task_id)
+        doc = self.task_pool.find_one({"_id": oid, "status": status}, {"attempt": 1})
+        if doc is None or "attempt" not in doc or _is_count(doc["attempt"]):
+            return False
+        bad = doc["attempt"]
+        now = utcnow()
+        error = (
+            f"CorruptTaskError: task {oid} in pool {self.name!r}: its attempt is {bad!r}, not a number, so no worker can "
+            f"claim it (the server said: {refusal}); failed at once. Repair the document, then reset_status it to retry."
+        )
+        r = self.task_pool.update_one(
+            {"_id": oid, "status": status, "attempt": {"$eq": bad}},
+            {
+                "$set": {
+                    "status": st.FAILED,
+                    "error": error,
+                    "lease_until": None,
+                    "worker": None,
+                    "updated_at": now,
+                    "finished_at": now,
+                    "published_at": None,
+                }
+            },
+        )
+        return r.modified_count == 1
+
+    def fail_unknown_statuses(self, limit: int = 1000) -> list[ObjectId]:
+        """Fail the batch tasks whose ``status`` is none of qcelery's (a hand-edited or
+        corrupt document): no worker claims them and no recovery moves them, so their
+        batches would never aggregate. (Tasks of no batch are left alone: nothing waits on
+        them.) Each write is conditioned on the status seen. Returns the ids failed."""
+        failed: list[ObjectId] = []
+        q = {"status": {"$nin": list(st.ALL)}, "batch_ids.0": {"$exists": True}}
+        for d in self.task_pool.find(q, {"status": 1, "batch_ids": 1}).limit(limit):
+            seen = d.get("status")
+            now = utcnow()
+            error = (
+                f"CorruptTaskError: task {d['_id']} in pool {self.name!r}: its status {seen!r} is not one of "
+                f"{', '.join(st.ALL)}; failed so that its batch can aggregate. Repair the document, then reset_status it to retry."
+            )
+            r = self.task_pool.update_one(
+                {"_id": d["_id"], "status": {"$eq": seen}},
+                {"$set": {"status": st.FAILED, "error": error, "lease_until": None, "worker": None, "updated_at": now, "finished_at": now}},
+            )
+            if r.modified_count == 1:
+                logger.warning("task %s of pool %s: unknown status %r; failed", d["_id"], self.name, seen)
+                failed.append(d["_id"])
+        return failed
 
     def commit_task_res(self, task: dict, res: Any, status: str = st.DONE) -> None:
         """Qlib's commit. For a task this pool leased (it has ``attempt``) the write is
@@ -297,16 +391,19 @@ class Leases:
             {"attempt": 1, "attempt_base": 1, "max_attempts": 1, "claimed_from": 1, "worker": 1, "lease_until": 1},
         )
         for d in cursor:
-            used = d.get("attempt", 0) - d.get("attempt_base", 0)
-            exhausted = used >= d.get("max_attempts", self.settings.max_attempts)
+            # a corrupt counter fails the task here rather than crash the recovery of the pool
+            exhausted, corrupt = _attempts_used_up(d, self.settings.max_attempts)
             new = st.FAILED if exhausted else (d.get("claimed_from") or st.WAITING)
             upd: dict[str, Any] = {"status": new, "lease_until": None, "worker": None, "updated_at": now, "published_at": None}
-            if exhausted:
+            if corrupt:
+                upd.update(finished_at=now, error=f"CorruptTaskError: task {d['_id']} in pool {self.name!r}: lease expired and {corrupt}")
+            elif exhausted:
+                used = d["attempt"] - (d.get("attempt_base") or 0)
                 upd.update(
                     finished_at=now, error=f"lease expired {max(used, 1)} time(s) (last worker {d.get('worker')}); attempts exhausted"
                 )
             r = self.task_pool.update_one(
-                {"_id": d["_id"], "status": st.RUNNING, "attempt": d["attempt"], "lease_until": {"$lt": now}}, {"$set": upd}
+                {"_id": d["_id"], "status": st.RUNNING, "attempt": {"$eq": d.get("attempt")}, "lease_until": {"$lt": now}}, {"$set": upd}
             )
             if r.modified_count == 1:
                 logger.warning("task %s: lease of %s expired, now %s", d["_id"], d.get("worker"), new)

@@ -48,13 +48,16 @@ from .canonical import canonical_json, filter_hash, hash_text, normalize
 from .errors import (
     DecodeError,
     ForeignCollectionError,
+    PermanentTaskError,
     QceleryError,
+    ResultEncodeError,
     TaskDefinitionError,
     TaskNotFoundError,
     TaskTypeError,
     UnknownPoolError,
     UnsafePickleError,
 )
+from .instance import check_task_names
 from .lease import Heartbeat, Leases, utcnow, worker_name
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
@@ -219,6 +222,9 @@ class TaskManager(Leases):
         where = "task definition" if index is None else f"task definition #{index}"
         if not isinstance(task_def, dict):
             raise TaskTypeError(f"{where} must be a dict (Qlib's model/dataset/record config), got {type(task_def).__name__}")
+        # task data is never code: a definition naming a module outside the allow-list is
+        # refused here, before anything is written (judged by name; nothing is imported)
+        check_task_names(task_def, self.settings.allowed_modules, where=f"{where} for pool {self.name!r}")
         try:
             data = dumps(task_def)
         except Exception as exc:  # pickling runs user __reduce__ code; report which task
@@ -261,8 +267,15 @@ class TaskManager(Leases):
         return task
 
     def _encode_res(self, res: Any, task_id: ObjectId) -> tuple[dict, ObjectId | None]:
-        """The ``$set`` part for a result, and the GridFS file written (to undo on a lost race)."""
-        data = dumps(res)
+        """The ``$set`` part for a result, and the GridFS file written (to undo on a lost race).
+        A result that cannot be pickled raises :class:`ResultEncodeError` before anything is written."""
+        try:
+            data = dumps(res)
+        except Exception as exc:  # pickling runs the result's own code (__reduce__, __getstate__)
+            raise ResultEncodeError(
+                f"task {task_id} in pool {self.name!r}: its result, a {type(res).__module__}.{type(res).__qualname__}, "
+                f"cannot be pickled ({type(exc).__name__}: {exc}); return plain data, arrays, frames or picklable objects"
+            ) from exc
         if len(data) > self.settings.gridfs_threshold:
             fid = result_fs(self.db).put(data, task_id=task_id, pool=self.name)
             return {"res": None, "res_file": fid}, fid
@@ -840,7 +853,7 @@ def pull_tasks(
         q = decoded
         if before_status == after_status and ran:
             q = {"$and": [decoded, {"_id": {"$nin": ran}}]}
-        with tm.safe_fetch_task(query=q, status=before_status) as task:
+        with tm.safe_fetch_task(query=q, status=before_status, heartbeat=False) as task:  # its lease: the Heartbeat below
             if task is None:
                 break
             ran.append(task["_id"])
@@ -853,13 +866,15 @@ def pull_tasks(
                             res = executor.submit(task_func, param, **kwargs).result()
                     else:
                         res = task_func(param, **kwargs)
+                committed = not hb.lost.is_set() and tm.commit(task, res, after_status)
             except Exception as exc:
                 if not record_failures:
                     raise
-                new = tm.fail(task, format_exception(exc))
+                # a refused name, an undecodable document, a result that cannot be pickled: no retry
+                new = tm.fail(task, format_exception(exc), permanent=isinstance(exc, PermanentTaskError))
                 logger.warning("task %s of pool %s raised %s: %s (now %s)", task["_id"], tm.name, type(exc).__name__, exc, new)
                 continue
-            if hb.lost.is_set() or not tm.commit(task, res, after_status):
+            if not committed:
                 logger.warning("task %s of pool %s: lease lost while running; result dropped", task["_id"], tm.name)
     return len(ran)
 

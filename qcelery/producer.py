@@ -104,13 +104,13 @@ def enqueue(
     if task_kwargs is not None and not isinstance(task_kwargs, dict):
         raise TaskTypeError(f"task_kwargs must be a dict of JSON values, got {type(task_kwargs).__name__}")
     func = task_func or settings.task_func
-    resolve(func)  # fail now, naming the function, rather than on every worker
+    resolve(func, settings.allowed_modules)  # fail now, naming the function, rather than on every worker
     if isinstance(aggregate, str):
         aggregate = {"func": aggregate, "kwargs": {}}
     if aggregate is not None:
         if not isinstance(aggregate, dict) or not isinstance(aggregate.get("func"), str):
             raise TaskTypeError(f"aggregate must be a dotted path or {{'func': path, 'kwargs': {{...}}}}, got {aggregate!r}")
-        resolve(aggregate["func"])
+        resolve(aggregate["func"], settings.allowed_modules, what="aggregate function")
 
     tm = TaskManager(pool, settings)
     doc, inserted = batches.create(

@@ -1,4 +1,5 @@
-"""Serialization: Qlib's ``Serializable`` and the allow-listing unpickler.
+"""Serialization: Qlib's ``Serializable``, the allow-listing unpickler, and the one
+allow-list that decides what task data may name.
 
 Task definitions (``def``) and results (``res``) are stored pickled, as Qlib stores
 them, so a Qlib pool can be read by qcelery and back. They are only ever decoded
@@ -13,8 +14,9 @@ An entry of the allow-list is either a module prefix (``"mypkg"`` admits
 (``"numpy:savetxt"``). Entries come from :data:`DEFAULT_ALLOWED_MODULES` plus the
 caller's (``settings.allowed_modules`` / ``QCELERY_ALLOWED_MODULES``).
 
-* From the **default** modules (numpy, pandas, the standard data types, qcelery's
-  value types) a pickle may load classes, constants, numpy ufuncs and the
+* From the **default** modules (qcelery, qlib, lightgbm, xgboost, catboost, sklearn,
+  torch, numpy, pandas and the standard data types) a pickle may load classes,
+  constants, numpy ufuncs and the
   helpers pickles are rebuilt with (``_reconstruct``, ``_unpickle_block``,
   ``__pyx_unpickle_*``...), never another function: ``numpy.savetxt``,
   ``pandas.read_csv`` or ``qcelery.worker.resolve`` would let a pickle write files
@@ -34,6 +36,16 @@ caller's (``settings.allowed_modules`` / ``QCELERY_ALLOWED_MODULES``).
   guarded version that returns class attributes that are classes, members (enums)
   or listed class methods.
 
+The same list decides what a task definition or batch may *import* (a model's
+``class`` / ``module_path``, a batch's ``task_func``): :func:`admit_import`. From the
+default modules, public classes and functions (never names starting with ``_``), minus
+the sub-modules and names that load, import or run what they are handed (the risky
+sub-modules above, ``qcelery.instance``, ``qcelery.serial``, ``init``,
+``init_instance_by_config``...); from modules you add, anything public; always judged by
+where the object really comes from. A refusal is one
+:class:`~qcelery.errors.ModuleNotAllowedError` naming the module and
+``QCELERY_ALLOWED_MODULES``.
+
 This keeps a hostile document from running code; it does not bound memory or CPU.
 """
 
@@ -52,11 +64,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DecodeError, SerializableConfigError, TaskTypeError, UnsafePickleError
+from .errors import ConfigError, DecodeError, ModuleNotAllowedError, SerializableConfigError, TaskTypeError, UnsafePickleError
 
-#: module prefixes every decode accepts; a prefix admits its sub-modules too
+#: the packages task data may name when nothing is configured: the models, datasets,
+#: handlers and records of this field, and the standard types their pickles are made of.
+#: A prefix admits its sub-modules too; ``settings.allowed_modules`` adds to this list.
 DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
     "qcelery",
+    "qlib",
+    "lightgbm",
+    "xgboost",
+    "catboost",
+    "sklearn",
+    "torch",
     "numpy",
     "pandas",
     "datetime",
@@ -75,9 +95,9 @@ DEFAULT_ALLOWED_MODULES: tuple[str, ...] = (
     "enum",
 )
 
-#: sub-modules of allowed prefixes that open files or URLs, compile or run code;
+#: sub-modules of allowed prefixes that open files or URLs, compile, load or run code;
 #: refused unless the caller allows the sub-module itself (not just its parent)
-_DENIED_MODULES: tuple[str, ...] = (
+_RISKY_MODULES: tuple[str, ...] = (
     "numpy.f2py",
     "numpy.distutils",
     "numpy.testing",
@@ -109,6 +129,42 @@ _DENIED_MODULES: tuple[str, ...] = (
     "pandas._libs.writers",
     "pandas._libs.testing",
     "pandas._libs.sas",
+    # Qlib's own loaders import anything a config names, or unpickle files
+    "qlib.utils.mod",
+    "qlib.utils.pickle_utils",
+    "qlib.utils.objm",
+    "qlib.config",
+    "qlib.cli",
+    "qlib.run",
+    "qlib.workflow.cli",
+    "qlib.tests",
+    # compile or load code, spawn processes, fetch from the network
+    "torch.hub",
+    "torch.package",
+    "torch.jit",
+    "torch.serialization",
+    "torch.storage",
+    "torch.utils.cpp_extension",
+    "torch.utils.benchmark",
+    "torch.distributed",
+    "torch.multiprocessing",
+    "torch.testing",
+    "torch.onnx",
+    "torch.export",
+    "torch.compiler",
+    "torch._dynamo",
+    "torch._inductor",
+    "sklearn.datasets",
+    "sklearn.externals",
+    "sklearn.utils._testing",
+    "sklearn.tests",
+    "xgboost.testing",
+    "xgboost.spark",
+    "xgboost.dask",
+    "xgboost.tracker",
+    "xgboost.collective",
+    "catboost.datasets",
+    "catboost.utils",
     # qcelery modules that hold servers, processes, connections and settings, not values
     "qcelery.embedded",
     "qcelery.cluster",
@@ -117,11 +173,18 @@ _DENIED_MODULES: tuple[str, ...] = (
     "qcelery.worker",
     "qcelery.beat",
     "qcelery.producer",
-    "qcelery.probes",
     "qcelery.store",
     "qcelery.manage",
     "qcelery.settings",
 )
+
+#: what a pickle may not load from, even under an allowed prefix
+_DENIED_MODULES: tuple[str, ...] = (*_RISKY_MODULES, "qcelery.probes")
+
+#: what a task definition or batch may not import from, even under an allowed prefix:
+#: qcelery's own loaders (``init_instance_by_config``, ``restricted_loads``) would import
+#: or unpickle anything handed to them. (The probes are task functions, so they may.)
+_IMPORT_DENIED_MODULES: tuple[str, ...] = (*_RISKY_MODULES, "qcelery.instance", "qcelery.serial")
 
 #: names that load, evaluate, spawn or open; refused anywhere in a global's path
 _DENIED_NAMES = frozenset(
@@ -255,24 +318,25 @@ class _Policy:
                 prefixes.append(module)
         return cls(tuple(prefixes), frozenset(exact))
 
-    def tier(self, module: str) -> str | None:
-        """``"default"``/``"user"`` for an allowed module, ``"denied"`` or ``None``."""
+    def tier(self, module: str, denied: tuple[str, ...] = _DENIED_MODULES) -> str | None:
+        """``"default"``/``"user"`` for an allowed module, ``"denied"`` or ``None``;
+        ``denied`` lists the sub-modules refused under allowed prefixes."""
         best = max((p for p in (*DEFAULT_ALLOWED_MODULES, *self.user_prefixes) if _covers(p, module)), key=len, default=None)
         if best is None:
             return None
         user = best in self.user_prefixes
         # a denied sub-module stays denied unless the caller allowed it (or something inside it) by name
-        if any(_covers(d, module) and not (user and _covers(d, best)) for d in _DENIED_MODULES):
+        if any(_covers(d, module) and not (user and _covers(d, best)) for d in denied):
             return "denied"
         return _USER if user else _DEFAULT
 
 
-def _origin_problem(policy: _Policy, obj: Any, module: str, name: str) -> str | None:
+def _origin_problem(policy: _Policy, obj: Any, module: str, name: str, denied: tuple[str, ...] = _DENIED_MODULES) -> str | None:
     """Why ``obj`` may not be loaded given where it really comes from, or ``None``."""
     if isinstance(obj, types.ModuleType):
         return "it is a module object, which no pickle of data refers to"
     origin = getattr(obj, "__module__", None) if (isinstance(obj, type) or callable(obj)) else type(obj).__module__
-    if isinstance(origin, str) and origin != module and policy.tier(origin) not in (_DEFAULT, _USER):
+    if isinstance(origin, str) and origin != module and policy.tier(origin, denied) not in (_DEFAULT, _USER):
         qualname = getattr(obj, "__qualname__", name)
         return f"it is really {origin}.{qualname}, from a module the allow-list does not admit"
     return None
@@ -337,6 +401,131 @@ def _decide(policy: _Policy, module: str, name: str) -> tuple[Any, str | None]:
     return None, (
         f"{module!r} is allowed for its classes, constants and pickle reconstruction helpers, not for its other functions and methods"
     )
+
+
+# ---------------------------------------------------------------------------- imports
+# The same allow-list decides what a task definition (``class`` / ``module_path`` /
+# ``func``) or a batch (``task_func``, ``aggregate.func``) may import and call. From the
+# default packages: public classes and functions, minus the sub-modules and names that
+# load, import or run whatever they are handed; from modules you add: anything public.
+
+_DOTTED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+#: names a task part may not be, in any module: generic loaders (``init_instance_by_config``
+#: imports whatever config it gets) and library start-up (``qlib.init`` builds the classes
+#: its arguments name)
+_IMPORT_DENIED_NAMES = frozenset(
+    {
+        "init",
+        "auto_init",
+        "init_instance_by_config",
+        "get_callable_kwargs",
+        "get_module_by_module_path",
+        "resolve",
+        "import_string",
+        "locate",
+    }
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _policy_for(allowed_modules: tuple[str, ...]) -> _Policy:
+    return _Policy.build(allowed_modules)
+
+
+def allow_list(allowed_modules: Iterable[str] = ()) -> tuple[str, ...]:
+    """The module prefixes and ``"module:qualname"`` entries in force: the defaults plus
+    ``allowed_modules`` (``settings.allowed_modules``), for messages and status output."""
+    policy = _policy_for(_as_entries(allowed_modules))
+    return (*DEFAULT_ALLOWED_MODULES, *policy.user_prefixes, *sorted(f"{m}:{q}" for m, q in policy.exact))
+
+
+def _as_entries(allowed_modules: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(allowed_modules, str):
+        _Policy.build(allowed_modules)  # raises: a lone string is not split into letters
+    return tuple(allowed_modules)
+
+
+@functools.lru_cache(maxsize=1024)
+def _import_refusal(policy: _Policy, module: str, name: str) -> str | None:
+    """Why a task part may not name ``module.name``, judged from the names alone (nothing
+    imported), or ``None``."""
+    if (module, name) in policy.exact:
+        return None
+    if not _DOTTED_NAME.match(module):
+        return f"{module!r} is not a module name (a dotted Python path: files and URLs are never imported)"
+    if not _DOTTED_NAME.match(name):
+        return f"{name!r} is not a Python name"
+    tier = policy.tier(module, _IMPORT_DENIED_MODULES)
+    if tier is None:
+        return f"module {module!r} is not in the allow-list"
+    if tier == "denied":
+        return (
+            f"module {module!r} loads or runs code, or reaches files, processes and servers; it is refused "
+            f"even though its parent package is allowed (allow {module!r} itself to trust it)"
+        )
+    for part in name.split("."):
+        if _is_dunder(part) or (tier == _DEFAULT and part.startswith("_")):
+            return f"{part!r} is not public"
+        if part in _DENIED_NAMES or part in _IMPORT_DENIED_NAMES:
+            return f"{part!r} loads, imports, evaluates, runs or opens something"
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _import_decide(policy: _Policy, module: str, name: str) -> tuple[Any, str | None]:
+    """``(object, None)`` when a task part may be ``module.name``, else ``(None, reason)``.
+
+    Import and attribute errors propagate (they are not decisions, and not cached)."""
+    reason = _import_refusal(policy, module, name)
+    if reason:
+        return None, reason
+    obj: Any = importlib.import_module(module)
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if i and not isinstance(obj, type):
+            return None, f"the path goes through {'.'.join(parts[:i])!r}, which is not a class"
+        obj = getattr(obj, part)
+        if isinstance(obj, types.ModuleType):
+            return None, f"{'.'.join(parts[: i + 1])!r} is a module, not a class or function"
+    if (module, name) not in policy.exact:
+        problem = _origin_problem(policy, obj, module, name, _IMPORT_DENIED_MODULES)
+        if problem:
+            return None, problem
+        if module == "builtins" and (not isinstance(obj, type) or name in _DENIED_BUILTINS):
+            return None, "only builtin value types are task parts"
+    if not callable(obj):
+        return None, f"it is a {type(obj).__name__}, not a class or function"
+    return obj, None
+
+
+def admit_import(module: str, name: str, allowed_modules: Iterable[str] = (), *, what: str = "task part", load: bool = True) -> Any:
+    """The class or function ``module.name``, if the allow-list admits it as a task part.
+
+    ``allowed_modules`` are added to :data:`DEFAULT_ALLOWED_MODULES` (module prefixes, or
+    ``"module:qualname"`` for one object); ``what`` names the part in the error
+    ("task 65f... model class"). With ``load=False`` only the names are judged: nothing
+    is imported and ``None`` is returned (a producer need not have the task's packages).
+    Raises :class:`~qcelery.errors.ModuleNotAllowedError`, naming the module and
+    ``QCELERY_ALLOWED_MODULES``; an admitted module that does not import raises
+    ``ImportError`` / ``AttributeError`` as usual.
+    """
+    policy = _policy_for(_as_entries(allowed_modules))
+    if load:
+        obj, reason = _import_decide(policy, module, name)
+    else:
+        obj, reason = None, _import_refusal(policy, module, name)
+    if reason is not None:
+        fix = (
+            f"add the module to QCELERY_ALLOWED_MODULES (settings.allowed_modules) if you trust all of its code, "
+            f"or allow just this object with '{module}:{name}'"
+            if _DOTTED_NAME.match(module)
+            else "name a class or function by its dotted Python path, within QCELERY_ALLOWED_MODULES (settings.allowed_modules)"
+        )
+        raise ModuleNotAllowedError(
+            f"{what} {module}.{name} is refused: {reason}. Task data may only name modules of the allow-list: {fix}"
+        )
+    return obj
 
 
 class RestrictedUnpickler(pickle.Unpickler):

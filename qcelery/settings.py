@@ -9,13 +9,14 @@ library functions never read the environment themselves.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_CONFIG_FILE = "qcelery.toml"
 
@@ -86,11 +87,35 @@ class Settings(BaseSettings):
     gridfs_threshold: int = Field(1_000_000, gt=0, description="results larger than this (bytes) go to GridFS")
     max_def_bytes: int = Field(15_000_000, gt=0, description="largest pickled task definition accepted")
     max_tasks: int = Field(1_000_000, gt=0, description="most tasks one workflow may generate; more are refused before any is built")
-    allowed_modules: list[str] = Field(default_factory=list, description="extra modules the unpickler accepts")
+    # NoDecode: the variable may be a JSON list or a comma-separated one (split below)
+    allowed_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "modules task data may name, added to the defaults (qcelery, qlib, lightgbm, xgboost, catboost, sklearn, torch, "
+            "numpy, pandas and the standard data types): what task definitions and batches import and what results "
+            "and caches unpickle; 'pkg' admits pkg and its sub-modules, 'pkg.mod:Name' one object"
+        ),
+    )
     task_func: str = "qcelery.trainer.task_train"
     default_queue: str = "cpu"
     soft_time_limit: float | None = None
     time_limit: float | None = None
+
+    @field_validator("allowed_modules", mode="before")
+    @classmethod
+    def _split_allowed_modules(cls, v: Any) -> Any:
+        if isinstance(v, str):  # QCELERY_ALLOWED_MODULES='["a", "b"]' or 'a,b'
+            text = v.strip()
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        return v
+
+    @field_validator("allowed_modules")
+    @classmethod
+    def _check_allowed_modules(cls, v: list[str]) -> list[str]:
+        from .serial import allow_list
+
+        allow_list(v)  # a malformed entry is refused here, not at the first task
+        return [entry.strip() for entry in v]
 
     @field_validator("heartbeat_seconds")
     @classmethod
@@ -151,8 +176,6 @@ class Settings(BaseSettings):
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``QCELERY_*`` variables, to start workers and beat with."""
-        import json
-
         env: dict[str, str] = {}
         for key, value in self.model_dump().items():
             if value is None:

@@ -36,6 +36,8 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
         (RUNNING, FAILED),  # attempts exhausted
         (FAILED, WAITING),  # retry-failed
         (FAILED, PART_DONE),  # retry-failed of a second-phase failure
+        (WAITING, FAILED),  # a document whose attempt is corrupt: no claim can take it
+        (PART_DONE, FAILED),  # the same, in its second phase
     }
 )
 

@@ -20,7 +20,7 @@ from pymongo.database import Database
 from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 
 from .errors import ConfigError, StoreUnavailableError, TaskDefinitionError
-from .settings import Settings, mask_url
+from .settings import Settings, load_settings, mask_url
 
 _CLIENTS: dict[tuple[int, str, int], pymongo.MongoClient[dict[str, Any]]] = {}
 _LOCK = threading.Lock()
@@ -134,3 +134,10 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def get_mongodb(settings: Settings | None = None) -> Database:
+    """The task pools' database (Qlib's ``qlib.workflow.task.utils.get_mongodb``): the one
+    ``settings`` name (default: read from the environment, where Qlib reads ``C["mongo"]``),
+    checked to answer. :class:`~qcelery.errors.StoreUnavailableError` when it does not."""
+    return database(settings if settings is not None else load_settings(), ping=True)

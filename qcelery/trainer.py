@@ -39,7 +39,7 @@ from . import status as st
 from .data import HandlerCache, replace_task_handler_with_cache
 from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
-from .instance import accepted_kwargs, fill_placeholder, flatten_dict, init_instance_by_config
+from .instance import accepted_kwargs, allowed_imports, check_task_names, fill_placeholder, flatten_dict, init_instance_by_config
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,14 @@ def _build(section: str, config: Any, **kwargs: Any) -> Any:
 
 
 def _exe_task(rec: Recorder, task_config: Mapping[str, Any], settings: Settings) -> None:
+    # task data is never code: every class the task names is checked before any is built,
+    # and whatever qcelery builds from it meanwhile stays within the allow-list
+    check_task_names(task_config, settings.allowed_modules, load=True, where=f"task of run {rec.id}")
+    with allowed_imports(settings.allowed_modules):
+        _build_and_train(rec, task_config, settings)
+
+
+def _build_and_train(rec: Recorder, task_config: Mapping[str, Any], settings: Settings) -> None:
     from .data import DatasetH
     from .models import Model
 

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import batch as batches
 from . import status as st
-from .errors import ConfigError, TaskDefinitionError, TaskNotFoundError
+from .errors import ConfigError, DecodeError, PermanentTaskError, ResultEncodeError, TaskDefinitionError, TaskNotFoundError
+from .instance import allowed_imports, check_task_names
 from .lease import LeaseKeeper
 from .manage import Heartbeat, TaskManager, format_exception, to_object_id, worker_name
+from .serial import admit_import
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -56,19 +57,27 @@ def manager(app: QceleryApp, pool: str) -> TaskManager:
     return tm
 
 
+def resolve(path: str, allowed_modules: Iterable[str] = (), what: str = "task function") -> Callable:
+    """The callable named ``module.attr`` (or ``module:attr``), if the allow-list (the
+    defaults plus ``allowed_modules``) admits it: a batch document is data, and must not
+    name ``os.system`` (:class:`~qcelery.errors.ModuleNotAllowedError` otherwise)."""
+    if isinstance(allowed_modules, str):
+        allowed_modules = [allowed_modules]  # let the allow-list refuse it with its own message
+    return _resolve(path, tuple(allowed_modules), what)
+
+
 @functools.lru_cache(maxsize=64)
-def resolve(path: str) -> Callable:
-    """The callable named ``module.attr`` (or ``module:attr``)."""
+def _resolve(path: Any, allowed_modules: tuple[str, ...], what: str) -> Callable:
+    if not isinstance(path, str):
+        raise ConfigError(f"{what} {path!r} must be a dotted path like 'package.module.function'")
     module, sep, attr = path.replace(":", ".").rpartition(".")
     if not sep or not module:
-        raise ConfigError(f"task function {path!r} must be a dotted path like 'package.module.function'")
+        raise ConfigError(f"{what} {path!r} must be a dotted path like 'package.module.function'")
     try:
-        obj: object = getattr(importlib.import_module(module), attr)
+        func: Callable = admit_import(module, attr, allowed_modules, what=f"{what} {path!r}:")
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"task function {path!r} cannot be imported: {exc}") from None
-    if not callable(obj):
-        raise ConfigError(f"task function {path!r} is not callable")
-    return obj
+        raise ConfigError(f"{what} {path!r} cannot be imported: {exc}") from None
+    return func
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,35 +113,53 @@ def _batch_spec(app: QceleryApp, tm: TaskManager, batch_id: Any) -> dict:
 def execute_task(
     app: QceleryApp, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
 ) -> dict:
+    """Claim, run and commit one task; every way it can go wrong ends in Mongo.
+
+    A failure the task could get past on another try (its function raised, the worker
+    was short of something) sends it back to be claimed again while attempts remain. A
+    failure no retry can mend ends it ``failed`` at once, with the reason, and nothing
+    of the task runs again: a definition or batch naming a module outside the
+    allow-list (checked before anything is built), a ``def`` that cannot be decoded, a
+    result that cannot be pickled, a document whose own fields are corrupt."""
     settings: Settings = app.qcelery_settings
     tm = manager(app, pool)
     spec = _batch_spec(app, tm, batch_id) if batch_id else {}
     before_status = spec.get("before_status") or before_status
     after_status = spec.get("after_status") or after_status
-    task = tm.claim(task_id, worker=worker_name(), before_status=before_status, decode=False)
+    try:
+        task = tm.claim(task_id, worker=worker_name(), before_status=before_status, decode=False)
+    except OperationFailure as exc:
+        # the server refused the claim's own update ($inc of an 'attempt' that is no number):
+        # left as it is, the sweep would publish this task again and again
+        refusal = str(exc)
+        if not _outlast_outage(lambda: tm.fail_unclaimable(task_id, before_status, refusal), settings, f"task {task_id}: failing")[0]:
+            raise
+        logger.warning("task %s of pool %s: document corrupt (%s); failed", task_id, pool, refusal)
+        return {"task_id": str(task_id), "status": st.FAILED}
     if task is None:
         logger.info("task %s of pool %s not claimable from %s; message ignored", task_id, pool, before_status)
         return {"task_id": str(task_id), "status": "skipped"}
+    allowed = settings.allowed_modules
+    preparing = True
     try:
         task = tm._decode_task(task)
-        func = resolve(spec.get("task_func") or settings.task_func)
+        check_task_names(task["def"], allowed, load=True, where=f"task {task_id} in pool {pool!r}")
+        func = resolve(spec.get("task_func") or settings.task_func, allowed)
+        preparing = False
         param = task["def"] if before_status == st.WAITING else task["res"]
         context = {
             "settings": settings,
             "tags": {"pool": pool, "task_id": str(task["_id"]), "batch_id": str(batch_id or ""), "attempt": str(task["attempt"])},
         }
-        with Heartbeat(tm, task) as hb:
+        with Heartbeat(tm, task) as hb, allowed_imports(allowed):
             res = call_task_function(func, param, dict(spec.get("task_kwargs") or {}), context)
     except (Exception, SoftTimeLimitExceeded) as exc:  # noqa: BLE001 - whatever the task function raises is its failure, traceback stored
-        error = format_exception(exc)
-        new, _ = _outlast_outage(lambda: tm.fail(task, error), settings, f"task {task_id}: recording the failure")
-        logger.warning("task %s of pool %s raised %s (attempt %s): now %s", task_id, pool, type(exc).__name__, task["attempt"], new)
-        if new not in (None, st.FAILED):
-            from .producer import publish
-
-            publish(app, pool, [task["_id"]], batch_id=batch_id, queue=None)
-        return {"task_id": str(task_id), "status": new or "lease-lost"}
-    if hb.lost.is_set() or not _commit(tm, task, res, after_status, settings):
+        return _record_failure(app, tm, task, batch_id, exc, _is_permanent(exc, preparing))
+    try:
+        committed = not hb.lost.is_set() and _commit(tm, task, res, after_status, settings)
+    except ResultEncodeError as exc:
+        return _record_failure(app, tm, task, batch_id, exc, permanent=True)
+    if not committed:
         logger.warning("task %s of pool %s: lease lost during the run; result dropped", task_id, pool)
         _mark_superseded(res, task)
         return {"task_id": str(task_id), "status": "lease-lost"}
@@ -158,6 +185,38 @@ def _mark_superseded(res: Any, task: dict) -> None:
         res.end_run("KILLED")
     except (MlflowException, OSError) as exc:  # MLflow away too (requests' errors are OSErrors): logged, the task is settled
         logger.warning("task %s: could not mark MLflow run %s as superseded: %s", task["_id"], res.id, exc)
+
+
+def _is_permanent(exc: BaseException, preparing: bool) -> bool:
+    """Whether another attempt is bound to fail the same way: a refusal, a corrupt
+    document, or a stored ``def``/``res`` that does not decode (unless the store was
+    unreachable while reading it)."""
+    if isinstance(exc, PermanentTaskError):
+        return True
+    return preparing and isinstance(exc, DecodeError) and not isinstance(exc.__cause__, PyMongoError)
+
+
+def _record_failure(app: QceleryApp, tm: TaskManager, task: dict, batch_id: Any, exc: BaseException, permanent: bool) -> dict:
+    """Record ``exc`` on the claimed ``task``: ``failed`` at once when ``permanent``, else
+    back for another attempt (re-published) while attempts remain."""
+    settings: Settings = app.qcelery_settings
+    # a refusal's traceback says nothing its message does not; a raising task's does
+    error = f"{type(exc).__name__}: {exc}" if isinstance(exc, PermanentTaskError) else format_exception(exc)
+    new, _ = _outlast_outage(lambda: tm.fail(task, error, permanent=permanent), settings, f"task {task['_id']}: recording the failure")
+    logger.warning(
+        "task %s of pool %s raised %s (attempt %s): now %s%s",
+        task["_id"],
+        tm.name,
+        type(exc).__name__,
+        task.get("attempt"),
+        new,
+        f" ({str(exc).splitlines()[0] if str(exc) else ''})" if permanent else "",
+    )
+    if new not in (None, st.FAILED):
+        from .producer import publish
+
+        publish(app, tm.name, [task["_id"]], batch_id=batch_id, queue=None)
+    return {"task_id": str(task["_id"]), "status": new or "lease-lost"}
 
 
 def _outlast_outage(op: Callable[[], _T], settings: Settings, what: str) -> tuple[_T, bool]:
@@ -249,7 +308,7 @@ def run_aggregation(tm: TaskManager, batch: dict) -> dict:
     spec = batch.get("aggregate") or {}
     base = default_summary(tm, batch)
     if spec.get("func"):
-        func = resolve(spec["func"])
+        func = resolve(spec["func"], tm.settings.allowed_modules, what="aggregate function")
         extra = call_task_function(func, tm, dict(spec.get("kwargs") or {}), {"settings": tm.settings, "batch": batch, "summary": base})
         if isinstance(extra, dict):
             base.update(extra)

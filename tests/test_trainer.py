@@ -147,6 +147,8 @@ def test_bad_model_class_fails_that_task_with_a_clear_error(settings, mongo_db):
 
 def test_bad_module_in_task_train_names_the_module_and_fails_the_run(settings, mongo_db):
     task = make_task(model={"class": "Ridge", "module_path": "no_such_package.models"}, records=[])
+    # a module of the user's own must be in the allow-list (else it is refused unimported)
+    settings = settings.model_copy(update={"allowed_modules": ["no_such_package"]})
     with pytest.raises(ConfigError, match="cannot import module 'no_such_package.models' for class 'Ridge'"):
         task_train(task, "exp_badmod", settings=settings)
     exp = get_experiment("exp_badmod", settings)

@@ -8,6 +8,10 @@ worker of the cluster loads it instead of building it again; each process also k
 the last few handlers in memory. Handlers are decoded through
 :func:`qcelery.serial.restricted_loads` (plus ``settings.allowed_modules``).
 
+With ``cache_dir`` (Qlib's argument) a directory is a cache layer too, between this
+process' memory and GridFS: handlers are pickled there as ``<key>.pkl`` (and decoded
+through the same restricted unpickler), useful without a Mongo server or on a shared disk.
+
 Two workers that miss the cache at the same moment both build and both store: the
 copies are identical and either is used. Change :data:`DATA_VERSION` when the data a
 handler produces changes, so old entries are no longer found.
@@ -19,15 +23,18 @@ import collections
 import contextlib
 import copy
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..canonical import filter_hash, normalize
-from ..errors import ConfigError
+from ..errors import ConfigError, TaskTypeError
 from ..instance import get_callable_kwargs, init_instance_by_config
 from ..serial import dumps, restricted_loads
 
@@ -92,14 +99,17 @@ def clear_memory() -> None:
 
 
 class HandlerCache:
-    """Handlers by configuration: this process' memory, then GridFS, else built and stored.
+    """Handlers by configuration: this process' memory, then ``cache_dir``, then GridFS,
+    else built and stored.
 
-    ``settings`` names the Mongo database; without it only the in-process memory is used.
-    ``stats`` counts ``memory`` / ``store`` hits and ``built`` handlers.
+    ``settings`` names the Mongo database (and ``allowed_modules``); without it GridFS is
+    not used. ``cache_dir`` adds a directory of pickled handlers. ``stats`` counts
+    ``memory`` / ``dir`` / ``store`` hits and ``built`` handlers.
     """
 
-    def __init__(self, settings: Any = None):
+    def __init__(self, settings: Any = None, cache_dir: str | os.PathLike[str] | None = None):
         self.settings = settings
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.stats: collections.Counter[str] = collections.Counter()
 
     def _fs(self) -> Any:
@@ -118,41 +128,65 @@ class HandlerCache:
         if handler is not None:
             self.stats["memory"] += 1
             return handler
-        if self.settings is not None:
-            handler = self._load(key)
+        for layer, load in (("dir", self._load_file), ("store", self._load)):
+            handler = load(key)
             if handler is not None:
-                self.stats["store"] += 1
+                self.stats[layer] += 1
                 _remember(key, handler)
+                if layer == "store":
+                    self._store_file(key, handler)
                 return handler
         t0 = time.monotonic()
         handler = init_instance_by_config(copy.deepcopy(dict(config)))
         log.info("built handler %s in %.2fs", key, time.monotonic() - t0)
         self.stats["built"] += 1
+        self._store_file(key, handler)
         if self.settings is not None:
             self._store(key, handler)
         _remember(key, handler)
         return handler
 
+    def _decode(self, data: bytes, where: str) -> Any:
+        return restricted_loads(data, getattr(self.settings, "allowed_modules", None) or (), context=f"handler cache entry {where}")
+
     def _load(self, key: str) -> Any:
+        if self.settings is None:
+            return None
         fs = self._fs()
         found = fs.find_one({"filename": key})
         if found is None:
             return None
-        data = found.read()
-        return restricted_loads(data, self.settings.allowed_modules, context=f"handler cache entry {key!r}")
+        return self._decode(found.read(), repr(key))
+
+    def _load_file(self, key: str) -> Any:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / f"{key}.pkl"
+        if not path.is_file():
+            return None
+        return self._decode(path.read_bytes(), str(path))
+
+    def _store_file(self, key: str, handler: Any) -> None:
+        if self.cache_dir is None:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.cache_dir / f"{key}.pkl"
+        # written aside, then renamed: a reader never sees half a handler
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_pickled(handler))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info("stored handler %s in %s", key, path)
 
     def _store(self, key: str, handler: Any) -> None:
         fs = self._fs()
         if fs.exists({"filename": key}):
             return
-        configure = getattr(handler, "config", None)
-        if callable(configure):  # a Serializable: keep its data in this pickle
-            configure(dump_all=True)
-        try:
-            data = dumps(handler)
-        finally:
-            if callable(configure):
-                configure(dump_all=False)
+        data = _pickled(handler)
         fs.put(data, filename=key, handler_class=type(handler).__qualname__, data_version=DATA_VERSION)
         log.info("stored handler %s in GridFS bucket %r (%.1f MB)", key, BUCKET, len(data) / 1e6)
 
@@ -169,17 +203,38 @@ class HandlerCache:
         return len(ids)
 
 
-def replace_task_handler_with_cache(task: Mapping[str, Any], cache: HandlerCache | Any = None) -> dict:
+def _pickled(handler: Any) -> bytes:
+    configure = getattr(handler, "config", None)
+    if callable(configure):  # a Serializable: keep its data in this pickle
+        configure(dump_all=True)
+    try:
+        return dumps(handler)
+    finally:
+        if callable(configure):
+            configure(dump_all=False)
+
+
+def replace_task_handler_with_cache(
+    task: Mapping[str, Any], cache: HandlerCache | Any = None, *, cache_dir: str | os.PathLike[str] | None = None
+) -> dict:
     """A copy of ``task`` whose ``dataset.kwargs.handler`` config is replaced by the
     built handler, taken from ``cache`` (a :class:`HandlerCache`, or settings to make
     one; ``None``: this process' memory only).
 
-    Unlike Qlib, the handler is not replaced by a local file path but by the object,
-    loaded from (or stored in) GridFS; a task whose handler is not a config is returned
-    unchanged (copied).
+    Qlib's call ``replace_task_handler_with_cache(task, cache_dir)`` (also as a
+    keyword) works: the handler is pickled in that directory and reused from there.
+    Unlike Qlib, the handler is not replaced by a local file path but by the object
+    (so no worker unpickles a path taken from task data); a task whose handler is not a
+    config is returned unchanged (copied).
     """
+    if isinstance(cache, (str, os.PathLike)):  # Qlib's positional cache_dir
+        if cache_dir is not None:
+            raise TaskTypeError("give the cache directory once: replace_task_handler_with_cache(task, cache_dir=...)")
+        cache, cache_dir = None, cache
     if not isinstance(cache, HandlerCache):
-        cache = HandlerCache(cache)
+        cache = HandlerCache(cache, cache_dir=cache_dir)
+    elif cache_dir is not None:
+        raise TaskTypeError("give either a HandlerCache or cache_dir (make the HandlerCache with cache_dir=...)")
     new = dict(task)
     dataset = task.get("dataset")
     if not isinstance(dataset, Mapping) or not isinstance(dataset.get("kwargs"), Mapping):

@@ -66,7 +66,9 @@ def test_a_commit_during_a_mongo_restart_waits_it_out_and_keeps_the_result(setti
     worker waits the outage out and commits the result it computed, without running the
     task function again."""
     # in-process execute, so the outage falls exactly between the run and its commit
-    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0, task_func=f"{__name__}.stop_store_then_return")
+    fs = fault_settings(
+        settings, mongo_url=own_mongo.url, lease_seconds=10.0, task_func=f"{__name__}.stop_store_then_return", allowed_modules=[__name__]
+    )
     tm = TaskManager(POOL, fs)
     [task_id] = tm.create_task([{"key": "k"}])
     _OUTAGE.update(server=own_mongo, runs=0)
