@@ -2,7 +2,9 @@
 
 Messages carry ids only and are JSON; pickle is refused on the wire. Recovery is the
 job of Mongo leases and beat, so the Redis visibility timeout is set far above any
-lease: Redis never redelivers a message on its own within a run.
+lease: Redis never redelivers a message on its own within a run. Every message a
+worker receives is checked first (``qcelery.broker``): one that is not a qcelery task
+message is dropped with one log line instead of stopping the worker.
 """
 
 from __future__ import annotations
@@ -128,7 +130,14 @@ def make_app(settings: Settings, main: str = "qcelery") -> QceleryApp:
         beat_schedule_filename=str(settings.run_dir / "celerybeat-schedule"),
         timezone="UTC",
         enable_utc=True,
+        # a message that is not one of our task messages is dropped with one log line
+        worker_consumer="qcelery.broker:GuardedConsumer",
     )
+    if settings.broker_url.startswith("redis://"):
+        # kombu's Redis transport stops the worker on a list entry that is not its JSON
+        # envelope; this one refuses such entries (rediss:// keeps kombu's own: its TLS
+        # options are resolved from the scheme name)
+        app.conf.broker_transport = "qcelery.broker:RedisTransport"
     app.qcelery_settings = settings  # read by the tasks; one settings object per app
     from . import beat, worker  # registering needs the app; modules import us back
 
