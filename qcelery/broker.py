@@ -34,7 +34,8 @@ import logging
 import types
 import typing
 from collections.abc import Callable
-from typing import Any
+from queue import Empty
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.utils.time import maybe_iso8601
@@ -175,6 +176,14 @@ class RedisChannel(kombu_redis.Channel):
     :func:`decode_entry`; a refused entry is already popped from the list, so it is gone.
     Fan-out messages (the workers' broadcast control channel) get the envelope check too."""
 
+    if TYPE_CHECKING:  # kombu's private members used here, which kombu-stubs leaves out
+        connection_errors: tuple[type[BaseException], ...]
+        _queue_cycle: Any
+
+        def _q_for_pri(self, queue: str, pri: int) -> str: ...
+        def _maybe_update_queues_expire(self, client: Any, queue: str) -> None: ...
+        def _flush_brpop_reauth(self) -> None: ...
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
@@ -184,7 +193,7 @@ class RedisChannel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             if not reply:
-                raise kombu_redis.Empty()
+                raise Empty()
             key, raw = reply
             queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
@@ -207,15 +216,15 @@ class RedisChannel(kombu_redis.Channel):
                         break  # this poll found only a refused entry
                     return payload
             self._maybe_update_queues_expire(client, queue)
-            raise kombu_redis.Empty()
+            raise Empty()
 
     def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
         try:
             check_envelope(message)
         except Refused as why:
             refuse(exchange, str(why), json.dumps(message, default=str))
-            raise kombu_redis.Empty() from None
-        return super()._deliver_fanout_message(message, exchange)
+            raise Empty() from None
+        return super()._deliver_fanout_message(message, exchange)  # type: ignore[misc]  # private in kombu, absent from kombu-stubs
 
     @staticmethod
     def _admit(raw: bytes | str, queue: str) -> dict | None:
@@ -303,8 +312,10 @@ def check_task_message(app: Celery, message: Message, accept: set[str]) -> None:
                 raise Refused(f"{name}: header {key}={_short(headers[key])} is not an ISO 8601 time") from None
     if message.content_type not in accept:
         raise Refused(f"{name}: content type {message.content_type!r} is not accepted ({', '.join(sorted(accept))})")
+    if not body:
+        raise Refused(f"{name}: empty body")
     try:
-        decoded = kombu_loads(body, message.content_type, message.content_encoding, accept=accept)
+        decoded = kombu_loads(body, message.content_type, message.content_encoding or "utf-8", accept=accept)
     except (ContentDisallowed, KombuDecodeError) as exc:
         raise Refused(f"{name}: body cannot be decoded as {message.content_type} ({exc})") from None
     if not (isinstance(decoded, (list, tuple)) and len(decoded) == 3):
@@ -331,9 +342,12 @@ class GuardedConsumer(Consumer):
     unknown and invalid messages (each a traceback) are replaced by the same line, in
     case a message gets past the check to them."""
 
+    if TYPE_CHECKING:  # set by Celery's Consumer, absent from celery-stubs
+        connection_errors: tuple[type[BaseException], ...]
+
     @cached_property
     def _accept(self) -> set[str]:
-        return prepare_accept_content(self.app.conf.accept_content)
+        return set(prepare_accept_content(self.app.conf.accept_content) or ())
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         celery_handler = super().create_task_handler(*args, **kwargs)

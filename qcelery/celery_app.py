@@ -14,6 +14,7 @@ from celery.worker import state as worker_state
 from celery.worker.autoscale import Autoscaler
 from kombu import Exchange, Queue
 
+from .presence import Presence
 from .settings import Settings
 
 #: queue of the short control tasks (aggregation, beat jobs); every worker consumes it
@@ -139,6 +140,8 @@ def make_app(settings: Settings, main: str = "qcelery") -> QceleryApp:
         # options are resolved from the scheme name)
         app.conf.broker_transport = "qcelery.broker:RedisTransport"
     app.qcelery_settings = settings  # read by the tasks; one settings object per app
+    # each worker records itself in Mongo for `qcelery status` (qcelery.presence)
+    app.steps["worker"].add(Presence)
     from . import beat, worker  # registering needs the app; modules import us back
 
     worker.register(app)

@@ -3,6 +3,9 @@
 Each process runs in its own session with the settings passed as ``QCELERY_*``
 environment variables, logs to a file in the run directory, and is stopped with its
 whole process group, so no orphan survives a ``down``, an exception or a failed test.
+A ``supervised`` cluster (``qcelery up``) starts each worker and beat under
+``qcelery.supervise``, which restarts it when it dies; the process group is then the
+supervisor's, and stopping it stops both.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class Cluster:
     #: run every process under this command prefix, e.g. ``ip netns exec NS`` (tests of
     #: hosts made of network namespaces)
     launcher: list[str] = field(default_factory=list)
+    #: run workers and beat under a supervisor that restarts them (``qcelery.supervise``)
+    supervised: bool = False
 
     @property
     def log_dir(self) -> Path:
@@ -82,8 +87,10 @@ class Cluster:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], supervised: bool = False) -> Proc:
         log = self.log_dir / f"{name}.log"
+        if supervised:
+            argv = [sys.executable, "-m", "qcelery.supervise", "--name", name, "--", *argv]
         with open(log, "ab") as fh:  # the child keeps its own descriptor
             p = subprocess.Popen(
                 [*self.launcher, *argv],
@@ -122,7 +129,7 @@ class Cluster:
             argv += ["--soft-time-limit", str(soft_time_limit)]
         if max_tasks_per_child:
             argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
-        return self._spawn(name, argv)
+        return self._spawn(name, argv, self.supervised)
 
     def start_beat(self, name: str | None = None, loglevel: str = "INFO") -> Proc:
         n = sum(1 for p in self.procs if p.name.startswith("beat"))
@@ -142,7 +149,7 @@ class Cluster:
             "--max-interval",
             "1",
         ]
-        return self._spawn(name, argv)
+        return self._spawn(name, argv, self.supervised)
 
     def wait_ready(self, app, n_workers: int | None = None, timeout: float = 60.0) -> list[str]:
         """Wait until ``n_workers`` workers (default: all started) answer a ping."""

@@ -117,6 +117,30 @@ def running_table(docs: Iterable[Mapping[str, Any]]) -> Table:
     return t
 
 
+_WORKER_STYLE = {"online": "green", "lost": "red", "stopped": "dim"}
+
+
+def workers_table(docs: Iterable[Mapping[str, Any]]) -> Table:
+    """The workers seen (``qcelery.presence``): state, queues, pid and when last heard from."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    t = Table(title="workers", title_justify="left")
+    for col in ("worker", "state", "queues", "pid", "last heard", "started"):
+        t.add_column(col, no_wrap=True, justify="right" if col == "pid" else "left")
+    for d in docs:
+        state = str(d.get("state", ""))
+        heard = ago(d.get("last_seen"), now)
+        started = ago(d.get("started_at"), now)
+        t.add_row(
+            str(d["_id"]),
+            f"[{_WORKER_STYLE.get(state, 'default')}]{state}[/]",
+            ",".join(d.get("queues") or []),
+            str(d.get("pid", "")),
+            f"{heard} ago" if heard else "",
+            f"{started} ago" if started else "",
+        )
+    return t
+
+
 def failures_table(docs: Iterable[Mapping[str, Any]]) -> Table:
     docs = list(docs)
     t = Table(title="failed tasks", title_justify="left")

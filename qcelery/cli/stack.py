@@ -4,7 +4,9 @@ The embedded servers stand in for whatever is not configured: SecantusDB unless
 ``mongo_url`` is set, redis-server unless ``broker_url`` is set, and a local MLflow
 store under the run directory unless ``MLFLOW_TRACKING_URI`` is set. Then N workers of
 one pool, beat, and optionally Flower. Each process runs in its own session and is
-recorded in ``state.json`` as soon as it starts.
+recorded in ``state.json`` as soon as it starts. Workers and beat run under
+``qcelery.supervise``, which restarts one that dies (with a growing pause); what is
+recorded is the supervisor, whose process group holds the worker, so ``down`` stops both.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ class Stack:
         state.write_config(settings)
         state.save()
 
-        self.cluster = Cluster(settings)
+        # workers and beat restart when they die (qcelery.supervise); `down` stops both
+        self.cluster = Cluster(settings, supervised=True)
         pool = opts.pool or settings.default_queue
         for _ in range(opts.workers):
             p = self.cluster.start_worker(pool, concurrency=None if opts.autoscale else opts.concurrency, autoscale=opts.autoscale)

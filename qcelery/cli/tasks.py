@@ -209,8 +209,9 @@ def status(
     batch: str | None = typer.Option(None, "--batch", "-b", help="Only this batch."),
     limit: int = typer.Option(10, "--limit", "-n", min=1, help="Batches (and rows of each table) shown."),
 ) -> None:
-    """Counts by status per batch, running tasks with their worker and lease, and
-    failures with the line of their error that says what went wrong."""
+    """Counts by status per batch, running tasks with their worker and lease,
+    failures with the line of their error that says what went wrong, and the workers
+    seen with their queues and when each was last heard from (`lost`: silent too long)."""
     from .. import batch as batches
     from ..manage import TaskManager
     from ..store import database
@@ -234,6 +235,7 @@ def status(
         out.print(render.pools_table((p, managers[p].task_stat()) for p in pools))
     else:
         out.print(f"no task pools or batches in database {settings.mongo_db!r} yet; enqueue with `qcelery enqueue CONFIG.yaml`")
+        _print_workers(settings, limit)
         return
     running, failed = [], []
     for p, tm in managers.items():
@@ -253,6 +255,17 @@ def status(
         out.print(render.running_table(running[:limit]))
     if failed:
         out.print(render.failures_table(failed[:limit]))
+    _print_workers(settings, limit)
+
+
+def _print_workers(settings: Settings, limit: int) -> None:
+    from ..presence import workers_seen
+
+    workers = list(workers_seen(settings, limit=limit))
+    if workers:
+        out.print(render.workers_table(workers))
+    else:
+        out.print("no worker has reported to this database in the last day; start one with `qcelery up` or `qcelery worker`")
 
 
 # ------------------------------------------------------------------------------ wait
