@@ -375,6 +375,17 @@ def test_k8s_worker_deployments_serve_their_pool():
         assert pod["terminationGracePeriodSeconds"] > lease_seconds(pod_env(deps[name])), name
 
 
+def test_k8s_pods_restart_their_processes():
+    for name, dep in k8s("Deployment").items():
+        assert dep["spec"]["template"]["spec"]["restartPolicy"] == "Always", name
+
+
+def test_compose_restarts_every_qcelery_service():
+    services = compose()["services"]
+    for name in QCELERY_SERVICES:
+        assert services[name]["restart"] in ("always", "unless-stopped"), name
+
+
 def test_k8s_runs_exactly_one_beat_with_recreate():
     beats = {
         n: d for n, d in k8s("Deployment").items() if d["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["qcelery", "beat"]
@@ -437,11 +448,14 @@ UNITS = ("qcelery-worker@.service", "qcelery-beat.service", "qcelery-flower.serv
 
 
 @pytest.mark.parametrize("name", UNITS)
-def test_systemd_units_read_the_env_file_stop_gently_and_restart_on_failure(name):
+def test_systemd_units_read_the_env_file_stop_gently_and_always_come_back(name):
     service = unit(SYSTEMD / name)["Service"]
     assert service["EnvironmentFile"] == "/etc/qcelery/qcelery.env"
     assert service["KillSignal"] == "SIGTERM"
-    assert service["Restart"] == "on-failure"
+    # restarted after any exit (a kill -9, an OOM kill, a clean exit) and never given up on
+    assert service["Restart"] == "always"
+    assert 0 < seconds(service["RestartSec"]) <= 30
+    assert unit(SYSTEMD / name)["Unit"]["StartLimitIntervalSec"] == "0"
     assert seconds(service["TimeoutStopSec"]) > lease_seconds(env_file(SYSTEMD / "qcelery.env.example"))
     assert unit(SYSTEMD / name)["Install"]["WantedBy"] == "multi-user.target"
 
