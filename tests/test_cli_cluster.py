@@ -15,9 +15,11 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pymongo
 import pytest
+import redis
 from bson import ObjectId
 from cli_support import (
     PROBE,
@@ -72,6 +74,7 @@ def up(tmp_path_factory):
     u = Up(cwd)
     proc = u("up", "--workers", "1", "--concurrency", "2")
     assert proc.returncode == 0, proc.stderr
+    u.up_output = proc.stdout + proc.stderr
     pids = state_pids(u.run_dir)
     try:
         yield u
@@ -85,7 +88,8 @@ def up(tmp_path_factory):
 
 def test_up_writes_the_live_settings_and_refuses_a_second_up(up):
     live = up.live
-    assert live["mongo_url"].startswith("mongodb://127.0.0.1:") and live["broker_url"].startswith("redis://127.0.0.1:")
+    assert live["mongo_url"].startswith("mongodb://127.0.0.1:") and live["broker_url"].startswith("redis://:")
+    assert urlsplit(live["broker_url"]).hostname == "127.0.0.1"
     # MLflow: a tracking server on SQLite (not the deprecated file store), answering
     assert live["mlflow_tracking_uri"].startswith("http://127.0.0.1:")
     with urllib.request.urlopen(live["mlflow_tracking_uri"] + "/health", timeout=10) as health:
@@ -96,6 +100,21 @@ def test_up_writes_the_live_settings_and_refuses_a_second_up(up):
     assert names == ["mlflow", "secantusdb", "redis", "worker-cpu-1", "beat-1"]
     again = up("up")
     assert again.returncode == 2 and "already up" in again.stderr
+
+
+def test_the_embedded_broker_wants_the_run_directory_password_and_nothing_shows_it(up):
+    password = urlsplit(up.live["broker_url"]).password
+    assert password and password == (up.run_dir / "redis.password").read_text().strip()
+    assert stat.S_IMODE(os.stat(up.run_dir).st_mode) == 0o700
+    port = urlsplit(up.live["broker_url"]).port
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=port).lpush("cpu", b"this is {not json")
+    status = up("status")
+    assert status.returncode == 0, status.stderr
+    shown = [up.up_output, status.stdout, status.stderr, (up.run_dir / "state.json").read_text()]
+    shown += [log.read_text(errors="replace") for log in [*up.run_dir.glob("*.log"), *(up.run_dir / "logs").glob("*.log")]]
+    assert not [text[:200] for text in shown if password in text]
+    assert "redis://:***@127.0.0.1" in up.up_output
 
 
 def test_enqueue_wait_status_collect(up):
@@ -146,6 +165,7 @@ def test_failed_tasks_make_wait_exit_1_and_status_shows_the_error(up):
 GATED = """
 import os, time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 def gated(task_def, tags):
     # runs until the test opens the gate, so the test decides when a run ends

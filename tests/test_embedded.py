@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pymongo
 import pytest
+import redis as redis_lib
 
 from qcelery.embedded import EmbeddedMongo, EmbeddedRedis, port_open
 
@@ -42,12 +44,16 @@ def closed(port: int, timeout: float = 15.0) -> bool:
     return False
 
 
-def redis_ping(port: int) -> bytes:
+def redis_ping(port: int, password: str | None = None) -> bytes:
+    """PING over a raw socket (after AUTH when ``password`` is given): the last reply line."""
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        if password is not None:
+            s.sendall(b"AUTH " + password.encode() + b"\r\n")
+            assert s.recv(64).startswith(b"+OK")
         s.sendall(b"PING\r\n")
-        return s.recv(16)
+        return s.recv(64)
 
 
 # ----------------------------------------------------------------- in this process
@@ -59,7 +65,7 @@ def test_start_answers_and_stop_leaves_no_process(tmp_path):
         with pymongo.MongoClient(mongo.url, serverSelectionTimeoutMS=5000) as c:
             c.t.c.insert_one({"a": 1})
             assert c.t.c.find_one({}, {"_id": 0}) == {"a": 1}
-        assert redis_ping(redis.port) == b"+PONG\r\n"
+        assert redis_ping(redis.port, redis.password) == b"+PONG\r\n"
         assert (tmp_path / "mongo").is_dir() and (tmp_path / "secantusdb.log").exists()
         pids, ports = [mongo.proc.pid, redis.proc.pid], [mongo.port, redis.port]
     finally:
@@ -68,6 +74,27 @@ def test_start_answers_and_stop_leaves_no_process(tmp_path):
     assert all(gone(p) for p in pids) and all(closed(p) for p in ports)
     assert not mongo.running and not redis.running
     mongo.stop()  # stopping twice is harmless
+
+
+def test_embedded_redis_answers_only_with_its_run_directory_password(tmp_path):
+    run_dir = tmp_path / "run"
+    with EmbeddedRedis(run_dir) as redis:
+        # another local user (no password, or a wrong one) can neither read nor push
+        assert redis_ping(redis.port).startswith(b"-NOAUTH")
+        with pytest.raises(redis_lib.exceptions.AuthenticationError):
+            redis_lib.Redis(port=redis.port, password="guess").ping()
+        assert redis_lib.Redis.from_url(redis.url).ping()
+        password, port = redis.password, redis.port
+        assert redis.url == f"redis://:{password}@127.0.0.1:{port}/0" and len(password) >= 24
+        # the password is on no command line (ps shows those to every user)
+        assert password.encode() not in Path(f"/proc/{redis.proc.pid}/cmdline").read_bytes()
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    for name in ("redis.password", "redis.conf"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o600
+    # the same run directory keeps its password (the URLs in qcelery.toml stay valid);
+    # another run directory gets its own
+    assert EmbeddedRedis(run_dir).password == password
+    assert EmbeddedRedis(tmp_path / "other").password != password
 
 
 def test_exception_inside_with_stops_the_server(tmp_path):
@@ -84,7 +111,7 @@ def test_port_taken_by_another_server_is_reported_not_mistaken_for_ours(tmp_path
         with pytest.raises(Exception, match="redis"):
             second.start(timeout=10)
         assert not second.running
-        assert redis_ping(first.port) == b"+PONG\r\n"
+        assert redis_ping(first.port, first.password) == b"+PONG\r\n"
 
 
 # ------------------------------------------------------------- in a child process
@@ -186,8 +213,11 @@ def test_a_forked_child_exiting_does_not_stop_the_parents_servers(tmp_path):
                 sys.exit(0)  # a normal exit runs the exit hooks in the child
             os.waitpid(pid, 0)
             with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as s:
-                s.sendall(b"PING\\r\\n")
-                print(s.recv(16).decode().strip(), redis.proc.pid, redis.port, flush=True)
+                s.sendall(b"AUTH " + redis.password.encode() + b"\\r\\nPING\\r\\n")
+                reply = b""
+                while not reply.endswith(b"+PONG\\r\\n") and len(reply) < 64:
+                    reply += s.recv(64)
+                print(reply.decode().split()[-1], redis.proc.pid, redis.port, flush=True)
     """)
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

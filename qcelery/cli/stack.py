@@ -116,7 +116,7 @@ class Stack:
         else:
             step("starting embedded redis-server")
             self.redis = EmbeddedRedis(self.run_dir).start()
-            state.add("redis", self.redis.pid, "server", self.redis.log_path, self.redis.url)
+            state.add("redis", self.redis.pid, "server", self.redis.log_path, mask_url(self.redis.url))
             update["broker_url"] = self.redis.url
             if "result_backend" not in configured:
                 update["result_backend"] = None
