@@ -108,7 +108,8 @@ class Presence(bootsteps.StartStopStep):
 
     label = "qcelery presence"
 
-    requires = ("celery.worker.components:Timer",)
+    # after the pool: its processes are forked before this step's thread exists
+    requires = ("celery.worker.components:Timer", "celery.worker.components:Pool")
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -123,6 +124,10 @@ class Presence(bootsteps.StartStopStep):
         interval = settings.heartbeat_seconds
         self._ticked = time.monotonic()
         parent.timer.call_repeatedly(interval, self._tick)
+        # create this process' Mongo client here, in the main thread (no I/O yet): if the
+        # thread created it, a pool process forked meanwhile (a recycled or an added one)
+        # could inherit the client lock held, and hang on its first task
+        database(settings)
         self._thread = threading.Thread(target=self._run, args=(settings, name, queues, interval), name="qcelery-presence", daemon=True)
         self._thread.start()
 
