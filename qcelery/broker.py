@@ -119,9 +119,9 @@ def _type_names(allowed: tuple[type, ...]) -> str:
 
 
 # ------------------------------------------------------------------ layer 1: Redis list entries
-def check_envelope(payload: Any) -> None:
-    """Raise :class:`Refused` unless ``payload`` (decoded JSON) is a kombu envelope that
-    kombu's Redis channel can turn into a Message and acknowledge."""
+def check_envelope(payload: Any) -> dict[str, Any]:
+    """``payload`` (decoded JSON) when it is a kombu envelope that kombu's Redis channel
+    can turn into a Message and acknowledge; :class:`Refused` otherwise."""
     if not isinstance(payload, dict):
         raise Refused(f"a JSON {type(payload).__name__}, not kombu's message envelope (an object)")
     props = payload.get("properties")
@@ -147,6 +147,7 @@ def check_envelope(payload: Any) -> None:
             base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
             raise Refused("envelope whose body is not valid base64") from None
+    return payload
 
 
 def decode_entry(raw: bytes | str) -> dict:
@@ -163,8 +164,7 @@ def decode_entry(raw: bytes | str) -> dict:
         raise Refused(f"not JSON ({exc})") from None
     except RecursionError:
         raise Refused("JSON nested too deep") from None
-    check_envelope(payload)
-    return payload
+    return check_envelope(payload)
 
 
 class RedisChannel(kombu_redis.Channel):
@@ -224,7 +224,7 @@ class RedisChannel(kombu_redis.Channel):
         except Refused as why:
             refuse(exchange, str(why), json.dumps(message, default=str))
             raise Empty() from None
-        return super()._deliver_fanout_message(message, exchange)  # type: ignore[misc]  # private in kombu, absent from kombu-stubs
+        return bool(super()._deliver_fanout_message(message, exchange))  # type: ignore[misc]  # private in kombu, absent from kombu-stubs
 
     @staticmethod
     def _admit(raw: bytes | str, queue: str) -> dict | None:
