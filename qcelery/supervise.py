@@ -44,9 +44,11 @@ class Supervisor:
     def request_stop(self, signum: int, _frame: object = None) -> None:
         self.stopping.set()
         child = self.child
-        if child is not None and child.poll() is None:
-            # the group signal reached it already when it came from `down`; a signal
-            # sent to the supervisor alone is passed on
+        if signum == signal.SIGTERM and child is not None and child.poll() is None:
+            # a SIGTERM sent to the supervisor alone is passed on; from `down` (the whole
+            # group) the worker gets it twice, which Celery takes as one warm shutdown.
+            # SIGINT/SIGQUIT come from a terminal to the whole group: passing them on
+            # would make a second one, a cold shutdown
             child.send_signal(signum)
 
     def run(self) -> int:

@@ -13,17 +13,21 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
+import pytest
 from cli_support import cli_env, qcelery, table_rows
 from faults_support import POOL, assert_exactly_once, probe_defs, running, wait_batch, wait_for
 
 from qcelery.celery_app import CONTROL_QUEUE, app_for
 from qcelery.cli.rundir import group_members
 from qcelery.cli.stack import Stack, StackOptions
+from qcelery.errors import EmbeddedServerError
 from qcelery.manage import TaskManager
 from qcelery.presence import LOST, ONLINE, STOPPED, WORKERS, state_of
 from qcelery.producer import enqueue
 from qcelery.store import database
+from qcelery.supervise import GIVE_UP_AFTER
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,6 +76,19 @@ def test_a_worker_killed_under_up_is_restarted_and_serves(fsettings):
     # the stop reached the supervisors and everything they started
     assert groups and not any(group_members(g) for g in groups)
     assert workers.find_one({"_id": name})["state"] == STOPPED
+
+
+def test_a_worker_that_cannot_start_is_given_up_and_up_reports_why(fsettings):
+    # a worker that exits at once every time (here: an --autoscale it cannot parse)
+    stack = Stack(fsettings, StackOptions(workers=1, autoscale="many,few", beat=False, ready_timeout=240))
+    with pytest.raises(EmbeddedServerError) as raised:
+        stack.start()
+    message = str(raised.value)
+    assert message.startswith("worker-") and "exited with 1" in message
+    assert f"exited with 1 {GIVE_UP_AFTER} times in a row" in message and "giving up" in message
+    assert "ValueError" in message  # the worker's own error, from its log
+    [log] = (Path(fsettings.run_dir) / "logs").glob("worker-*.log")
+    assert log.read_text(errors="replace").count("restarted (start") == GIVE_UP_AFTER - 1
 
 
 def test_status_lists_the_workers_and_shows_a_dead_one_lost(fsettings, tmp_path):
