@@ -38,6 +38,7 @@ from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from celery.bootsteps import Blueprint
 from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
@@ -150,6 +151,21 @@ def check_envelope(payload: Any) -> dict[str, Any]:
     return payload
 
 
+def check_fanout(envelope: dict[str, Any]) -> None:
+    """Raise :class:`Refused` unless a broadcast message (worker control, events) has a
+    JSON object for body, the only thing Celery's readers of those expect."""
+    if envelope.get("content-type") != "application/json":
+        raise Refused(f"broadcast message of content type {envelope.get('content-type')!r}, not application/json")
+    body = envelope.get("body") or ""
+    try:
+        raw = base64.b64decode(body) if envelope["properties"].get("body_encoding") == "base64" else body
+        decoded = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Refused("broadcast message whose body is not JSON") from None
+    if not isinstance(decoded, dict):
+        raise Refused(f"broadcast message whose body is a JSON {type(decoded).__name__}, not an object")
+
+
 def decode_entry(raw: bytes | str) -> dict:
     """The kombu envelope in a raw Redis list entry; :class:`Refused` when it is not one.
     The size is checked before anything is parsed."""
@@ -220,7 +236,7 @@ class RedisChannel(kombu_redis.Channel):
 
     def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
         try:
-            check_envelope(message)
+            check_fanout(check_envelope(message))
         except Refused as why:
             refuse(exchange, str(why), json.dumps(message, default=str))
             raise Empty() from None
@@ -335,6 +351,12 @@ def _queue_of(message: Message) -> str | None:
     return info.get("routing_key") or info.get("exchange")
 
 
+def _without_steps(blueprint: type[Blueprint], suffix: str) -> type[Blueprint]:
+    """A subclass of ``blueprint`` whose default steps leave out those named ``*suffix``."""
+    steps = [step for step in blueprint.default_steps if not str(step).endswith(suffix)]
+    return type(blueprint.__name__, (blueprint,), {"default_steps": steps})
+
+
 class GuardedConsumer(Consumer):
     """Celery's worker consumer, checking each task message before Celery acts on it
     (``worker_consumer``). A message :func:`check_task_message` refuses is rejected
@@ -344,6 +366,12 @@ class GuardedConsumer(Consumer):
 
     if TYPE_CHECKING:  # set by Celery's Consumer, absent from celery-stubs
         connection_errors: tuple[type[BaseException], ...]
+
+    # without Gossip, which reads every worker event on the broadcast exchange
+    # ``celeryev`` and stopped the worker ("Unrecoverable error: TypeError") on one whose
+    # body is not an object. qcelery uses none of what it offers (leader election, clock
+    # sync with other workers); Flower reads events on its own
+    Blueprint = _without_steps(Consumer.Blueprint, ":Gossip")
 
     @cached_property
     def _accept(self) -> set[str]:

@@ -92,6 +92,25 @@ def _redis_raw(queue: str) -> list[tuple[str, bytes]]:
     ]
 
 
+def _redis_broadcast(settings: Settings) -> int:
+    """Messages PUBLISHed on the Redis channels of Celery's broadcast exchanges: remote
+    control (``celery.pidbox``, read by every worker) and the workers' events
+    (``celeryev``: read by Celery's gossip, which stopped the worker on an event that is
+    not an object; qcelery workers no longer read them, so those make no line). Returns
+    how many make a refusal line."""
+    db = urlsplit(settings.broker_url).path.strip("/") or "0"
+    body_list = base64.b64encode(b"[1, 2]").decode()
+    pidbox, events = f"/{db}.celery.pidbox", f"/{db}.celeryev/worker.heartbeat"
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        for data in (b'{"hello": "world"}', json.dumps(_envelope("celery.pidbox", body_list)).encode()):
+            assert client.publish(pidbox, data) >= 1, f"nobody listens on {pidbox}"
+        client.publish(events, json.dumps(_envelope("celeryev", body_list)).encode())
+    finally:
+        client.close()
+    return 2
+
+
 def _amqp_raw(settings: Settings, queue: str) -> int:
     """AMQP messages kombu's Producer would not send: no content type, header values of
     AMQP's own types (bytes, a timestamp), a body of random bytes. Published with
@@ -112,6 +131,9 @@ def _amqp_raw(settings: Settings, queue: str) -> int:
         ]
         for m in messages:
             channel.basic_publish(m, exchange="", routing_key=queue)
+        # a worker event that is not an object, to every worker (no refusal line: no
+        # qcelery worker reads events; before, Celery's gossip did and stopped on it)
+        channel.basic_publish(amqp.Message(b"[1, 2]", content_type="application/json"), exchange="celeryev", routing_key="worker.heartbeat")
         channel.close()
     finally:
         conn.close()
@@ -157,7 +179,7 @@ def test_worker_refuses_malformed_foreign_and_oversized_messages_and_keeps_servi
                 client.lpush(queue, data)
             client.close()
         _publish(fs, queue, PUBLISHED)
-        n_bad = len(raw) + len(PUBLISHED) + (0 if on_redis else _amqp_raw(fs, queue))
+        n_bad = len(raw) + len(PUBLISHED) + (_redis_broadcast(fs) if on_redis else _amqp_raw(fs, queue))
 
         def refusals() -> list[str]:
             log = worker.log.read_text(errors="replace")
@@ -173,7 +195,7 @@ def test_worker_refuses_malformed_foreign_and_oversized_messages_and_keeps_servi
         assert worker.alive() and worker.pid == pid
         lines = refusals()
         assert len(lines) == n_bad, "\n".join(lines)
-        assert all(f"queue {queue!r}" in ln for ln in lines), "\n".join(lines)
+        assert all(f"queue {queue!r}" in ln or "'celery.pidbox'" in ln for ln in lines), "\n".join(lines)
         log = worker.log.read_text(errors="replace")
         assert "Traceback" not in log and "Unrecoverable" not in log
         # one line each, short even for the multi-megabyte bodies
