@@ -3,9 +3,10 @@
 Malformed bytes, foreign messages (another Celery app's task, a plain JSON object),
 task messages with wrong arguments and multi-megabyte bodies are pushed straight into
 the queue of a running worker, on Redis (raw list entries and kombu envelopes) and on
-RabbitMQ (raw AMQP bodies with any content type). Each is refused with one log line
-(no traceback) and dropped; then a real batch runs each task once and aggregates once,
-served by the same worker process.
+RabbitMQ (raw AMQP bodies with any content type), plus malformed broadcast messages
+(remote control, worker events). Each is refused with one log line (no traceback) and
+dropped; then a real batch runs each task once and aggregates once, served by the same
+worker process.
 """
 
 from __future__ import annotations
