@@ -227,9 +227,11 @@ def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[
 def handler_mod(task: dict, rolling_gen: RollingGen) -> None:
     """Extend the handler's ``end_time`` to cover the task's test segment (as Qlib does).
 
-    When the test segment is open-ended the handler's ``end_time`` becomes ``None``;
-    when it ends after ``end_time`` it becomes the test end. A handler that is a string
-    (a pickled handler's path), has no ``kwargs`` or an open ``end_time`` is left alone.
+    When the test segment ends after ``end_time``, ``end_time`` becomes the test end. A
+    handler that is a string (a pickled handler's path), has no ``kwargs`` or an open
+    ``end_time`` is left alone, and so is one whose test segment is open-ended: Qlib 0.9.7
+    computes the interval to ``None``, catches the ``TypeError`` and keeps the end time the
+    task was copied with (a rolling window's copy of the first window).
     """
     handler = task.get("dataset", {}).get("kwargs", {}).get("handler")
     if not isinstance(handler, Mapping) or not isinstance(handler.get("kwargs"), Mapping):
@@ -237,7 +239,6 @@ def handler_mod(task: dict, rolling_gen: RollingGen) -> None:
     handler_kwargs = handler["kwargs"]
     test_end = task["dataset"]["kwargs"]["segments"][rolling_gen.test_key][1]
     if test_end is None:
-        handler_kwargs["end_time"] = None
         return
     handler_end = handler_kwargs.get("end_time")
     # Qlib computes the interval on None and swallows the TypeError: an open end stays open
