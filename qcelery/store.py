@@ -128,7 +128,11 @@ def close_all() -> None:
 
 
 def _reset_after_fork() -> None:
-    # the parent's sockets are unusable in the child; drop references without closing
+    # the parent's sockets are unusable in the child; drop references without closing.
+    # A fork while another thread held the lock (creating a client) would leave it held
+    # in the child for ever: the child gets a fresh one
+    global _LOCK
+    _LOCK = threading.Lock()
     _CLIENTS.clear()
 
 
