@@ -7,6 +7,20 @@ task to ``running`` under a lease held by one worker and increments ``attempt``;
 write; ``recover_expired`` hands expired leases back (or fails the task when its
 attempts are used up). :class:`Leases` is a part of
 :class:`~qcelery.manage.TaskManager` and uses its collection, settings and codecs.
+
+Two claim paths, chosen by ``settings.claim_strategy`` (:func:`claims_in_two_steps`),
+keep the same contract: a task moves to ``running`` for exactly one claimer, because
+only one conditional write can match ``{_id, status: <claimable>}``.
+
+* ``find_one_and_update`` (real MongoDB under ``auto``): one command; ``fetch_task``
+  sorts by priority on the server, so it always takes the best task left.
+* ``two_step`` (SecantusDB under ``auto``, whose findAndModify scans the collection):
+  ``update_one`` by id stamping a fresh ``claim_token``, then a read by id; the claimer
+  is whoever's token is in the document. ``fetch_task`` claims from a short-lived list
+  of the best candidates (:meth:`Leases._candidates`), so for up to
+  ``_FETCH_CACHE_SECONDS`` it may take a task of a lower priority than one set or
+  created meanwhile by another process (this process' own ``prioritize`` and
+  ``create_task`` drop the list).
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from pymongo.errors import PyMongoError
 
 from . import status as st
 from .errors import LeaseLostError, TaskDefinitionError
-from .store import to_object_id
+from .store import scans_find_and_modify, to_object_id
 
 if TYPE_CHECKING:
     from pymongo.collection import Collection
@@ -69,6 +83,14 @@ def _attempts_used_up(doc: dict, default_max: int) -> tuple[bool, str | None]:
     if corrupt:
         return True, f"the document is corrupt: {', '.join(corrupt)} is not a number"
     return attempt - base >= cap, None
+
+
+def claims_in_two_steps(settings: Settings) -> bool:
+    """Whether claims take the ``two_step`` path: as ``settings.claim_strategy`` says, or
+    for ``auto``, when the server is one whose findAndModify scans the collection."""
+    if settings.claim_strategy == "auto":
+        return scans_find_and_modify(settings)
+    return settings.claim_strategy == "two_step"
 
 
 def worker_name() -> str:

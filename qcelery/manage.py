@@ -58,7 +58,7 @@ from .errors import (
     UnsafePickleError,
 )
 from .instance import check_task_names
-from .lease import Heartbeat, Leases, utcnow, worker_name
+from .lease import Heartbeat, Leases, claims_in_two_steps, utcnow, worker_name
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
 from .store import RESULT_BUCKET, database, result_fs, scans_find_and_modify, to_object_id
@@ -104,9 +104,9 @@ class TaskManager(Leases):
         self.name = task_pool
         self.db = database(self.settings, ping=True)
         self.task_pool: pymongo.collection.Collection[dict[str, Any]] = self.db[task_pool]
-        self._claim_in_two_steps = scans_find_and_modify(self.settings)
+        self._claim_in_two_steps = claims_in_two_steps(self.settings)
         # SecantusDB answers a large $in in quadratic time; MongoDB takes big ones at once
-        self._lookup_chunk = _LOOKUP_CHUNK if self._claim_in_two_steps else _INSERT_CHUNK
+        self._lookup_chunk = _LOOKUP_CHUNK if scans_find_and_modify(self.settings) else _INSERT_CHUNK
         self._fetch_cache: tuple[dict, float, collections.deque] | None = None
         if create:
             self._create_or_check()

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -29,6 +29,14 @@ _URL_LIST_SEP = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 #: result backend URLs Celery serves with its Redis backend
 REDIS_BACKEND_SCHEMES = ("redis://", "rediss://", "sentinel://")
 URL_FIELDS = ("mongo_url", "broker_url", "result_backend", "mlflow_tracking_uri")
+
+#: how a worker takes a task (``qcelery.lease``): ``find_one_and_update`` (one command,
+#: the design's claim, what real MongoDB answers from its index), ``two_step`` (a
+#: conditional update by id, then a read; for servers whose findAndModify scans the
+#: collection, like SecantusDB), or ``auto`` (``two_step`` on SecantusDB, else
+#: ``find_one_and_update``)
+ClaimStrategy = Literal["auto", "find_one_and_update", "two_step"]
+CLAIM_STRATEGIES: tuple[str, ...] = get_args(ClaimStrategy)
 
 
 def _mask_one(url: str) -> str:
@@ -100,6 +108,18 @@ class Settings(BaseSettings):
     default_queue: str = "cpu"
     soft_time_limit: float | None = None
     time_limit: float | None = None
+    claim_strategy: ClaimStrategy = Field("auto", description="how workers claim tasks; see CLAIM_STRATEGIES")
+
+    @field_validator("claim_strategy", mode="before")
+    @classmethod
+    def _known_claim_strategy(cls, v: Any) -> Any:
+        # pydantic's own message for a Literal hides the value (hide_input_in_errors)
+        if v not in CLAIM_STRATEGIES:
+            raise ValueError(
+                f"claim_strategy {v!r} is not one of {', '.join(CLAIM_STRATEGIES)}: "
+                "use auto (the default) unless a test or benchmark must force one claim path"
+            )
+        return v
 
     @field_validator("allowed_modules", mode="before")
     @classmethod

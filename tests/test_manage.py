@@ -1,7 +1,9 @@
 """The task pool (``qcelery.manage``): Qlib's ``TaskManager`` API and what it adds.
 
 Every test runs against the real MongoDB-wire server of the session (SecantusDB by
-default) with a database of its own.
+default) with a database of its own. The lease contract (claim, fetch order, fencing,
+recovery) runs once per claim path (``each_claim_path``); the other tests claim with
+``find_one_and_update``, the path real MongoDB takes.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import pandas as pd
 import pymongo
 import pytest
 from bson import Binary, ObjectId
+from claims_support import DEFAULT_CLAIM_PATH, each_claim_path, with_claim_path
+from pydantic import ValidationError
 from pymongo import monitoring
 
 from qcelery.errors import LeaseLostError, TaskDefinitionError, TaskNotFoundError, UnsafePickleError
 from qcelery.manage import Heartbeat, TaskManager, format_exception, run_task, to_object_id, utcnow
-from qcelery.store import RESULT_BUCKET
+from qcelery.settings import Settings
+from qcelery.store import RESULT_BUCKET, scans_find_and_modify
 
 
 def task_def(i: int, model: str = "LinearModel") -> dict:
@@ -36,6 +41,17 @@ def task_def(i: int, model: str = "LinearModel") -> dict:
         "record": [{"class": "SignalRecord"}],
         "i": i,
     }
+
+
+@pytest.fixture
+def claim_strategy() -> str:
+    """The claim path of a test not decorated with ``each_claim_path``."""
+    return DEFAULT_CLAIM_PATH
+
+
+@pytest.fixture
+def settings(settings, claim_strategy):
+    return with_claim_path(settings, claim_strategy)
 
 
 @pytest.fixture
@@ -203,6 +219,7 @@ def test_replace_task_onto_an_existing_filter_is_refused(tm):
 
 
 # -------------------------------------------------------------------- fetch / query
+@each_claim_path
 def test_fetch_task_takes_highest_priority_first_and_leases_it(tm):
     ids = tm.create_task([task_def(i) for i in range(3)])
     tm.prioritize(ids[1], 5)
@@ -217,6 +234,7 @@ def test_fetch_task_takes_highest_priority_first_and_leases_it(tm):
     assert tm.task_stat() == {"running": 3}
 
 
+@each_claim_path
 def test_fetch_task_with_query_and_status(tm):
     ids = tm.create_task([task_def(0, "A"), task_def(1, "B")])
     t = tm.fetch_task({"filter.model.class": "B"})
@@ -225,6 +243,7 @@ def test_fetch_task_with_query_and_status(tm):
     assert tm.fetch_task(status="part_done") is None
 
 
+@each_claim_path
 def test_safe_fetch_task_returns_the_task_when_the_body_raises(tm):
     _id = tm.create_task([task_def(0)])[0]
     with pytest.raises(RuntimeError, match="boom"), tm.safe_fetch_task() as task:
@@ -238,6 +257,7 @@ def test_safe_fetch_task_returns_the_task_when_the_body_raises(tm):
         assert task is None
 
 
+@each_claim_path
 def test_task_fetcher_iter_yields_each_task_once(tm):
     ids = tm.create_task([task_def(i) for i in range(4)])
     seen = []
@@ -261,6 +281,7 @@ def test_query_and_re_query(tm):
 
 
 # ----------------------------------------------------------------- commit / return
+@each_claim_path
 def test_commit_task_res_qlib_style_and_leased(tm):
     a, b = tm.create_task([task_def(0), task_def(1)])
     # Qlib style: a task from query (not leased by this pool) is committed as is
@@ -277,6 +298,7 @@ def test_commit_task_res_qlib_style_and_leased(tm):
     assert tm.re_query(b)["res"] == [1, 2]
 
 
+@each_claim_path
 def test_return_task(tm):
     _id = tm.create_task([task_def(0)])[0]
     task = tm.fetch_task()
@@ -298,6 +320,7 @@ def test_remove_and_task_stat(tm):
     assert tm.task_stat() == {}
 
 
+@each_claim_path
 def test_reset_waiting_puts_running_tasks_back(tm):
     ids = tm.create_task([task_def(i, "A" if i % 2 else "B") for i in range(4)])
     for _ in ids:
@@ -385,6 +408,7 @@ def test_run_task_runs_every_waiting_task(tm):
     assert run_task(add_one, tm) is False
 
 
+@each_claim_path
 def test_run_task_two_phases_through_part_done(tm):
     ids = tm.create_task([task_def(i) for i in range(2)])
     # phase 1 reads def and leaves part_done; phase 2 reads phase 1's res
@@ -422,6 +446,55 @@ def test_run_task_by_pool_name_reads_settings_from_environment(settings, mongo_d
 
 
 # ----------------------------------------------------- leases: claim/heartbeat/fail
+@pytest.mark.parametrize("strategy", ["find_one_and_update", "two_step", "auto"])
+def test_claim_strategy_chooses_the_claim_path(settings, mongo_db, strategy):
+    # the two-step claim stamps a token and finds its claim by it; find_one_and_update has no need of one
+    tm = TaskManager("pool", with_claim_path(settings, strategy))
+    a, b = tm.create_task([task_def(0), task_def(1)])
+    by_id, fetched = tm.claim(a), tm.fetch_task()
+    assert (by_id["_id"], fetched["_id"]) == (a, b)
+    two_steps = strategy == "two_step" or (strategy == "auto" and scans_find_and_modify(settings))
+    assert {"claim_token" in tm.get_raw(i) for i in (a, b)} == {two_steps}
+
+
+def test_claim_strategy_is_validated_naming_the_value(settings, monkeypatch, tmp_path):
+    with pytest.raises(ValidationError, match=r"claim_strategy 'findAndModify' is not one of auto, find_one_and_update, two_step"):
+        with_claim_path(settings, "findAndModify")
+    for key in [k for k in os.environ if k.startswith("QCELERY_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no qcelery.toml
+    assert Settings().claim_strategy == "auto"
+    monkeypatch.setenv("QCELERY_CLAIM_STRATEGY", "two-step")
+    with pytest.raises(ValidationError, match=r"claim_strategy 'two-step' is not one of"):
+        Settings()
+    monkeypatch.setenv("QCELERY_CLAIM_STRATEGY", "two_step")
+    assert Settings().claim_strategy == "two_step"
+    # workers and beat get the settings as variables: the strategy travels with them
+    assert with_claim_path(settings, "find_one_and_update").to_env()["QCELERY_CLAIM_STRATEGY"] == "find_one_and_update"
+
+
+@each_claim_path
+def test_fetch_task_keeps_priority_order_past_one_list_of_candidates(tm):
+    # more tasks than the two-step path reads candidates at once (32), priorities interleaved
+    ids = tm.create_task([task_def(i) for i in range(90)])
+    for k, _id in enumerate(ids):
+        tm.prioritize(_id, k % 7)
+
+    def drain(query: dict | None) -> list[int]:
+        taken = []
+        while (t := tm.fetch_task(query)) is not None:
+            taken.append(t["priority"])
+        return taken
+
+    # a query the server answers from the _id index, in insertion order: only the sort orders it
+    first = drain({"_id": {"$in": ids[:60]}})
+    assert len(first) == 60 and first == sorted(first, reverse=True)
+    rest = drain(None)
+    assert len(rest) == 30 and rest == sorted(rest, reverse=True)
+    assert tm.task_stat() == {"running": 90}
+
+
+@each_claim_path
 def test_claim_by_id_sets_running_attempt_lease_and_worker(tm):
     _id = tm.create_task([task_def(0)])[0]
     before = utcnow()
@@ -432,6 +505,7 @@ def test_claim_by_id_sets_running_attempt_lease_and_worker(tm):
     assert tm.claim(_id) is None  # already running: a duplicate message does nothing
 
 
+@each_claim_path
 def test_claim_of_done_or_missing_task_is_none(tm):
     _id = tm.create_task([task_def(0)])[0]
     tm.commit(tm.claim(_id), 1)
@@ -439,6 +513,7 @@ def test_claim_of_done_or_missing_task_is_none(tm):
     assert tm.claim(ObjectId()) is None
 
 
+@each_claim_path
 def test_heartbeat_extends_the_lease_of_the_holder_only(tm):
     _id = tm.create_task([task_def(0)])[0]
     t = tm.claim(_id, lease_seconds=1)
@@ -447,6 +522,7 @@ def test_heartbeat_extends_the_lease_of_the_holder_only(tm):
     assert not tm.heartbeat(_id, t["attempt"] + 1)
 
 
+@each_claim_path
 def test_heartbeat_thread_keeps_the_lease_and_notices_a_takeover(tm):
     _id = tm.create_task([task_def(0)])[0]
     t = tm.claim(_id, lease_seconds=1)  # the heartbeat extends it to settings.lease_seconds
@@ -461,6 +537,7 @@ def test_heartbeat_thread_keeps_the_lease_and_notices_a_takeover(tm):
         assert hb.lost.wait(10)
 
 
+@each_claim_path
 def test_fail_retries_until_max_attempts_then_keeps_the_traceback(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"max_attempts": 2}))
     _id = tm.create_task([task_def(0)])[0]
@@ -478,6 +555,7 @@ def test_fail_retries_until_max_attempts_then_keeps_the_traceback(settings, mong
     assert tm.claim(_id) is None
 
 
+@each_claim_path
 def test_fail_after_lost_lease_writes_nothing(tm):
     _id = tm.create_task([task_def(0)])[0]
     stale = tm.claim(_id)
@@ -488,6 +566,7 @@ def test_fail_after_lost_lease_writes_nothing(tm):
     assert tm.get_raw(_id) == before
 
 
+@each_claim_path
 def test_recover_expired_puts_back_expired_leases_only(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"max_attempts": 2}))
     a, b, c = tm.create_task([task_def(i) for i in range(3)])
@@ -505,6 +584,7 @@ def test_recover_expired_puts_back_expired_leases_only(settings, mongo_db):
     assert tm.re_query(c)["status"] == "waiting"
 
 
+@each_claim_path
 def test_recover_expired_of_a_second_phase_returns_it_to_part_done(tm):
     _id = tm.create_task([task_def(0)])[0]
     tm.commit(tm.claim(_id), {"phase": 1}, "part_done")
@@ -514,6 +594,7 @@ def test_recover_expired_of_a_second_phase_returns_it_to_part_done(tm):
     assert t["status"] == "part_done" and t["res"] == {"phase": 1}
 
 
+@each_claim_path
 def test_zombie_commit_after_recovery_and_reclaim_is_rejected(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"lease_seconds": 0.5, "heartbeat_seconds": 0.1}))
     _id = tm.create_task([task_def(0)])[0]
@@ -531,6 +612,7 @@ def test_zombie_commit_after_recovery_and_reclaim_is_rejected(settings, mongo_db
     assert tm.re_query(_id)["res"] == {"fresh": True}
 
 
+@each_claim_path
 def test_retry_failed_gives_a_fresh_attempt_budget(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"max_attempts": 1}))
     _id = tm.create_task([task_def(0)])[0]
@@ -542,6 +624,7 @@ def test_retry_failed_gives_a_fresh_attempt_budget(settings, mongo_db):
     assert tm.retry_failed({"filter.i": 99}) == []
 
 
+@each_claim_path
 def test_retry_failed_returns_a_second_phase_failure_to_part_done_with_its_result(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"max_attempts": 1}))
     _id = tm.create_task([task_def(0)])[0]
@@ -577,6 +660,7 @@ def test_big_results_go_to_gridfs_and_come_back(settings, mongo_db):
     assert files.count_documents({}) == 0
 
 
+@each_claim_path
 def test_a_lost_commit_leaves_no_gridfs_file(settings, mongo_db):
     tm = TaskManager("pool", settings.model_copy(update={"gridfs_threshold": 1000}))
     _id = tm.create_task([task_def(0)])[0]

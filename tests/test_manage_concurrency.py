@@ -3,7 +3,7 @@ created exactly once.
 
 Every process is started with the 'spawn' context (a fresh interpreter, no inherited
 sockets) and builds its own ``TaskManager`` from the same ``Settings``; a barrier
-makes them start their loops together.
+makes them start their loops together. The claim races run once per claim path.
 """
 
 from __future__ import annotations
@@ -13,17 +13,31 @@ import random
 from collections import Counter
 
 import pytest
+from claims_support import DEFAULT_CLAIM_PATH, each_claim_path, with_claim_path
 
 from qcelery.manage import TaskManager
 from qcelery.settings import Settings
 
 N_TASKS = 1_000
+#: tasks of the fetch_task race per claim path: SecantusDB reads the whole pool to answer
+#: each sorted findAndModify, so that path races over fewer tasks (real MongoDB reads one)
+N_FETCHED = {"two_step": N_TASKS, "find_one_and_update": 300}
 N_WORKERS = 4
 CTX = mp.get_context("spawn")
 
 
 def make_defs(n: int) -> list[dict]:
     return [{"model": {"class": "LGBModel", "kwargs": {"num_leaves": 32 + i % 7}}, "window": i} for i in range(n)]
+
+
+@pytest.fixture
+def claim_strategy() -> str:
+    return DEFAULT_CLAIM_PATH
+
+
+@pytest.fixture
+def settings(settings, claim_strategy):
+    return with_claim_path(settings, claim_strategy)
 
 
 # ---------------------------------------------------------- child process bodies
@@ -74,6 +88,7 @@ def child_settings(settings: Settings) -> dict:
 
 
 # --------------------------------------------------------------------------- tests
+@each_claim_path
 @pytest.mark.timeout(300)
 def test_four_processes_claiming_by_id_in_shuffled_order_claim_each_task_once(settings, mongo_db):
     tm = TaskManager("pool", settings)
@@ -90,18 +105,20 @@ def test_four_processes_claiming_by_id_in_shuffled_order_claim_each_task_once(se
         assert d["worker"] == owner[str(d["_id"])]
 
 
+@each_claim_path
 @pytest.mark.timeout(300)
-def test_four_processes_in_fetch_task_loops_claim_each_task_once(settings, mongo_db):
+def test_four_processes_in_fetch_task_loops_claim_each_task_once(settings, mongo_db, claim_strategy):
+    n = N_FETCHED[claim_strategy]
     tm = TaskManager("pool", settings)
-    ids = tm.create_task(make_defs(N_TASKS))
+    ids = tm.create_task(make_defs(n))
     s = child_settings(settings)
     results = run_children(claim_by_fetch, lambda k: (s, "pool", k), N_WORKERS)
 
     claims = Counter(i for _, won in results for i in won)
-    assert len(claims) == N_TASKS and set(claims.values()) == {1}
+    assert len(claims) == n and set(claims.values()) == {1}
     assert set(claims) == {str(i) for i in ids}
-    assert tm.task_stat() == {"running": N_TASKS}
-    assert tm.task_pool.count_documents({"attempt": 1}) == N_TASKS
+    assert tm.task_stat() == {"running": n}
+    assert tm.task_pool.count_documents({"attempt": 1}) == n
 
 
 @pytest.mark.timeout(300)

@@ -12,6 +12,8 @@ worker's commit) and checks after every step, on the stored documents, that:
 * a commit, fail or heartbeat by a worker that no longer holds the lease changes
   nothing and says so;
 * a task is ``failed`` only once ``max_attempts`` attempts of its phase were used.
+
+The machine runs once per claim path of ``qcelery.lease``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+from claims_support import each_claim_path, with_claim_path
 from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 from hypothesis import strategies as hs
@@ -198,9 +201,10 @@ class PoolMachine(RuleBasedStateMachine):
         self.admin_reset = False
 
 
-def test_status_machine(settings, mongo_db):
+@each_claim_path
+def test_status_machine(settings, mongo_db, claim_strategy):
     class Machine(PoolMachine):
-        SETTINGS = settings.model_copy(update={"max_attempts": 2})
+        SETTINGS = with_claim_path(settings, claim_strategy).model_copy(update={"max_attempts": 2})
 
     run_state_machine_as_test(
         Machine,

@@ -42,6 +42,8 @@ FAULT_SETTINGS = dict(
     aggregate_countdown=0.5,
     max_attempts=3,
     task_func=PROBE,
+    # the claim path real MongoDB takes, forced on SecantusDB too (correctness, not speed)
+    claim_strategy="find_one_and_update",
 )
 
 
