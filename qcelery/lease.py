@@ -21,6 +21,14 @@ only one conditional write can match ``{_id, status: <claimable>}``.
   ``_FETCH_CACHE_SECONDS`` it may take a task of a lower priority than one set or
   created meanwhile by another process (this process' own ``prioritize`` and
   ``create_task`` drop the list).
+
+Claims, commits and fails are journaled writes (``j: true``, :attr:`Leases._journaled`):
+once acknowledged they survive a crash of the store. A server that acknowledges before
+its journal is on disk (SecantusDB by default, a standalone ``mongod`` with ``w: 1``)
+loses the last ~100 ms of writes to a kill -9, and a lost claim hands the same attempt
+out twice while a lost commit sends a finished task back to ``running``: either way a
+task would run to completion twice. Heartbeats, recoveries and publish marks stay
+plain writes: losing one only delays a task (it is recovered or swept again).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as _dt
+import functools
 import logging
 import os
 import random
@@ -39,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pymongo
 from bson import ObjectId
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import PyMongoError
 
 from . import status as st
@@ -119,6 +128,14 @@ class Leases:
         def _encode_res(self, res: Any, task_id: ObjectId) -> tuple[dict, ObjectId | None]: ...
         def _drop_res_file(self, fid: Any) -> None: ...
 
+    @functools.cached_property
+    def _journaled(self) -> Collection[dict[str, Any]]:
+        """The pool with journaled writes, keeping the URL's ``w`` (see the module docstring)."""
+        wc = self.task_pool.write_concern.document
+        if wc.get("fsync") or wc.get("j") or wc.get("w") == 0:
+            return self.task_pool  # synced already, or unacknowledged on purpose: the URL's choice
+        return self.task_pool.with_options(write_concern=WriteConcern(**{**wc, "j": True}))
+
     def _claim_update(self, worker: str, lease_seconds: float | None, before_status: str) -> dict:
         now = utcnow()
         lease = lease_seconds if lease_seconds is not None else self.settings.lease_seconds
@@ -152,7 +169,7 @@ class Leases:
         if self._claim_in_two_steps:
             doc = self._claim_two_steps(flt, update)
         else:
-            doc = self.task_pool.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
+            doc = self._journaled.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
         return self._decode_task(doc) if decode else doc
 
     def _claim_two_steps(self, flt: dict, update: dict) -> dict | None:
@@ -162,7 +179,7 @@ class Leases:
         equally atomic: only the update that matched ``flt`` wrote the token."""
         token = ObjectId()
         update = {**update, "$set": {**update["$set"], "claim_token": token}}
-        if self.task_pool.update_one(flt, update).modified_count != 1:
+        if self._journaled.update_one(flt, update).modified_count != 1:
             return None
         # read by _id alone and check the token here: a second predicate makes SecantusDB
         # filter the document it found, about half the cost of the read again
@@ -179,7 +196,7 @@ class Leases:
         q["status"] = status
         with self._server_checks(query):
             if not self._claim_in_two_steps:
-                doc = self.task_pool.find_one_and_update(
+                doc = self._journaled.find_one_and_update(
                     q,
                     self._claim_update(worker_name(), None, status),
                     sort=[("priority", pymongo.DESCENDING)],
@@ -282,7 +299,7 @@ class Leases:
         }
         if status != st.DONE:  # a next phase gets its own attempt budget
             upd["attempt_base"] = task["attempt"]
-        r = self.task_pool.update_one({"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": upd})
+        r = self._journaled.update_one({"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": upd})
         if r.matched_count != 1:
             self._drop_res_file(fid)
             logger.warning("task %s: commit of attempt %s refused, its lease was taken over", oid, task["attempt"])
@@ -302,7 +319,7 @@ class Leases:
             error = f"{error}\nCorruptTaskError: task {task['_id']} in pool {self.name!r}: {corrupt}; failed at once"
         new = st.FAILED if permanent or exhausted else (task.get("claimed_from") or st.WAITING)
         now = utcnow()
-        r = self.task_pool.update_one(
+        r = self._journaled.update_one(
             {"_id": to_object_id(task), "status": st.RUNNING, "attempt": task["attempt"]},
             {
                 "$set": {
@@ -386,7 +403,7 @@ class Leases:
             return
         oid = to_object_id(task)
         res_set, _ = self._encode_res(res, oid)
-        self.task_pool.update_one(
+        self._journaled.update_one(
             {"_id": oid}, {"$set": {**res_set, "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()}}
         )
 
