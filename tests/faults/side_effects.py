@@ -34,20 +34,31 @@ def _record(settings: Settings, event: str, key: str) -> None:
 
 
 def file_counted(task_def: dict, settings: Settings) -> dict:
-    """Record a start, sleep ``task_def['sleep']`` seconds, record a completion."""
+    """Record a start, sleep ``task_def['sleep']`` seconds (``task_def['first_sleep']``
+    instead on the key's first run), record a completion."""
     key = str(task_def["key"])
+    first = file_runs(settings)["start"][key] == 0
     _record(settings, "start", key)
-    time.sleep(float(task_def.get("sleep", 0)))
+    time.sleep(float(task_def.get("first_sleep" if first and "first_sleep" in task_def else "sleep", 0)))
     _record(settings, "done", key)
     return {"key": key}
+
+
+def _events(settings: Settings) -> list[tuple[str, str]]:
+    path = runs_file(settings)
+    if not path.exists():
+        return []
+    return [(event, key) for event, key, _ in (line.split(" ") for line in path.read_text().splitlines())]
 
 
 def file_runs(settings: Settings) -> dict[str, Counter]:
     """Per event (``start``/``done``), how many times each key ran."""
     out: dict[str, Counter] = {"start": Counter(), "done": Counter()}
-    path = runs_file(settings)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            event, key, _ = line.split(" ")
-            out[event][key] += 1
+    for event, key in _events(settings):
+        out[event][key] += 1
     return out
+
+
+def start_order(settings: Settings) -> list[str]:
+    """The keys in the order their runs started (exact for one worker process)."""
+    return [key for event, key in _events(settings) if event == "start"]
