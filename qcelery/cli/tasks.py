@@ -456,7 +456,8 @@ def recover(
     pool: str | None = typer.Option(None, "--pool", "-p", help="Only this task pool (default: all)."),
 ) -> None:
     """Now, what beat does every few seconds: tasks `running` past their lease go back
-    to `waiting` (or `failed` after max_attempts) and are re-published."""
+    to `waiting` (or `failed` after max_attempts) and are re-published ahead of the
+    backlog (at the top priority, as beat does: they have waited already)."""
     from ..manage import TaskManager
 
     settings = _settings(ctx)
@@ -464,7 +465,7 @@ def recover(
     total = 0
     for p in _pools(settings, pool):
         ids = TaskManager.open(p, settings).recover_expired()
-        total += _publish(settings, p, ids)
+        total += _publish(settings, p, ids, priority=MAX_PRIORITY)
         if ids:
             out.print(f"pool {p!r}: {len(ids)} task(s) back to waiting", markup=False)
     out.print(f"recovered {total} task(s) with an expired lease", markup=False)

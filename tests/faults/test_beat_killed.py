@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import signal
 
-from faults_support import POOL, PROBE, assert_exactly_once, probe_defs, wait_batch, wait_for
+from faults_support import POOL, PROBE, assert_exactly_once, counted_aggregation, probe_defs, wait_batch, wait_for
 
 from qcelery import batch as batches
 from qcelery.beat import BEAT_LOCK, BEAT_LOG, LOCKS, BeatLock
@@ -54,7 +54,7 @@ def test_beat_killed_holding_the_lock_is_replaced_once_the_lock_expires(fsetting
         task_kwargs=None,
         before_status="waiting",
         after_status="done",
-        aggregate=None,
+        aggregate=counted_aggregation(),
     )
 
     def takeover() -> dict | None:

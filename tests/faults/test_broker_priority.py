@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from cli_support import cli_env, qcelery
-from faults_support import POOL, fault_settings, running, wait_batch
+from faults_support import POOL, assert_aggregated_once, counted_aggregation, fault_settings, running, wait_batch
 from side_effects import TASK_FUNC, file_runs, start_order
 
 from qcelery.celery_app import app_for
@@ -36,8 +36,8 @@ def test_higher_priority_runs_first_from_a_backlog(bsettings, tmp_path):
     fs = bsettings
     tm = TaskManager(POOL, fs)
     with running(fs) as cluster:
-        low = enqueue(defs("low", 8), POOL, settings=fs)
-        high = enqueue(defs("high", 3), POOL, settings=fs, priority=5)
+        low = enqueue(defs("low", 8), POOL, settings=fs, aggregate=counted_aggregation())
+        high = enqueue(defs("high", 3), POOL, settings=fs, priority=5, aggregate=counted_aggregation())
         raised = [str(t["_id"]) for t in tm.query({"filter.key": {"$in": ["low6", "low7"]}}, decode=False)]
         r = qcelery("prioritize", "8", *raised, "--pool", POOL, cwd=tmp_path, env=cli_env(fs))
         assert r.returncode == 0, r.stderr
@@ -45,8 +45,8 @@ def test_higher_priority_runs_first_from_a_backlog(bsettings, tmp_path):
 
         cluster.start_worker(fs.default_queue, concurrency=1)
         cluster.wait_ready(app_for(fs))
-        wait_batch(tm, low)
-        wait_batch(tm, high)
+        for bid in (low, high):
+            assert_aggregated_once(fs, wait_batch(tm, bid))
 
     order = start_order(fs)
     assert len(order) == 11, order

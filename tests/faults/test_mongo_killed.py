@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from faults_support import POOL, fault_settings, started, wait_batch, wait_for
+from faults_support import POOL, assert_aggregated_once, counted_aggregation, fault_settings, started, wait_batch, wait_for
 from side_effects import TASK_FUNC, file_runs
 
 from qcelery.embedded import EmbeddedMongo, free_port
@@ -35,7 +35,7 @@ def test_mongo_killed_right_after_commits_keeps_them_and_runs_each_task_once(set
     fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0, task_func=TASK_FUNC)
     tm = TaskManager(POOL, fs)
     with started(fs) as cluster:
-        bid = enqueue([{"key": f"t{i}", "sleep": 0.3} for i in range(N_TASKS)], POOL, settings=fs)
+        bid = enqueue([{"key": f"t{i}", "sleep": 0.3} for i in range(N_TASKS)], POOL, settings=fs, aggregate=counted_aggregation())
 
         def commits() -> dict | None:
             done = {d["_id"]: d["attempt"] for d in tm.task_pool.find({"status": "done"}, {"attempt": 1})}
@@ -56,6 +56,7 @@ def test_mongo_killed_right_after_commits_keeps_them_and_runs_each_task_once(set
         assert {k: runs["done"][k] for k in keys} == dict.fromkeys(keys, 1)
         assert {tm.re_query(i)["res"]["key"] for i in after} == keys
         assert batch["summary"]["counts"] == {"done": N_TASKS}
+        assert_aggregated_once(fs, batch)
         assert all(p.alive() for p in cluster.procs)
 
 

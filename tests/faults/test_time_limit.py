@@ -63,7 +63,7 @@ def test_task_over_the_soft_time_limit_is_retried_then_failed_with_the_reason(se
         {"key": "soft-always", "sleep": 30},
     ]
     with started(fs, soft_time_limit=SOFT_TIME_LIMIT) as cluster:
-        bid = enqueue(defs, POOL, settings=fs)
+        bid = enqueue_probes(defs, fs)
         batch = wait_batch(tm, bid, timeout=120)
         assert cluster.procs[0].alive()
 
