@@ -16,6 +16,8 @@ from pathlib import Path
 from qcelery.settings import Settings
 
 TASK_FUNC = "tests.faults.side_effects.file_counted"
+#: the settings a batch of it needs: the task function, and the allow-list naming it
+FILE_COUNTED = {"task_func": TASK_FUNC, "allowed_modules": ["tests.faults.side_effects:file_counted"]}
 
 
 def runs_file(settings: Settings) -> Path:

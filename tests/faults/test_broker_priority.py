@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from cli_support import cli_env, qcelery
 from faults_support import POOL, assert_aggregated_once, counted_aggregation, fault_settings, running, wait_batch
-from side_effects import TASK_FUNC, file_runs, start_order
+from side_effects import FILE_COUNTED, file_runs, start_order
 
 from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager
@@ -27,7 +27,7 @@ def bsettings(request, settings, servers):
     broker = {}
     if request.param == "rabbitmq":
         broker = {"broker_url": request.getfixturevalue("vhost"), "result_backend": servers.broker_url}
-    return fault_settings(settings, task_func=TASK_FUNC, sweep_after=3600.0, **broker)
+    return fault_settings(settings, **FILE_COUNTED, sweep_after=3600.0, **broker)
 
 
 def test_higher_priority_runs_first_from_a_backlog(bsettings, tmp_path):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from faults_support import POOL, assert_aggregated_once, counted_aggregation, fault_settings, started, wait_batch, wait_for
-from side_effects import TASK_FUNC, file_runs
+from side_effects import FILE_COUNTED, file_runs
 
 from qcelery.embedded import EmbeddedMongo, free_port
 from qcelery.manage import TaskManager
@@ -32,7 +32,7 @@ def own_mongo(tmp_path):
 def test_mongo_killed_right_after_commits_keeps_them_and_runs_each_task_once(settings, own_mongo):
     """Injects SIGKILL of SecantusDB a few ms after the first commits; proves acknowledged
     claims and commits survive the crash, so nothing is handed out or run again."""
-    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0, task_func=TASK_FUNC)
+    fs = fault_settings(settings, mongo_url=own_mongo.url, lease_seconds=10.0, **FILE_COUNTED)
     tm = TaskManager(POOL, fs)
     with started(fs) as cluster:
         bid = enqueue([{"key": f"t{i}", "sleep": 0.3} for i in range(N_TASKS)], POOL, settings=fs, aggregate=counted_aggregation())

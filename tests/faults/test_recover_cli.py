@@ -10,7 +10,7 @@ import signal
 
 from cli_support import cli_env, qcelery
 from faults_support import POOL, assert_aggregated_once, counted_aggregation, fault_settings, running, wait_batch, wait_for
-from side_effects import TASK_FUNC, file_runs, start_order
+from side_effects import FILE_COUNTED, file_runs, start_order
 
 from qcelery.celery_app import app_for
 from qcelery.manage import TaskManager, utcnow
@@ -24,7 +24,7 @@ def test_recover_command_requeues_expired_leases_first_and_they_run_once(setting
     """Injects SIGKILL of a worker mid-task and lets its leases expire; proves ``qcelery
     recover`` returns exactly those tasks to waiting and re-publishes them ahead of the
     queue, after which each task completes once and both batches aggregate once."""
-    fs = fault_settings(settings, task_func=TASK_FUNC, lease_seconds=4.0)
+    fs = fault_settings(settings, **FILE_COUNTED, lease_seconds=4.0)
     tm = TaskManager(POOL, fs)
     env = cli_env(fs)
     with running(fs) as cluster:
