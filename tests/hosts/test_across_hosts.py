@@ -131,7 +131,10 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
         from qcelery.producer import enqueue
 
         settings = w1c.settings
-        enqueue([{"key": "long", "sleep": 25, "experiment": "cut"}], "cut", settings=settings)
+        bid = enqueue(
+            [{"key": "long", "sleep": 25, "experiment": "cut"}], "cut", settings=settings,
+            aggregate={"func": "qcelery.probes.counted_aggregate", "kwargs": {}},
+        )  # fmt: skip
         first = _wait(lambda: pool.find_one({"status": "running", "worker": {"$regex": "^w1:"}}), 60, "the task running on w1")
         w2c.start_worker("cpu", concurrency=1)
         w2c.wait_ready(app, 2, timeout=120)
@@ -143,6 +146,9 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
         recovered = mc[db][BEAT_LOG].find_one({"job": "recover", "requeued": {"$gte": 1}})
         w1.reconnect()  # w1's run is still sleeping: it ends after this, and tries to commit
         done = _wait(lambda: pool.find_one({"_id": first["_id"], "status": "done"}), 120, "the task done")
+        # the chord's count was cut with w1 (the re-published message is outside it): the
+        # batch is aggregated all the same, once
+        batch = _wait(lambda: mc[db]["qcelery_batches"].find_one({"_id": ObjectId(bid), "state": "aggregated"}), 120, "aggregated")
 
         def both_ended() -> list | None:
             rs = _runs(servers, "cut")
@@ -169,6 +175,8 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
     assert by_host["w1"].info.status == "KILLED" and "attempt 1" in by_host["w1"].data.tags[SUPERSEDED_TAG]
     after = [r for r in _runs(servers, "cut") if r.data.tags.get("key") == "after"]
     assert [r.data.tags["hostname"] for r in after] == ["w1"]
+    calls = list(mc[db]["qcelery_probe_aggregations"].find({"batch_id": ObjectId(bid), "event": "done"}))
+    assert len(calls) == 1 and batch["summary"]["aggregate_call"] == str(calls[0]["call"])
     mc.close()
 
 
