@@ -160,3 +160,8 @@ class Presence(bootsteps.StartStopStep):
             logger.warning("worker %s: cannot record its stop in %s (%s)", parent.hostname, WORKERS, type(exc).__name__)
 
     terminate = stop  # a cold shutdown is a stop too
+
+
+def queues_served(settings: Settings) -> set[str]:
+    """The queues the workers online now consume (from their own records)."""
+    return {q for doc in workers_seen(settings, limit=1000) if doc["state"] == ONLINE for q in doc.get("queues") or ()}

@@ -275,3 +275,17 @@ def test_up_in_the_foreground_stops_everything_on_sigterm(tmp_path):
     assert "qcelery is down" in rest
     assert not alive_groups(pids)
     assert not (tmp_path / ".qcelery" / "state.json").exists()
+
+
+def test_enqueue_warns_when_no_live_worker_serves_the_queue(up):
+    wf = probe_workflow(up.cwd / "unserved.yaml", windows=1, experiment="unserved")
+    served = up("enqueue", str(wf), "-q")
+    assert served.returncode == 0 and "warning" not in served.stderr, served.stderr
+    nobody = up("enqueue", str(wf), "--queue", "nobody-here", "-q", "--pool", "unserved2")
+    assert nobody.returncode == 0, nobody.stderr
+    [line] = [x for x in nobody.stderr.splitlines() if x.startswith("warning: ")]
+    assert "no live worker serves queue 'nobody-here'" in line and "cpu" in line and "qcelery worker --pool nobody-here" in line
+    # the batch is there all the same, waiting for a worker of that queue
+    bid = nobody.stdout.strip().splitlines()[-1]
+    assert up.db()["unserved2"].count_documents({"status": "waiting", "batch_ids": ObjectId(bid)}) == 1
+    assert up("remove", "--batch", bid, "--yes").returncode == 0

