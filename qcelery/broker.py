@@ -151,9 +151,15 @@ def check_envelope(payload: Any) -> dict[str, Any]:
     return payload
 
 
-def check_fanout(envelope: dict[str, Any]) -> None:
+#: the exchange of the workers' events, which Celery may send grouped in one list
+EVENT_EXCHANGE = "celeryev"
+
+
+def check_fanout(envelope: dict[str, Any], exchange: str | None = None) -> None:
     """Raise :class:`Refused` unless a broadcast message (worker control, events) has a
-    JSON object for body, the only thing Celery's readers of those expect."""
+    JSON object for body, the only thing Celery's readers of those expect; on the event
+    exchange also a list of objects (a worker buffers its task events and sends them in
+    groups, which Flower reads)."""
     if envelope.get("content-type") != "application/json":
         raise Refused(f"broadcast message of content type {envelope.get('content-type')!r}, not application/json")
     body = envelope.get("body") or ""
@@ -162,6 +168,8 @@ def check_fanout(envelope: dict[str, Any]) -> None:
         decoded = json.loads(raw)
     except (ValueError, RecursionError):
         raise Refused("broadcast message whose body is not JSON") from None
+    if isinstance(decoded, list) and exchange == EVENT_EXCHANGE and decoded and all(isinstance(e, dict) for e in decoded):
+        return
     if not isinstance(decoded, dict):
         raise Refused(f"broadcast message whose body is a JSON {type(decoded).__name__}, not an object")
 
@@ -236,7 +244,7 @@ class RedisChannel(kombu_redis.Channel):
 
     def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
         try:
-            check_fanout(check_envelope(message))
+            check_fanout(check_envelope(message), exchange)
         except Refused as why:
             refuse(exchange, str(why), json.dumps(message, default=str))
             raise Empty() from None
