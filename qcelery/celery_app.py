@@ -9,11 +9,14 @@ message is dropped with one log line instead of stopping the worker.
 
 from __future__ import annotations
 
+import re
+
 from celery import Celery
 from celery.worker import state as worker_state
 from celery.worker.autoscale import Autoscaler
 from kombu import Exchange, Queue
 
+from .errors import ConfigError
 from .presence import Presence
 from .settings import Settings
 
@@ -28,6 +31,20 @@ VISIBILITY_TIMEOUT = 7 * 24 * 3600
 def queue(name: str) -> Queue:
     """A durable direct queue for a worker pool, with message priorities enabled."""
     return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments={"x-max-priority": MAX_PRIORITY})
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+
+
+def check_queue_name(queue: object) -> str:
+    """``queue`` if it can name a worker pool's queue, else :class:`ConfigError` saying why:
+    letters, digits, ``_ . -`` (Redis keeps a queue's priorities in ``<queue>:<n>`` lists, so
+    no ``:``), at most 200 characters, not qcelery's own control queue."""
+    if not isinstance(queue, str) or not _QUEUE_NAME.fullmatch(queue):
+        raise ConfigError(f"invalid queue name {queue!r}: use 1 to 200 letters, digits, '_', '.' or '-' (like cpu, gpu-a100)")
+    if queue == CONTROL_QUEUE:
+        raise ConfigError(f"queue name {queue!r} is qcelery's control queue; name the worker pool something else")
+    return queue
 
 
 def wire_priority(app: Celery, priority: int) -> int:

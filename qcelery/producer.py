@@ -17,7 +17,7 @@ from celery.utils import uuid
 
 from . import batch as batches
 from . import status as st
-from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, QceleryApp, app_for, wire_priority
+from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, QceleryApp, app_for, check_queue_name, wire_priority
 from .errors import TaskDefinitionError, TaskTypeError
 from .manage import TaskManager, to_object_id
 from .settings import Settings, load_settings
@@ -94,7 +94,7 @@ def enqueue(
     ``before_status="part_done"``. Returns the batch id at once.
     """
     settings = settings or load_settings()
-    queue = queue or settings.default_queue
+    queue = check_queue_name(queue or settings.default_queue)
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
         raise TaskDefinitionError(f"priority must be an int from 0 to {MAX_PRIORITY}, got {priority!r}")
     if before_status not in st.CLAIMABLE:

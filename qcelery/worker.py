@@ -202,6 +202,8 @@ def _record_failure(app: QceleryApp, tm: TaskManager, task: dict, batch_id: Any,
     settings: Settings = app.qcelery_settings
     # a refusal's traceback says nothing its message does not; a raising task's does
     error = f"{type(exc).__name__}: {exc}" if isinstance(exc, PermanentTaskError) else format_exception(exc)
+    if isinstance(exc, SoftTimeLimitExceeded):  # its own text is only "SoftTimeLimitExceeded()"; status shows the last line
+        error += "soft time limit exceeded: the task ran past soft_time_limit (the setting, or its worker pool's own limit)\n"
     new, _ = _outlast_outage(lambda: tm.fail(task, error, permanent=permanent), settings, f"task {task['_id']}: recording the failure")
     logger.warning(
         "task %s of pool %s raised %s (attempt %s): now %s%s",

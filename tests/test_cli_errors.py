@@ -154,8 +154,8 @@ def test_the_cli_priority_bound_is_the_broker_s():
 
 def test_bad_dates_sizes_and_pool_names_are_one_line_and_write_nothing(tmp_path, settings, mongo_db):
     """An impossible date (named with its line), a grid of 10^9 points (refused with the
-    count it would make, before building it, even with --dry-run) and pool names that
-    cannot be pools: one line each, nothing written."""
+    count it would make, before building it, even with --dry-run), pool names that cannot
+    be pools and queue names that cannot be queues: one line each, nothing written."""
     base = probe_workflow(tmp_path / "base.yaml")
     bad_date = tmp_path / "bad_date.yaml"
     bad_date.write_text(base.read_text().replace("2020-01-02", "2024-13-45"))
@@ -172,6 +172,8 @@ def test_bad_dates_sizes_and_pool_names_are_one_line_and_write_nothing(tmp_path,
             ["enqueue", str(huge), "--dry-run"],
             ["enqueue", str(base), "--pool", ".hidden"],
             ["enqueue", str(base), "--pool", "cache.files"],
+            ["enqueue", str(base), "--queue", "cpu:9"],
+            ["enqueue", str(base), "--queue", "qcelery"],
         ],
         cwd=tmp_path,
         env=env,
@@ -182,4 +184,6 @@ def test_bad_dates_sizes_and_pool_names_are_one_line_and_write_nothing(tmp_path,
     _assert_one_line_error(procs[2], "3,000,000,000 tasks", "1,000,000,000 (GridGen)", "QCELERY_MAX_TASKS")
     _assert_one_line_error(procs[3], "invalid task pool name '.hidden'")
     _assert_one_line_error(procs[4], "invalid task pool name 'cache.files'", "GridFS")
+    _assert_one_line_error(procs[5], "invalid queue name 'cpu:9'")
+    _assert_one_line_error(procs[6], "'qcelery' is qcelery's control queue")
     assert mongo_db.list_collection_names() == []

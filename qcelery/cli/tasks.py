@@ -108,11 +108,12 @@ def submit(
     wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, queue: str | None = None, priority: int = 0, check: bool = True
 ) -> Submitted:
     """Enqueue the workflow's tasks as one batch (servers checked first)."""
+    from ..celery_app import check_queue_name
     from ..manage import TaskManager
     from ..producer import enqueue as produce
 
     pool = pool or wf.default_pool
-    queue = queue or wf.queue or settings.default_queue
+    queue = check_queue_name(queue or wf.queue or settings.default_queue)  # before anything is written
     if check:
         checks.check_all(settings)
     tm = TaskManager(pool, settings)

@@ -73,6 +73,8 @@ def test_task_over_the_soft_time_limit_is_retried_then_failed_with_the_reason(se
     assert (runs["start"]["soft-always"], runs["done"]["soft-always"]) == (2, 0)
     always = next(tm.query({"filter.key": "soft-always"}))
     assert always["attempt"] == 2 and "SoftTimeLimitExceeded" in always["error"]
+    # the line `qcelery status` shows says what happened in words
+    assert always["error"].strip().splitlines()[-1].startswith("soft time limit exceeded")
     once = next(tm.query({"filter.key": "soft-once"}))
     assert (once["status"], once["attempt"], once["error"]) == ("done", 2, None)
     assert tm.db[BEAT_LOG].count_documents({"job": "recover", "requeued": {"$gt": 0}}) == 0
