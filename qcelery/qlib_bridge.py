@@ -16,24 +16,35 @@ qcelery's workers use Celery's prefork pool (one task at a time per process).
 With ``qlib_init`` and no ``calendar:``, generators roll on the provider's own trading
 calendar (:func:`provider_calendar`), as Qlib's ``RollingGen`` does through
 ``D.calendar(future=True)``.
+
+While a task trains, Qlib's ``R`` is the task's run (:func:`qlib_run`): what Qlib's models
+and records log through ``R`` (LightGBM's ``l2.train`` curves, ``R.save_objects``) lands
+in the MLflow run qcelery made for the task, on its tracking URI, and no ``./mlruns`` or
+second run appears.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import socket
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .calendar import TradingCalendar
 from .errors import ConfigError, TaskTypeError
 from .instance import allowed_imports, check_task_names
 
+if TYPE_CHECKING:
+    from .exp import Recorder
+
 log = logging.getLogger(__name__)
 
-__all__ = ["check_qlib_init", "ensure_qlib_init", "init_count", "provider_calendar", "provider_dir"]
+__all__ = ["check_qlib_init", "ensure_qlib_init", "init_count", "provider_calendar", "provider_dir", "qlib_initialised", "qlib_run"]
 
 #: the canonical form of the config this process last passed to ``qlib.init``
 _last_config: str | None = None
@@ -137,3 +148,63 @@ def provider_calendar(qlib_init: Mapping[str, Any], *, where: str = "qlib_init")
         return TradingCalendar(_read_days(day), _read_days(future) if future.is_file() else None, name=f"qlib:{data}")
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"{where}: the calendar of Qlib provider {str(data)!r} cannot be read: {exc}") from None
+
+
+def qlib_initialised() -> bool:
+    """Whether this process imported Qlib and initialised it (``qlib.init``); never imports it."""
+    config = sys.modules.get("qlib.config")
+    return bool(config is not None and getattr(config.C, "registered", False))
+
+
+@contextlib.contextmanager
+def qlib_run(rec: Recorder) -> Iterator[None]:
+    """Within the block, Qlib's ``R`` records into ``rec``'s MLflow run: Qlib's own
+    ``R.start(experiment_id, recorder_id, uri, resume=True)``, so ``R.log_metrics``,
+    ``R.get_recorder()`` and Qlib's records reach the task's run on qcelery's tracking
+    URI (not Qlib's default ``./mlruns``), and no other run is made. As in Qlib's own
+    ``task_train``, the resumed recorder logs ``cmd-sys.argv`` and the ``git diff`` /
+    ``git status`` of the working directory to the run.
+
+    Does nothing when Qlib is not initialised in this process (a task that uses no Qlib
+    data has no ``R`` to point anywhere; Qlib's ``R`` refuses to work before ``qlib.init``).
+    The run's final status stays qcelery's to set: Qlib ends its recorder ``FINISHED`` or
+    ``FAILED`` as the block ends, and qcelery's trainer sets the same right after."""
+    if not qlib_initialised():
+        yield
+        return
+    from qlib.workflow import R
+    from qlib.workflow.recorder import Recorder as QlibRecorder
+
+    with _process_tracking_uri_kept(), R.start(experiment_id=rec.experiment_id, recorder_id=rec.id, uri=rec.uri, resume=True):
+        try:
+            yield
+        except BaseException as exc:
+            # R.start ends Qlib's recorder FAILED on an Exception only: a KeyboardInterrupt or
+            # SystemExit would leave its experiment active in this process for the next task
+            if not isinstance(exc, Exception):
+                R.end_exp(QlibRecorder.STATUS_FA)
+            raise
+
+
+@contextlib.contextmanager
+def _process_tracking_uri_kept() -> Iterator[None]:
+    """Undo, after the block, what Qlib's recorder does to the process: ``mlflow.set_tracking_uri``
+    sets MLflow's global URI *and* ``MLFLOW_TRACKING_URI`` in ``os.environ``, which qcelery's
+    settings read, so every process started afterwards (a worker, a trainer's child) would
+    inherit the last task's tracking URI in place of its own settings."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils  # no public getter tells "unset" apart
+
+    uri_before = tracking_utils._tracking_uri
+    env_before = os.environ.get(_MLFLOW_ENV)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(uri_before)  # type: ignore[arg-type]  # None unsets it, as MLflow's own code does
+        if env_before is None:
+            os.environ.pop(_MLFLOW_ENV, None)
+        else:
+            os.environ[_MLFLOW_ENV] = env_before
+
+
+_MLFLOW_ENV = "MLFLOW_TRACKING_URI"

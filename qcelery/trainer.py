@@ -40,7 +40,7 @@ from .data import HandlerCache, replace_task_handler_with_cache
 from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, allowed_imports, check_task_names, fill_placeholder, flatten_dict, init_instance_by_config
-from .qlib_bridge import check_qlib_init
+from .qlib_bridge import check_qlib_init, qlib_run
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ def _exe_task(rec: Recorder, task_config: Mapping[str, Any], settings: Settings)
     # task data is never code: every class the task names is checked before any is built,
     # and whatever qcelery builds from it meanwhile stays within the allow-list
     check_task_names(task_config, settings.allowed_modules, load=True, where=f"task of run {rec.id}")
-    with allowed_imports(settings.allowed_modules):
+    # Qlib's R, when Qlib is initialised here, is this task's run while it trains
+    with allowed_imports(settings.allowed_modules), qlib_run(rec):
         _build_and_train(rec, task_config, settings)
 
 

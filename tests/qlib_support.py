@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qcelery.models import LinearModel
+
 #: the probe task function, as a batch names it
 PROBE = "qlib_support.qlib_probe"
 INSTRUMENT = "SH600000"
@@ -59,4 +61,52 @@ def qlib_probe(task_def: dict, **_: Any) -> dict:
         "last_close": float(features["$close"].iloc[-1]),
         "provider": str(C.dpm.get_data_uri("day")),
         "inits": init_count(),
+    }
+
+
+#: the metric a :class:`QlibLoggingModel` logs through Qlib's ``R``
+R_METRIC = "qlib_r_probe"
+
+
+class QlibLoggingModel(LinearModel):
+    """qcelery's ridge model whose ``fit`` also logs a metric through Qlib's ``R``, as
+    Qlib's models (LightGBM's ``l2.train`` curves) do."""
+
+    def fit(self, dataset: Any, **kwargs: Any) -> Any:
+        from qlib.workflow import R
+
+        fitted = super().fit(dataset, **kwargs)
+        R.log_metrics(**{R_METRIC: 0.5})
+        return fitted
+
+
+class QlibRecorderProbe:
+    """A record that asks Qlib's ``R`` for its recorder, as Qlib's records do, and tags the
+    task's run with what it got (so the test sees whether the two are the same run)."""
+
+    def __init__(self, recorder: Any, **_: Any):
+        self.recorder = recorder
+
+    def generate(self) -> None:
+        from qlib.workflow import R
+
+        qrec = R.get_recorder()
+        self.recorder.set_tags(qlib_recorder_id=qrec.id, qlib_experiment_id=str(qrec.experiment_id), qlib_uri=str(qrec.uri))
+
+
+def r_task(seed: int = 0) -> dict:
+    """A small synthetic task trained by :class:`QlibLoggingModel`, recorded by :class:`QlibRecorderProbe`."""
+    handler = {
+        "class": "SyntheticAlphaHandler",
+        "module_path": "qcelery.data",
+        "kwargs": {"instruments": 8, "start_time": "2024-01-02", "end_time": "2024-06-28", "seed": seed},
+    }
+    return {
+        "model": {"class": "QlibLoggingModel", "module_path": "qlib_support"},
+        "dataset": {
+            "class": "DatasetH",
+            "module_path": "qcelery.data",
+            "kwargs": {"handler": handler, "segments": {"train": ["2024-01-02", "2024-04-30"], "test": ["2024-05-06", "2024-06-28"]}},
+        },
+        "record": [{"class": "QlibRecorderProbe", "module_path": "qlib_support"}],
     }
