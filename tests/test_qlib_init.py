@@ -207,3 +207,31 @@ def test_workflow_with_missing_provider_is_one_clear_error(tmp_path, settings):
     path.write_text(WORKFLOW.format(provider=tmp_path / "nowhere", calendar=""))
     with pytest.raises(ConfigError, match=r"nowhere.*calendars/day.txt.*calendar: XSHG"):
         load_workflow(path, settings=settings)
+
+
+def test_worker_refuses_a_batch_whose_qlib_init_names_code(qlib_settings, one_worker, tmp_path):
+    """A batch document is data: one written around the producer's check (by hand, by an
+    older client) with a class outside the allow-list in its qlib_init fails its task at
+    once, naming the key, and Qlib is not initialised from it."""
+    from qcelery.producer import publish
+
+    tm = TaskManager("qlib_hostile", qlib_settings)
+    hostile = {"provider_uri": str(tmp_path), "exp_manager": {"class": "system", "module_path": "os", "kwargs": {}}}
+    doc, _ = batches.create(
+        tm,
+        [{"key": "h"}],
+        queue=qlib_settings.default_queue,
+        task_func=PROBE,
+        task_kwargs=None,
+        before_status="waiting",
+        after_status="done",
+        aggregate=None,
+        qlib_init=hostile,
+    )
+    publish(app_for(qlib_settings), tm.name, doc["task_ids"], batch_id=doc["_id"])
+    deadline = time.monotonic() + 120
+    while (task := tm.re_query(doc["task_ids"][0]))["status"] != "failed":
+        assert time.monotonic() < deadline, f"task still {task['status']} after 120 s"
+        time.sleep(0.2)
+    assert task["attempt"] == 1  # refused for good, not retried
+    assert "ModuleNotAllowedError" in task["error"] and "exp_manager" in task["error"] and "'os'" in task["error"]
