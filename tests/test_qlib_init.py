@@ -235,3 +235,16 @@ def test_worker_refuses_a_batch_whose_qlib_init_names_code(qlib_settings, one_wo
         time.sleep(0.2)
     assert task["attempt"] == 1  # refused for good, not retried
     assert "ModuleNotAllowedError" in task["error"] and "exp_manager" in task["error"] and "'os'" in task["error"]
+
+
+def test_cli_enqueue_sends_the_workflows_qlib_init_with_the_batch(tmp_path, settings, mongo_db):
+    from qcelery.cli import workflow as wfl
+    from qcelery.cli.tasks import submit
+
+    provider = _every_day_provider(tmp_path / "provider")
+    path = tmp_path / "wf.yaml"
+    path.write_text(WORKFLOW.format(provider=provider, calendar=""))
+    sub = submit(wfl.load(path, settings), settings, check=False)
+    batch = batches.load(mongo_db, sub.batch_id)
+    assert batch["qlib_init"] == {"provider_uri": str(provider), "region": "cn"}
+    assert batch["n_tasks"] == 4
