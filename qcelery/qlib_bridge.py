@@ -195,7 +195,7 @@ def _process_tracking_uri_kept() -> Iterator[None]:
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils  # no public getter tells "unset" apart
 
-    uri_before = tracking_utils._tracking_uri
+    uri_before = getattr(tracking_utils, "_tracking_uri", None)
     env_before = os.environ.get(_MLFLOW_ENV)
     try:
         yield
