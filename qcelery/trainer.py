@@ -40,7 +40,7 @@ from .data import HandlerCache, replace_task_handler_with_cache
 from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, allowed_imports, check_task_names, fill_placeholder, flatten_dict, init_instance_by_config
-from .qlib_bridge import check_qlib_init, qlib_run
+from .qlib_bridge import check_qlib_init, ensure_qlib_init, qlib_run
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -281,8 +281,6 @@ def _in_qlib(qlib_init: Mapping[str, Any] | None, allowed_modules: list[str], fu
     (once per process and config, :func:`qcelery.qlib_bridge.ensure_qlib_init`); module
     level, so a child process of ``call_in_subproc`` can run it too."""
     if qlib_init is not None:
-        from .qlib_bridge import ensure_qlib_init
-
         ensure_qlib_init(qlib_init, allowed_modules, where="trainer")
     return func(*args, **kwargs)
 
