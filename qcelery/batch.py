@@ -2,7 +2,7 @@
 
 A batch document lives in ``qcelery_batches`` beside the pools::
 
-    {_id, pool, queue, task_ids, n_tasks, task_func, task_kwargs, before_status,
+    {_id, pool, queue, task_ids, n_tasks, task_func, task_kwargs, qlib_init, before_status,
      after_status, aggregate: {func, kwargs} | None, state: open|aggregating|aggregated,
      created_at, next_check_at, aggregator, aggregating_since, lease_until,
      aggregate_runs, aggregated_at, summary}
@@ -69,9 +69,11 @@ def create(
     after_status: str,
     aggregate: dict | None,
     priority: int = 0,
+    qlib_init: dict | None = None,
 ) -> tuple[dict, set[ObjectId]]:
     """Create the tasks (new ones born tagged with the batch) and the batch document;
-    returns the batch and the ids that were inserted now."""
+    returns the batch and the ids that were inserted now. ``qlib_init`` (checked by the
+    caller) is what every worker passes to ``qlib.init`` before the batch's tasks."""
     bid = ObjectId()
     ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
     unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
@@ -89,6 +91,7 @@ def create(
         "n_tasks": len(unique_ids),
         "task_func": task_func,
         "task_kwargs": task_kwargs or {},
+        "qlib_init": qlib_init,
         "before_status": before_status,
         "after_status": after_status,
         "aggregate": aggregate,

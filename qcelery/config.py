@@ -18,10 +18,11 @@ from .calendar import TradingCalendar, default_calendar, resolve_calendar
 from .errors import ConfigError, QceleryError, TaskTypeError
 from .gen import GridGen, LabelHorizonGen, ModelGen, RollingGen, TaskGen, validate_template
 from .instance import check_task_names
+from .qlib_bridge import check_qlib_init, provider_calendar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_workflow", "read_yaml", "build_generators", "GENERATOR_NAMES"]
+__all__ = ["load_workflow", "qlib_init_of", "read_yaml", "build_generators", "GENERATOR_NAMES"]
 
 
 class _WorkflowLoader(yaml.SafeLoader):
@@ -207,6 +208,14 @@ def _check_template(tpl: Mapping[str, Any], name: str, path: Path, needs_model: 
             raise ConfigError(f"{path}: {name}: {exc}") from None
 
 
+def qlib_init_of(doc: Any, allowed_modules: list[str] | None, *, where: str = "workflow") -> dict[str, Any] | None:
+    """A parsed workflow's ``qlib_init:`` (the keyword arguments of ``qlib.init``), checked
+    against the allow-list, or ``None`` when it has none."""
+    if not isinstance(doc, Mapping) or doc.get("qlib_init") is None:
+        return None
+    return check_qlib_init(doc["qlib_init"], allowed_modules, where=where)
+
+
 def load_workflow(
     path: str | Path,
     *,
@@ -229,7 +238,10 @@ def load_workflow(
           - grid: {model.kwargs.alpha: [0.1, 1.0]}                # GridGen: path -> values, or a list of points
 
     The generators' calendar is ``calendar`` if given, else the file's ``calendar:``,
-    else ``settings.calendar`` (when ``settings`` is given), else XSHG. Errors (YAML
+    else, when the file has ``qlib_init:``, its provider's own trading calendar
+    (``<provider_uri>/calendars/day.txt`` and ``day_future.txt``, as Qlib's ``RollingGen``),
+    else ``settings.calendar`` (when ``settings`` is given), else XSHG. ``qlib_init``
+    itself (read by :func:`qlib_init_of`) travels with the batch to the workers. Errors (YAML
     syntax with its line, unknown generator names or parameters, templates without a
     test segment, start after end...) raise :class:`~qcelery.errors.ConfigError` before
     any task exists; with ``settings``, a class of a module outside its allow-list raises
@@ -242,6 +254,12 @@ def load_workflow(
         raise ConfigError(f"{path}: a workflow file must be a mapping with a 'task' section, got {type(doc).__name__}")
     templates = _templates(doc, path)
 
+    qlib_init = doc.get("qlib_init")
+    if qlib_init is not None:  # task data: refused by name before the provider is read
+        qlib_init = check_qlib_init(qlib_init, settings.allowed_modules if settings is not None else None, where=str(path))
+    if calendar is None and qlib_init is not None and doc.get("calendar") is None:
+        # as Qlib's RollingGen: roll on the provider's own calendar, not an exchange's
+        calendar = provider_calendar(qlib_init, where=str(path))
     if calendar is None:
         code = doc.get("calendar", getattr(settings, "calendar", None))
         if code is not None and not isinstance(code, str):

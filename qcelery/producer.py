@@ -20,6 +20,7 @@ from . import status as st
 from .celery_app import CONTROL_QUEUE, MAX_PRIORITY, QceleryApp, app_for, check_queue_name, wire_priority
 from .errors import TaskDefinitionError, TaskTypeError
 from .manage import TaskManager, to_object_id
+from .qlib_bridge import check_qlib_init
 from .settings import Settings, load_settings
 from .worker import AGGREGATE, EXECUTE, resolve
 
@@ -81,6 +82,7 @@ def enqueue(
     aggregate: dict | str | None = None,
     task_func: str | None = None,
     task_kwargs: dict | None = None,
+    qlib_init: dict | None = None,
     before_status: str = st.WAITING,
     after_status: str = st.DONE,
     app: QceleryApp | None = None,
@@ -90,7 +92,10 @@ def enqueue(
     ``aggregate`` names the batch collector: a dotted function path or
     ``{"func": path, "kwargs": {...}}``, called once when every task is final; ``None``
     keeps the built-in summary. ``task_func`` (dotted path; default ``settings.task_func``)
-    is called as ``task_func(def, **task_kwargs)``. For a second phase pass
+    is called as ``task_func(def, **task_kwargs)``. ``qlib_init`` (a workflow's
+    ``qlib_init:``, the keyword arguments of ``qlib.init``) travels with the batch: each
+    worker process initialises Qlib with it once before its first task of the batch
+    (:func:`qcelery.qlib_bridge.ensure_qlib_init`). For a second phase pass
     ``before_status="part_done"``. Returns the batch id at once.
     """
     settings = settings or load_settings()
@@ -111,6 +116,8 @@ def enqueue(
         if not isinstance(aggregate, dict) or not isinstance(aggregate.get("func"), str):
             raise TaskTypeError(f"aggregate must be a dotted path or {{'func': path, 'kwargs': {{...}}}}, got {aggregate!r}")
         resolve(aggregate["func"], settings.allowed_modules, what="aggregate function")
+    if qlib_init is not None:
+        qlib_init = check_qlib_init(qlib_init, settings.allowed_modules, where=f"batch for pool {pool!r}")
 
     tm = TaskManager(pool, settings)
     doc, inserted = batches.create(
@@ -123,6 +130,7 @@ def enqueue(
         after_status=after_status,
         aggregate=aggregate,
         priority=priority,
+        qlib_init=qlib_init,
     )
     app = app or app_for(settings)
     if before_status == st.WAITING and len(inserted) == doc["n_tasks"]:

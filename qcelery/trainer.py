@@ -40,6 +40,7 @@ from .data import HandlerCache, replace_task_handler_with_cache
 from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, allowed_imports, check_task_names, fill_placeholder, flatten_dict, init_instance_by_config
+from .qlib_bridge import check_qlib_init, ensure_qlib_init, qlib_run
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def _exe_task(rec: Recorder, task_config: Mapping[str, Any], settings: Settings)
     # task data is never code: every class the task names is checked before any is built,
     # and whatever qcelery builds from it meanwhile stays within the allow-list
     check_task_names(task_config, settings.allowed_modules, load=True, where=f"task of run {rec.id}")
-    with allowed_imports(settings.allowed_modules):
+    # Qlib's R, when Qlib is initialised here, is this task's run while it trains
+    with allowed_imports(settings.allowed_modules), qlib_run(rec):
         _build_and_train(rec, task_config, settings)
 
 
@@ -274,6 +276,15 @@ def _with_context(func: Callable, kwargs: dict, settings: Settings, tags: Mappin
     return {**kwargs, **{k: v for k, v in accepted_kwargs(func, extra).items() if k not in kwargs}}
 
 
+def _in_qlib(qlib_init: Mapping[str, Any] | None, allowed_modules: list[str], func: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` after Qlib is initialised with ``qlib_init`` in this process
+    (once per process and config, :func:`qcelery.qlib_bridge.ensure_qlib_init`); module
+    level, so a child process of ``call_in_subproc`` can run it too."""
+    if qlib_init is not None:
+        ensure_qlib_init(qlib_init, allowed_modules, where="trainer")
+    return func(*args, **kwargs)
+
+
 def _call_in_subprocess(func: Callable, *args: Any, **kwargs: Any) -> Any:
     with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
         return pool.submit(func, *args, **kwargs).result()
@@ -283,6 +294,9 @@ class TrainerR(Trainer):
     """Trains tasks one after the other in this process (Qlib's ``TrainerR``).
 
     ``call_in_subproc=True`` runs each task in a child process (memory is released).
+    ``qlib_init`` (a workflow's ``qlib_init:``, the keyword arguments of ``qlib.init``)
+    initialises Qlib in the training process before its first task, once per process and
+    config, as a Celery worker does for a batch; checked against the allow-list first.
     """
 
     STATUS_KEY = "train_status"
@@ -297,6 +311,7 @@ class TrainerR(Trainer):
         default_rec_name: str | None = None,
         *,
         settings: Settings | None = None,
+        qlib_init: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.experiment_name = experiment_name
@@ -304,6 +319,7 @@ class TrainerR(Trainer):
         self.default_rec_name = default_rec_name
         self._call_in_subproc = call_in_subproc
         self.settings = settings or load_settings()
+        self.qlib_init = None if qlib_init is None else check_qlib_init(qlib_init, self.settings.allowed_modules, where=type(self).__name__)
 
     def train(
         self, tasks: list | dict, train_func: Callable | None = None, experiment_name: str | None = None, **kwargs: Any
@@ -314,10 +330,8 @@ class TrainerR(Trainer):
         recs = []
         for task in tasks:
             call_kwargs = _with_context(train_func, {"recorder_name": self.default_rec_name, **kwargs}, self.settings)
-            if self._call_in_subproc:
-                rec = _call_in_subprocess(train_func, task, experiment_name, **call_kwargs)
-            else:
-                rec = train_func(task, experiment_name, **call_kwargs)
+            run = (self.qlib_init, self.settings.allowed_modules, train_func, task, experiment_name)
+            rec = _call_in_subprocess(_in_qlib, *run, **call_kwargs) if self._call_in_subproc else _in_qlib(*run, **call_kwargs)
             rec.set_tags(**{self.STATUS_KEY: self.STATUS_BEGIN})
             recs.append(rec)
         return recs
@@ -353,7 +367,8 @@ class DelayTrainerR(TrainerR):
         for rec in models:
             if rec.list_tags().get(self.STATUS_KEY) == self.STATUS_END:
                 continue
-            end_train_func(rec, experiment_name, **_with_context(end_train_func, kwargs, self.settings))
+            call_kwargs = _with_context(end_train_func, kwargs, self.settings)
+            _in_qlib(self.qlib_init, self.settings.allowed_modules, end_train_func, rec, experiment_name, **call_kwargs)
             rec.set_tags(**{self.STATUS_KEY: self.STATUS_END})
         return models
 

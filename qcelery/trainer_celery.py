@@ -60,6 +60,8 @@ class TrainerCelery(TrainerRM):
     function). ``queue`` picks the worker pool (default ``settings.default_queue``),
     ``aggregate`` the batch collector (dotted path or ``{"func", "kwargs"}``).
     ``wait_aggregated`` makes ``train`` also wait for the batch's aggregation.
+    ``qlib_init`` (``qlib.init``'s keyword arguments) travels with each batch: every
+    worker process initialises Qlib with it before its first task of the batch.
     """
 
     def __init__(
@@ -74,9 +76,11 @@ class TrainerCelery(TrainerRM):
         wait_aggregated: bool = False,
         timeout: float | None = None,
         settings: Settings | None = None,
+        qlib_init: dict | None = None,
     ):
         # a dotted path too: the workers import it, this process never calls it
         super().__init__(experiment_name, task_pool, train_func, settings=settings)  # type: ignore[arg-type]
+        self.qlib_init = qlib_init
         self.queue, self.priority, self.aggregate = queue, priority, aggregate
         self.wait_aggregated, self.timeout = wait_aggregated, timeout
         self.last_batch_id: str | None = None
@@ -96,6 +100,7 @@ class TrainerCelery(TrainerRM):
             aggregate=self.aggregate,
             task_func=_dotted(train_func),
             task_kwargs={"experiment_name": experiment_name},
+            qlib_init=self.qlib_init,
             before_status=before_status,
             after_status=after_status,
         )

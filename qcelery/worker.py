@@ -31,6 +31,7 @@ from .errors import ConfigError, DecodeError, PermanentTaskError, ResultEncodeEr
 from .instance import allowed_imports, check_task_names
 from .lease import LeaseKeeper
 from .manage import Heartbeat, TaskManager, format_exception, to_object_id, worker_name
+from .qlib_bridge import ensure_qlib_init
 from .serial import admit_import
 from .settings import Settings
 
@@ -106,7 +107,7 @@ def _batch_spec(app: QceleryApp, tm: TaskManager, batch_id: Any) -> dict:
     key = (id(app), batch_id)
     if key not in _BATCHES:
         doc = batches.load(tm.db, batch_id)
-        _BATCHES[key] = {k: doc.get(k) for k in ("task_func", "task_kwargs", "before_status", "after_status")}
+        _BATCHES[key] = {k: doc.get(k) for k in ("task_func", "task_kwargs", "qlib_init", "before_status", "after_status")}
     return _BATCHES[key]
 
 
@@ -145,6 +146,8 @@ def execute_task(
         task = tm._decode_task(task)
         check_task_names(task["def"], allowed, load=True, where=f"task {task_id} in pool {pool!r}")
         func = resolve(spec.get("task_func") or settings.task_func, allowed)
+        if spec.get("qlib_init"):  # once per process and config: see qcelery.qlib_bridge
+            ensure_qlib_init(spec["qlib_init"], allowed, where=f"batch {batch_id} of pool {pool!r}")
         preparing = False
         param = task["def"] if before_status == st.WAITING else task["res"]
         context = {

@@ -16,7 +16,7 @@ import typer
 
 from .. import __version__
 from ..errors import QceleryError
-from . import demo, run, servers, tasks
+from . import demo, qlib_data, run, servers, tasks
 from .state import CliState, err
 
 EXIT_ERROR = 2
@@ -101,7 +101,7 @@ def main(
     ctx.obj = CliState(run_dir=run_dir, verbose=verbose)
 
 
-for group in (servers, tasks, run, demo):
+for group in (servers, tasks, run, demo, qlib_data):
     app.add_typer(group.app)
 
 

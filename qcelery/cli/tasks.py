@@ -130,6 +130,7 @@ def submit(
         aggregate=wfl.aggregate_spec(task_func, experiment),
         task_func=task_func,
         task_kwargs=kwargs,
+        qlib_init=wf.qlib_init,
     )
     n = len(wf.tasks)
     return Submitted(bid, pool, queue, n, n - sum(existing.values()), existing)

@@ -1,5 +1,5 @@
 """A workflow file as the CLI uses it: tasks generated, every class checked, and the
-few top-level keys the CLI reads (``experiment_name``, ``pool``, ``queue``).
+few top-level keys the CLI reads (``experiment_name``, ``pool``, ``queue``, ``qlib_init``).
 
 Everything here runs before any server is contacted, so a typo in a class name or
 a YAML error is reported (naming the class, or the file and line) with nothing
@@ -30,6 +30,8 @@ class Workflow:
     experiment_name: str | None
     pool: str | None
     queue: str | None
+    #: the file's ``qlib_init:`` (Qlib's ``qlib.init`` arguments), sent with the batch
+    qlib_init: dict[str, Any] | None = None
 
     @property
     def default_pool(self) -> str:
@@ -47,7 +49,7 @@ def _optional_str(doc: Mapping[str, Any], key: str, path: Path) -> str | None:
 def load(path: Path, settings: Settings) -> Workflow:
     """Read ``path``, generate its tasks (deduplicated, as the pool would) and check
     that every model / dataset / record class imports."""
-    from ..config import load_workflow, read_yaml
+    from ..config import load_workflow, qlib_init_of, read_yaml
     from ..gen import dry_run
 
     path = Path(path)
@@ -60,7 +62,12 @@ def load(path: Path, settings: Settings) -> Workflow:
         raise ConfigError(f"{path}: the generators produced no task")
     check_classes(tasks, path)
     return Workflow(
-        path, tasks, _optional_str(doc, "experiment_name", path), _optional_str(doc, "pool", path), _optional_str(doc, "queue", path)
+        path,
+        tasks,
+        _optional_str(doc, "experiment_name", path),
+        _optional_str(doc, "pool", path),
+        _optional_str(doc, "queue", path),
+        qlib_init_of(doc, settings.allowed_modules, where=str(path)),
     )
 
 

@@ -167,8 +167,15 @@ class SyntheticAlphaHandler(Serializable):
             )
         return days[lo:last], first - lo
 
-    def _build(self, calendar: Any) -> pd.DataFrame:
-        days, warmup = self._days(calendar)
+    def market(self, calendar: Any = None) -> dict[str, pd.DataFrame]:
+        """The simulated prices and volumes the features come from: ``open``, ``high``,
+        ``low``, ``close``, ``volume``, each a (day x instrument) frame over the handler's
+        span plus its warm-up days (what :func:`qcelery.data.qlib_provider.write_qlib_provider`
+        writes as a Qlib provider)."""
+        days, _ = self._days(calendar if calendar is not None else self.calendar)
+        return self._market(days)
+
+    def _market(self, days: pd.DatetimeIndex) -> dict[str, pd.DataFrame]:
         n, T = self.instruments, len(days)
         rng = np.random.default_rng(self.seed)
         # per-instrument constants first, then per-day draws: a longer span keeps the prefix
@@ -198,10 +205,15 @@ class SyntheticAlphaHandler(Serializable):
         volume = base_vol * np.exp(_VOLUME_LOADING * s + _VOLUME_NOISE * draws[:, 3])
 
         names = [f"SYN{i:04d}" for i in range(n)]
-        wide = {
+        return {
             key: pd.DataFrame(val, index=days, columns=names)
             for key, val in (("open", open_), ("high", high), ("low", low), ("close", close), ("volume", volume))
         }
+
+    def _build(self, calendar: Any) -> pd.DataFrame:
+        days, warmup = self._days(calendar)
+        wide = self._market(days)
+        names, n = list(wide["close"].columns), self.instruments
         feats = alpha_features(wide["open"], wide["high"], wide["low"], wide["close"], wide["volume"])
         label = next_day_return_label(wide["close"])
         kept = days[warmup:]
