@@ -88,7 +88,11 @@ def up(
 
     Their data, logs and state live in the run directory; the servers' URLs are
     written to `<run_dir>/qcelery.toml`, which the other commands read, so
-    `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it."""
+    `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it.
+
+    `--listen ADDR`: the embedded servers (and Flower) bind ADDR for other hosts, each
+    asking for a password, and `<run_dir>/join.toml` holds their URLs (with passwords)
+    for workers and producers there: `QCELERY_CONFIG=join.toml qcelery worker`."""
     from .run import parse_autoscale
     from .stack import Stack, StackOptions
 
