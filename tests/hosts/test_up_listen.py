@@ -163,3 +163,15 @@ def _check_stack(net, srv: Host, w1: Host, prod: Host, run_dir: Path, up: subpro
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 4 and {r.data.tags["hostname"] for r in runs} == {"w1"}  # ran on w1, logged through basic auth
     assert (w1.home / "worker.log").exists() and not any(s in (w1.home / "worker.log").read_text() for s in secrets)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.77", "not-an-address"])
+def test_up_refuses_a_listen_address_other_hosts_cannot_use_before_starting_anything(tmp_path, address):
+    """0.0.0.0 (join.toml would name no reachable host) and addresses that are not this
+    host's: one error line naming the value, exit 2, nothing started or written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QCELERY_", "MLFLOW_", "FLOWER_"))}
+    env["QCELERY_RUN_DIR"] = str(tmp_path / "run")
+    res = subprocess.run([*CLI, "up", "--listen", address, "--workers", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stderr.startswith(f"error: --listen {address!r}") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "run").exists()
