@@ -455,7 +455,15 @@ class EmbeddedMlflow(_Server):
             _bin("mlflow"), "server", "--host", self.host, "--port", str(self.port), "--workers", "1",
             "--backend-store-uri", self.store_uri, "--artifacts-destination", str(self.artifacts_dir),
             *(["--app-name", "basic-auth"] if self.auth else []),
+            *self._allowed_hosts(),
         ]  # fmt: skip
+
+    def _allowed_hosts(self) -> list[str]:
+        """MLflow answers only Host headers it trusts (DNS rebinding guard): loopback and
+        private ranges by default; a server bound to a public address must trust it too."""
+        if self.host in ("127.0.0.1", "localhost", "::1"):
+            return []
+        return ["--allowed-hosts", ",".join(f"{h},{h}:*" for h in (self.host, "localhost", "127.0.0.1"))]
 
     def ready(self) -> bool:
         import urllib.request
