@@ -116,8 +116,9 @@ def _check_stack(net, srv: Host, w1: Host, prod: Host, run_dir: Path, up: subpro
     assert "run_dir" not in urls  # each host keeps its own
     secrets = [(run_dir / f).read_text().strip() for f in ("mongo.password", "redis.password", "mlflow.password")]
     assert all(secrets) and all(s in join.read_text() for s in secrets)
-    for s in [*secrets, FLOWER_AUTH.split(":")[1]]:  # printed URLs are masked
-        assert s not in up.stdout + up.stderr
+    shown = up.stdout + up.stderr + (run_dir / "state.json").read_text()  # what `up` prints and records for `down`
+    for s in [*secrets, FLOWER_AUTH.split(":")[1]]:
+        assert s not in shown
     mongo, broker, tracking = (urlsplit(urls[k]) for k in ("mongo_url", "broker_url", "mlflow_tracking_uri"))
     assert {mongo.hostname, broker.hostname, tracking.hostname} == {srv.addr}
 
