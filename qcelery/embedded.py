@@ -14,6 +14,14 @@ a password, generated once per run directory and kept there in ``redis.password`
 (0600); it reaches the server through a 0600 config file, never a command line, and is
 part of ``url`` (mask it with ``settings.mask_url`` wherever it is shown). Without it,
 any local user could write to the broker's queues.
+
+For other hosts (``qcelery up --listen ADDR``) the servers bind ADDR and every one of
+them asks for a password: SecantusDB runs with ``--auth`` (SCRAM-SHA-256, user
+``qcelery``, password in ``mongo.password``; the user is created by a first start without
+``--auth`` on 127.0.0.1 only) and ``--sync-on-commit`` (a committed result survives a
+power cut); the MLflow tracking server runs MLflow's ``basic-auth`` app (admin user
+``qcelery``, password in ``mlflow.password``). Each password is generated once per run
+directory and is part of the server's ``url``.
 """
 
 from __future__ import annotations
@@ -116,6 +124,10 @@ class _Server:
     def command(self) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment; ``None``: this process' own."""
+        return None
+
     def ready(self) -> bool:
         return port_open(self.host, self.port)
 
@@ -146,6 +158,7 @@ class _Server:
         # own process group: stop() can kill the server and any child it forks
         self.proc = subprocess.Popen(
             self.command(),
+            env=self.environment(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -230,12 +243,56 @@ class _Server:
         self.stop()
 
 
+#: the user the embedded servers ask for when they listen for other hosts, and where
+#: the run directory keeps its passwords
+AUTH_USER = "qcelery"
+MONGO_PASSWORD_FILE = "mongo.password"
+MLFLOW_PASSWORD_FILE = "mlflow.password"
+#: written once the SecantusDB user exists in ``run_dir/mongo``
+_MONGO_USER_MARKER = "mongo.user"
+
+
 class EmbeddedMongo(_Server):
-    """SecantusDB on a free port, storing its WiredTiger files in ``run_dir/mongo``."""
+    """SecantusDB on a free port, storing its WiredTiger files in ``run_dir/mongo``.
+
+    ``auth=True``: SCRAM-SHA-256 with user :data:`AUTH_USER` and the run directory's
+    password, and every commit synced to disk (``--sync-on-commit``)."""
 
     name = "secantusdb"
 
+    def __init__(self, *args: Any, auth: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.auth = auth
+        self.password = run_dir_password(self.run_dir, MONGO_PASSWORD_FILE) if auth else None
+
+    def launch(self) -> EmbeddedMongo:
+        if self.auth and not (self.proc is not None and self.proc.poll() is None):
+            self._ensure_user()
+        return super().launch()
+
+    def _ensure_user(self) -> None:
+        """Create the user in the store (once per run directory): SecantusDB with ``--auth``
+        refuses everyone until a user exists, so a first start without ``--auth``, bound to
+        127.0.0.1 only and stopped right after, creates it."""
+        marker = self.run_dir / _MONGO_USER_MARKER
+        if marker.exists():
+            return
+        import pymongo
+        from pymongo.errors import OperationFailure
+
+        with EmbeddedMongo(self.run_dir) as boot:
+            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(boot.url, serverSelectionTimeoutMS=10000)
+            with client:
+                try:
+                    client.admin.command("createUser", AUTH_USER, pwd=self.password, roles=["root"])
+                except OperationFailure as exc:
+                    if exc.code != 51003:  # UserAlreadyExists: a start interrupted before the marker
+                        raise EmbeddedServerError(f"{self.name}: could not create user {AUTH_USER!r}: {exc}") from None
+                    client.admin.command("updateUser", AUTH_USER, pwd=self.password)
+        private_file(marker, AUTH_USER + "\n")
+
     def command(self) -> list[str]:
+        auth = ["--auth", "--sync-on-commit"] if self.auth else []
         return [
             _bin("secantusd-py"),
             "--host",
@@ -247,6 +304,7 @@ class EmbeddedMongo(_Server):
             "--log-level",
             "WARNING",
             "--standalone",
+            *auth,
         ]
 
     def ready(self) -> bool:
@@ -265,6 +323,8 @@ class EmbeddedMongo(_Server):
 
     @property
     def url(self) -> str:
+        if self.auth:
+            return f"mongodb://{AUTH_USER}:{self.password}@{self.host}:{self.port}/?directConnection=true&authSource=admin"
         return f"mongodb://{self.host}:{self.port}/?directConnection=true"
 
 
@@ -343,9 +403,44 @@ class EmbeddedMlflow(_Server):
     """An MLflow tracking server for the processes of one run directory: runs in SQLite
     (``mlflow.db``; MLflow 3 deprecates the file store), artifacts under ``mlartifacts/``,
     served by the server itself. Several workers log through it at once, which SQLite
-    alone would answer with "database is locked"."""
+    alone would answer with "database is locked".
+
+    ``auth=True``: MLflow's ``basic-auth`` app, admin user :data:`AUTH_USER` with the run
+    directory's password (its users in ``mlflow-auth.db``); the password is part of
+    ``url``, which MLflow's client sends as HTTP basic auth (also for artifacts)."""
 
     name = "mlflow"
+
+    def __init__(self, *args: Any, auth: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.auth = auth
+        self.password = run_dir_password(self.run_dir, MLFLOW_PASSWORD_FILE) if auth else None
+
+    @property
+    def auth_config_path(self) -> Path:
+        return self.run_dir / "mlflow-auth.ini"
+
+    def environment(self) -> dict[str, str] | None:
+        if not self.auth:
+            return None
+        # the admin password goes in a 0600 file; it is read on the first start only
+        # (creating the admin user), later ones check logins against mlflow-auth.db
+        private_file(
+            self.auth_config_path,
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.run_dir / 'mlflow-auth.db'}\n"
+            f"admin_username = {AUTH_USER}\n"
+            f"admin_password = {self.password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        )
+        return {
+            **os.environ,
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config_path),
+            # signs the CSRF tokens of the web UI's forms; the environment of a process is
+            # readable by its owner only
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": run_dir_password(self.run_dir, "mlflow.secret"),
+        }
 
     @property
     def store_uri(self) -> str:
@@ -359,19 +454,31 @@ class EmbeddedMlflow(_Server):
         return [
             _bin("mlflow"), "server", "--host", self.host, "--port", str(self.port), "--workers", "1",
             "--backend-store-uri", self.store_uri, "--artifacts-destination", str(self.artifacts_dir),
+            *(["--app-name", "basic-auth"] if self.auth else []),
+            *self._allowed_hosts(),
         ]  # fmt: skip
+
+    def _allowed_hosts(self) -> list[str]:
+        """MLflow answers only Host headers it trusts (DNS rebinding guard): loopback and
+        private ranges by default; a server bound to a public address must trust it too."""
+        if self.host in ("127.0.0.1", "localhost", "::1"):
+            return []
+        return ["--allowed-hosts", ",".join(f"{h},{h}:*" for h in (self.host, "localhost", "127.0.0.1"))]
 
     def ready(self) -> bool:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+            # /health answers without a login
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as resp:
                 return bool(resp.status == 200)
         except OSError:
             return False
 
     @property
     def url(self) -> str:
+        if self.auth:
+            return f"http://{AUTH_USER}:{self.password}@{self.host}:{self.port}"
         return f"http://{self.host}:{self.port}"
 
 

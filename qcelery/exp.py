@@ -88,6 +88,9 @@ def client(uri: str) -> Any:
         # said otherwise explicitly
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <tracking URI>" when a run ends, and the URI of a
+    # server behind basic auth (`qcelery up --listen`) carries the password
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return _cached_client(uri, os.getpid())
 
 

@@ -93,7 +93,8 @@ def check_tracking(settings: Settings) -> None:
     uri = settings.effective_tracking_uri
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
+        # /health needs no login, and urllib would take a URL's user:password@ for the host
+        health = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(health, timeout=TIMEOUT) as resp:
                 resp.read(64)

@@ -1,7 +1,9 @@
 """What ``qcelery up`` leaves in its run directory, and how ``down`` finds it again.
 
 ``<run_dir>/qcelery.toml`` holds the live URLs (Mongo, broker, MLflow) so that every
-other command finds the servers; ``<run_dir>/state.json`` lists each process that
+other command finds the servers; after ``qcelery up --listen ADDR``, ``<run_dir>/join.toml``
+holds the same URLs (passwords included, 0600) without this host's run directory, for
+workers and producers on other hosts (``QCELERY_CONFIG=join.toml``); ``<run_dir>/state.json`` lists each process that
 ``up`` started: its pid (which is also its process group: every process is started
 in its own session) and its start time, so a pid reused by an unrelated program after
 a reboot or a crash is never signalled. The state is written after each start, so a
@@ -23,6 +25,7 @@ from pathlib import Path
 from ..settings import Settings
 
 CONFIG_FILE = "qcelery.toml"
+JOIN_FILE = "join.toml"
 STATE_FILE = "state.json"
 #: settings ``up`` writes for the other commands: where the live servers are
 LIVE_KEYS = ("run_dir", "mongo_url", "mongo_db", "broker_url", "result_backend", "mlflow_tracking_uri")
@@ -148,25 +151,43 @@ class RunState:
     def alive(self) -> list[ProcessRecord]:
         return [p for p in self.processes if p.alive()]
 
+    @property
+    def join_path(self) -> Path:
+        return self.run_dir / JOIN_FILE
+
     def write_config(self, settings: Settings) -> Path:
         """Write the live settings to ``qcelery.toml`` (readable by the owner only: it may
         hold the passwords of external servers)."""
+        header = "# written by `qcelery up`; removed by `qcelery down`\n"
+        return self._write_settings(self.config_path, settings, LIVE_KEYS, header)
+
+    def write_join(self, settings: Settings) -> Path:
+        """Write ``join.toml``: the servers' URLs with their passwords (0600), for the
+        operator to copy to the other hosts. Without ``run_dir``: each host keeps its own."""
+        header = (
+            f"# written by `qcelery up --listen` in {self.run_dir}; removed by `qcelery down`.\n"
+            "# Holds passwords: copy it to the other hosts readable by their owner only (chmod 600) and\n"
+            "# run there with QCELERY_CONFIG=join.toml (qcelery worker, qcelery enqueue, ...).\n"
+        )
+        return self._write_settings(self.join_path, settings, tuple(k for k in LIVE_KEYS if k != "run_dir"), header)
+
+    def _write_settings(self, path: Path, settings: Settings, keys: tuple[str, ...], header: str) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         values = settings.model_dump(mode="json")
-        lines = ["# written by `qcelery up`; removed by `qcelery down`\n"]
-        for key in LIVE_KEYS:
+        lines = [header]
+        for key in keys:
             if values.get(key) is not None:
                 # JSON strings are valid TOML basic strings
                 lines.append(f"{key} = {json.dumps(str(values[key]))}\n")
-        tmp = self.config_path.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.writelines(lines)
-        os.replace(tmp, self.config_path)
-        return self.config_path
+        os.replace(tmp, path)
+        return path
 
     def clear(self) -> None:
-        for path in (self.path, self.config_path):
+        for path in (self.path, self.config_path, self.join_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

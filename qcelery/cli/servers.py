@@ -41,7 +41,11 @@ def print_stack(stack: Stack, settings: Settings, *, detached: bool) -> None:
         (
             "mlflow",
             mask_url(settings.mlflow_tracking_uri),
-            "local store" if str(settings.mlflow_tracking_uri).startswith("file:") else "configured",
+            "embedded tracking server"
+            if stack.mlflow
+            else "local store"
+            if str(settings.mlflow_tracking_uri).startswith(("file:", "sqlite:"))
+            else "configured",
         ),
     ]
     for rec in state.processes:
@@ -50,6 +54,8 @@ def print_stack(stack: Stack, settings: Settings, *, detached: bool) -> None:
     width = max(len(r[0]) for r in rows)
     for name, what, how in rows:
         out.print(f"  {name:<{width}}  {what}  ({how})", markup=False)
+    if stack.options.listen is not None:
+        out.print(f"other hosts join with: QCELERY_CONFIG=join.toml qcelery worker (join.toml: a 0600 copy of {state.join_path})")
     if detached:
         out.print(f"settings for the other commands: {state.config_path}")
         out.print("stop everything with: qcelery down")
@@ -66,6 +72,14 @@ def up(
     flower: bool = typer.Option(False, "--flower", help="Start Flower too (basic auth from FLOWER_BASIC_AUTH=user:password)."),
     flower_port: int | None = typer.Option(None, "--flower-port", help="Default 5555, or a free port if 5555 is taken."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Flower without authentication (localhost only)."),
+    listen: str | None = typer.Option(
+        None,
+        "--listen",
+        help=(
+            "Address the embedded servers (and Flower) bind for workers and producers on other hosts, each with a password "
+            "(SecantusDB --auth --sync-on-commit, redis requirepass, MLflow basic-auth); writes <run_dir>/join.toml for them."
+        ),
+    ),
     foreground: bool = typer.Option(False, "--foreground", help="Stay attached; Ctrl-C or SIGTERM stops everything."),
 ) -> None:
     """Start the embedded SecantusDB and redis-server (unless QCELERY_MONGO_URL /
@@ -74,7 +88,11 @@ def up(
 
     Their data, logs and state live in the run directory; the servers' URLs are
     written to `<run_dir>/qcelery.toml`, which the other commands read, so
-    `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it."""
+    `qcelery enqueue ...` just works afterwards. `qcelery down` stops all of it.
+
+    `--listen ADDR`: the embedded servers (and Flower) bind ADDR for other hosts, each
+    asking for a password, and `<run_dir>/join.toml` holds their URLs (with passwords)
+    for workers and producers there: `QCELERY_CONFIG=join.toml qcelery worker`."""
     from .run import parse_autoscale
     from .stack import Stack, StackOptions
 
@@ -92,8 +110,12 @@ def up(
             flower=flower,
             flower_port=flower_port,
             flower_no_auth=no_auth,
+            flower_address=listen or "127.0.0.1",
+            listen=listen,
         ),
     )
+    if listen is not None:
+        _check_listen(listen)
     if flower:
         from ..flower import basic_auth_from_env
 
@@ -145,6 +167,23 @@ def down(
     if gone:
         msg += f"; {gone} had already exited"
     out.print(msg)
+
+
+def _check_listen(address: str) -> None:
+    """Refuse an address this host cannot bind, before anything starts."""
+    import socket
+
+    if address in ("", "0.0.0.0"):
+        raise ConfigError(
+            f"--listen {address!r}: give the address other hosts reach this one at (join.toml names it), e.g. from `ip -4 addr`"
+        )
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(
+            f"--listen {address!r}: not an IPv4 address of this host ({exc}); give one of its addresses, e.g. from `ip -4 addr`"
+        ) from None
 
 
 def _run_dir(state: CliState) -> Path:

@@ -3,7 +3,10 @@
 The embedded servers stand in for whatever is not configured: SecantusDB unless
 ``mongo_url`` is set, redis-server unless ``broker_url`` is set, and a local MLflow
 store under the run directory unless ``MLFLOW_TRACKING_URI`` is set. Then N workers of
-one pool, beat, and optionally Flower. Each process runs in its own session and is
+one pool, beat, and optionally Flower. With ``listen`` (``qcelery up --listen ADDR``) the
+embedded servers and Flower bind ADDR for other hosts, each behind a password (see
+``qcelery.embedded``), and ``join.toml`` in the run directory holds the URLs that workers
+and producers elsewhere use (``QCELERY_CONFIG=join.toml``). Each process runs in its own session and is
 recorded in ``state.json`` as soon as it starts. Workers and beat run under
 ``qcelery.supervise``, which restarts one that dies (with a growing pause); what is
 recorded is the supervisor, whose process group holds the worker, so ``down`` stops both.
@@ -46,6 +49,9 @@ class StackOptions:
     ready_timeout: float = 90.0
     #: start the embedded servers even where settings name real ones (``qcelery demo``)
     embedded_only: bool = False
+    #: the address the embedded servers (and Flower) bind for other hosts, with passwords;
+    #: ``None``: 127.0.0.1
+    listen: str | None = None
 
 
 @dataclass
@@ -96,26 +102,28 @@ class Stack:
             raise RuntimeError("Stack._start runs from Stack.start() only")
         update: dict = {"run_dir": self.run_dir}
         configured = set() if opts.embedded_only else base.model_fields_set
+        host = opts.listen or "127.0.0.1"
+        auth = opts.listen is not None  # reachable from other hosts: every server asks for a password
         if "mlflow_tracking_uri" not in configured:
             # first: it takes longest to come up, and boots while the rest starts
             step("starting embedded MLflow tracking server")
-            self.mlflow = EmbeddedMlflow(self.run_dir).launch()
-            state.add("mlflow", self.mlflow.pid, "server", self.mlflow.log_path, self.mlflow.url)
+            self.mlflow = EmbeddedMlflow(self.run_dir, host=host, auth=auth).launch()
+            state.add("mlflow", self.mlflow.pid, "server", self.mlflow.log_path, mask_url(self.mlflow.url))
             update["mlflow_tracking_uri"] = self.mlflow.url
         if "mongo_url" in configured:
             step(f"MongoDB {mask_url(base.mongo_url)} (configured)")
             checks.check_mongo(base)
         else:
             step("starting embedded SecantusDB")
-            self.mongo = EmbeddedMongo(self.run_dir).start(timeout=60)
-            state.add("secantusdb", self.mongo.pid, "server", self.mongo.log_path, self.mongo.url)
+            self.mongo = EmbeddedMongo(self.run_dir, host=host, auth=auth).start(timeout=60)
+            state.add("secantusdb", self.mongo.pid, "server", self.mongo.log_path, mask_url(self.mongo.url))
             update["mongo_url"] = self.mongo.url
         if "broker_url" in configured:
             step(f"broker {mask_url(base.broker_url)} (configured)")
             checks.check_broker(base)
         else:
             step("starting embedded redis-server")
-            self.redis = EmbeddedRedis(self.run_dir).start()
+            self.redis = EmbeddedRedis(self.run_dir, host=host).start()
             state.add("redis", self.redis.pid, "server", self.redis.log_path, mask_url(self.redis.url))
             update["broker_url"] = self.redis.url
             if "result_backend" not in configured:
@@ -131,6 +139,8 @@ class Stack:
             "mlflow": mask_url(settings.mlflow_tracking_uri),
         }
         state.write_config(settings)
+        if opts.listen is not None:
+            state.write_join(settings)
         state.save()
 
         # workers and beat restart when they die (qcelery.supervise); `down` stops both
@@ -161,10 +171,11 @@ class Stack:
 
     def _start_flower(self) -> None:
         opts = self.options
+        host = "127.0.0.1" if opts.flower_address in ("", "0.0.0.0") else opts.flower_address
         port = opts.flower_port
         if port is None:
-            port = DEFAULT_FLOWER_PORT if not port_open("127.0.0.1", DEFAULT_FLOWER_PORT) else free_port()
-        elif port_open("127.0.0.1", port):
+            port = DEFAULT_FLOWER_PORT if not port_open(host, DEFAULT_FLOWER_PORT) else free_port()
+        elif port_open(host, port):
             raise ConfigError(f"port {port} for Flower is in use: pick another with --flower-port")
         argv = [sys.executable, "-m", "qcelery.cli.main", "flower", "--port", str(port), "--address", opts.flower_address]
         if opts.flower_no_auth:
@@ -172,7 +183,6 @@ class Stack:
         if self.cluster is None:  # _start makes it before Flower
             raise RuntimeError("Stack: Flower started outside Stack.start()")
         proc = self.cluster._spawn("flower", argv)  # same env and log directory as workers and beat
-        host = "127.0.0.1" if opts.flower_address in ("", "0.0.0.0") else opts.flower_address
         self.flower_url = f"http://{host}:{port}/"
         self._flower = (proc, host, port)
         self._record(proc, self.flower_url)
