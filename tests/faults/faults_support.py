@@ -101,6 +101,22 @@ def enqueue_probes(task_defs: list[dict], settings: Settings, *, aggregate_sleep
     return enqueue(task_defs, POOL, settings=settings, aggregate=counted_aggregation(aggregate_sleep), **options)
 
 
+def unpublished_batch(tm: TaskManager, settings: Settings, n: int) -> dict:
+    """A batch of ``n`` short probes written to Mongo whose messages were never published
+    (its producer died): only a live beat's sweep can start it. Aggregated by the counting
+    probe; returns the batch document."""
+    doc, _ = batches.create(
+        tm, probe_defs(n, sleep=0.05), queue=settings.default_queue, task_func=PROBE, task_kwargs=None,
+        before_status="waiting", after_status="done", aggregate=counted_aggregation(),
+    )  # fmt: skip
+    return doc
+
+
+def beat_pid(owner: str) -> int:
+    """The pid in a beat lock's owner (``host:pid:token``)."""
+    return int(owner.split(":")[1])
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, poll: float = 0.1, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout

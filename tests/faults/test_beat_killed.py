@@ -7,15 +7,17 @@ from __future__ import annotations
 import datetime as _dt
 import signal
 
-from faults_support import POOL, PROBE, assert_exactly_once, counted_aggregation, probe_defs, wait_batch, wait_for
+from faults_support import (
+    POOL,
+    assert_exactly_once,
+    beat_pid,
+    unpublished_batch,
+    wait_batch,
+    wait_for,
+)
 
-from qcelery import batch as batches
 from qcelery.beat import BEAT_LOCK, BEAT_LOG, LOCKS, BeatLock
 from qcelery.manage import TaskManager
-
-
-def _beat_pid(owner: str) -> int:
-    return int(owner.split(":")[1])  # host:pid:token
 
 
 def test_beat_killed_holding_the_lock_is_replaced_once_the_lock_expires(fsettings, cluster):
@@ -32,37 +34,28 @@ def test_beat_killed_holding_the_lock_is_replaced_once_the_lock_expires(fsetting
     def ours() -> list[dict]:
         # jobs sent by this test's beats (a job left in the shared control queue by an
         # earlier test may run here, naming a beat of that test)
-        return [d for d in log.find().sort("sent_at", 1) if d["beat"] and _beat_pid(d["beat"]) in beats]
+        return [d for d in log.find().sort("sent_at", 1) if d["beat"] and beat_pid(d["beat"]) in beats]
 
     wait_for(lambda: len(ours()) >= 6, timeout=60, what="6 beat job runs")
     senders = {d["beat"] for d in ours()}
     assert len(senders) == 1
     holder = senders.pop()
 
-    beats[_beat_pid(holder)].stop(sig=signal.SIGKILL)
+    beats[beat_pid(holder)].stop(sig=signal.SIGKILL)
     lock = locks.find_one({"_id": BEAT_LOCK})
     assert lock["owner"] == holder  # a crash releases nothing: the lock must expire
     expires_at = lock["expires_at"]
 
     # a batch whose messages were never published (its producer died): only a live
     # beat's sweep can start it
-    doc, _ = batches.create(
-        tm,
-        probe_defs(8, sleep=0.05),
-        queue=fsettings.default_queue,
-        task_func=PROBE,
-        task_kwargs=None,
-        before_status="waiting",
-        after_status="done",
-        aggregate=counted_aggregation(),
-    )
+    doc = unpublished_batch(tm, fsettings, 8)
 
     def takeover() -> dict | None:
         return next((d for d in ours() if d["beat"] != holder), None)
 
     first = wait_for(takeover, timeout=ttl + 60, what="the second beat taking over")
     successor = first["beat"]
-    assert _beat_pid(successor) in beats and successor != holder
+    assert beat_pid(successor) in beats and successor != holder
     # the successor waited for the dead holder's lock to expire, then took it at its next
     # poll (every ttl/3 while idle); a second ttl is slack for a loaded machine
     assert expires_at <= first["sent_at"] < expires_at + _dt.timedelta(seconds=ttl)

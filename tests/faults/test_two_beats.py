@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from faults_support import POOL, PROBE, assert_exactly_once, counted_aggregation, probe_defs, wait_batch, wait_for
+from faults_support import (
+    POOL,
+    assert_exactly_once,
+    beat_pid,
+    unpublished_batch,
+    wait_batch,
+    wait_for,
+)
 
-from qcelery import batch as batches
 from qcelery.beat import BEAT_LOG
 from qcelery.manage import TaskManager, utcnow
-
-
-def _beat_pid(owner: str) -> int:
-    return int(owner.split(":")[1])  # host:pid:token
 
 
 def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsettings, cluster):
@@ -31,7 +33,7 @@ def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsett
         # jobs sent by this test's beats (a job message left in the shared control queue
         # by an earlier test may run here, naming a beat of that test)
         q = {"at": {"$gt": since}} if since else {}
-        return [d for d in log.find(q).sort("at", 1) if d["beat"] and _beat_pid(d["beat"]) in beats]
+        return [d for d in log.find(q).sort("at", 1) if d["beat"] and beat_pid(d["beat"]) in beats]
 
     # a window of several recover (every 1 s) and sweep (every 2 s) runs: one sender
     wait_for(lambda: len(ours()) >= 8, timeout=60, what="8 beat job runs")
@@ -41,24 +43,15 @@ def test_only_one_of_two_beats_acts_and_the_other_takes_over_when_it_stops(fsett
     assert {d["job"] for d in ours()} == {"recover", "sweep"}
 
     stopped_at = utcnow()
-    beats[_beat_pid(holder)].stop()
+    beats[beat_pid(holder)].stop()
     other = wait_for(
         lambda: next((d["beat"] for d in ours(stopped_at) if d["beat"] != holder), None), timeout=60, what="the second beat taking over"
     )
-    assert _beat_pid(other) in beats and other != holder
+    assert beat_pid(other) in beats and other != holder
 
     # the new holder does the work: a batch written to Mongo whose messages were never
     # published (a producer that died) is swept, and aggregated, by it alone
-    doc, _ = batches.create(
-        tm,
-        probe_defs(10, sleep=0.05),
-        queue=fsettings.default_queue,
-        task_func=PROBE,
-        task_kwargs=None,
-        before_status="waiting",
-        after_status="done",
-        aggregate=counted_aggregation(),
-    )
+    doc = unpublished_batch(tm, fsettings, 10)
     batch = wait_batch(tm, doc["_id"])
     assert_exactly_once(fsettings, tm, batch)
 

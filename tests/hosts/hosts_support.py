@@ -124,6 +124,17 @@ class Network:
         _ip("link", "del", self.bridge, check=False)
 
 
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+    """``predicate()``'s first truthy value, polled every ``poll`` s; fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f}s"
+        time.sleep(poll)
+
+
 def wait_port(host: Host, port: int, timeout: float = 120.0, what: str = "server") -> None:
     """Wait until ``host:port`` accepts a connection from the test process."""
     import socket

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from bson import ObjectId
-from hosts_support import host_env, network, start_servers
+from hosts_support import host_env, network, start_servers, wait_until
 from mlflow.tracking import MlflowClient
 from pymongo import MongoClient
 
@@ -101,16 +100,6 @@ def test_demo_batch_runs_on_two_worker_hosts_and_is_collected_on_the_producer_ho
     assert len(worker_reports) == 1
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f}s"
-        time.sleep(0.2)
-
-
 def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts):
     """Fault: worker host w1 loses its link in the middle of a task (its run keeps
     going, unable to renew its lease). Property: beat puts the task back while w1 is still
@@ -135,31 +124,31 @@ def test_a_worker_cut_off_mid_task_is_recovered_elsewhere_and_serves_again(hosts
             [{"key": "long", "sleep": 25, "experiment": "cut"}], "cut", settings=settings,
             aggregate={"func": "qcelery.probes.counted_aggregate", "kwargs": {}},
         )  # fmt: skip
-        first = _wait(lambda: pool.find_one({"status": "running", "worker": {"$regex": "^w1:"}}), 60, "the task running on w1")
+        first = wait_until(lambda: pool.find_one({"status": "running", "worker": {"$regex": "^w1:"}}), 60, "the task running on w1")
         w2c.start_worker("cpu", concurrency=1)
         w2c.wait_ready(app, 2, timeout=120)
         w1.cut()
         cut_at = dt.datetime.now(dt.timezone.utc)
-        retaken = _wait(
+        retaken = wait_until(
             lambda: pool.find_one({"_id": first["_id"], "attempt": 2, "worker": {"$regex": "^w2:"}}), 90, "the task taken by w2"
         )
         recovered = mc[db][BEAT_LOG].find_one({"job": "recover", "requeued": {"$gte": 1}})
         w1.reconnect()  # w1's run is still sleeping: it ends after this, and tries to commit
-        done = _wait(lambda: pool.find_one({"_id": first["_id"], "status": "done"}), 120, "the task done")
+        done = wait_until(lambda: pool.find_one({"_id": first["_id"], "status": "done"}), 120, "the task done")
         # the chord's count was cut with w1 (the re-published message is outside it): the
         # batch is aggregated all the same, once
-        batch = _wait(lambda: mc[db]["qcelery_batches"].find_one({"_id": ObjectId(bid), "state": "aggregated"}), 120, "aggregated")
+        batch = wait_until(lambda: mc[db]["qcelery_batches"].find_one({"_id": ObjectId(bid), "state": "aggregated"}), 120, "aggregated")
 
         def both_ended() -> list | None:
             rs = _runs(servers, "cut")
             return rs if len(rs) == 2 and all(r.info.status != "RUNNING" for r in rs) else None
 
-        runs = _wait(both_ended, 120, "both runs of the task ended")
+        runs = wait_until(both_ended, 120, "both runs of the task ended")
 
         # w1 serves again once its link is back: with w2 gone, a new task runs there
         w2c.stop(timeout=10)
         enqueue([{"key": "after", "sleep": 0, "experiment": "cut"}], "cut", settings=settings)
-        _wait(lambda: pool.find_one({"filter.key": "after", "status": "done"}), 120, "a new task done by w1 after the cut")
+        wait_until(lambda: pool.find_one({"filter.key": "after", "status": "done"}), 120, "a new task done by w1 after the cut")
     finally:
         for c in (w1c, w2c, beat):
             c.stop(timeout=10)
@@ -209,11 +198,11 @@ def test_broker_and_store_restart_while_workers_on_other_hosts_keep_running(host
             [{"key": f"r{i}", "sleep": 0.5} for i in range(n)], "restarts", settings=settings,
             aggregate={"func": "qcelery.probes.counted_aggregate", "kwargs": {}},
         )  # fmt: skip
-        _wait(lambda: runs.count_documents({"event": "done"}) >= 4, 120, "4 tasks done")
+        wait_until(lambda: runs.count_documents({"event": "done"}) >= 4, 120, "4 tasks done")
         servers.restart("redis", down_for=1.0)
-        _wait(lambda: runs.count_documents({"event": "done"}) >= 16, 180, "16 tasks done after the broker restart")
+        wait_until(lambda: runs.count_documents({"event": "done"}) >= 16, 180, "16 tasks done after the broker restart")
         servers.restart("mongo", signal.SIGKILL, down_for=1.0)
-        batch = _wait(
+        batch = wait_until(
             lambda: mc[db]["qcelery_batches"].find_one({"_id": ObjectId(bid), "state": "aggregated"}), 240, "the batch aggregated"
         )
         assert [p.alive() for p in procs] == [True] * 3 and [p.pid for p in procs] == pids

@@ -27,7 +27,7 @@ import pytest
 import redis
 import tomllib
 from bson import ObjectId
-from hosts_support import Host, network
+from hosts_support import Host, network, wait_until
 from mlflow.tracking import MlflowClient
 from pymongo.errors import OperationFailure
 
@@ -72,16 +72,6 @@ def _status(url: str, auth: str | None = None) -> int:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f}s"
-        time.sleep(0.5)
 
 
 ENQUEUE = f"""
@@ -154,7 +144,7 @@ def _check_stack(net, srv: Host, w1: Host, prod: Host, run_dir: Path, up: subpro
 
     with pymongo.MongoClient(urls["mongo_url"], serverSelectionTimeoutMS=10000) as mc:
         db = mc[urls.get("mongo_db", "qcelery")]
-        _wait(lambda: db["qcelery_batches"].find_one({"_id": ObjectId(batch), "state": "aggregated"}), 240, "the batch aggregated")
+        wait_until(lambda: db["qcelery_batches"].find_one({"_id": ObjectId(batch), "state": "aggregated"}), 240, "the batch aggregated")
         docs = list(db[POOL].find())
         assert len(docs) == 4 and {d["status"] for d in docs} == {"done"}
         time.sleep(3)  # a second aggregation would be recorded by now (countdown 1 s)
