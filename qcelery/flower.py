@@ -4,8 +4,10 @@ Credentials come from Flower's own variable ``FLOWER_BASIC_AUTH=user:password``
 (several pairs separated by commas). Without them Flower is refused, unless the
 caller asks for no authentication *and* binds a loopback address: an open dashboard
 can revoke tasks and shut workers down. The password is never logged or printed.
-Flower's ``/metrics`` (Prometheus) and ``/healthcheck`` are served without
-authentication by Flower itself; keep the port off public networks.
+Flower serves ``/metrics`` (Prometheus) without authentication; qcelery puts it behind
+the same basic auth (Prometheus' scrape config has ``basic_auth``), since it names every
+task and worker. ``/healthcheck`` stays open for liveness probes: it answers ``OK`` and
+nothing else.
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def basic_auth_from_env(environ: Mapping[str, str] | None = None, *, no_auth: bo
     return value
 
 
+def _metrics_behind_auth() -> None:
+    """Make Flower's ``/metrics`` handler ask for the dashboard's credentials too (Flower
+    checks them in ``get_current_user``, which its other pages reach through
+    ``tornado.web.authenticated``; its metrics handler is not so decorated)."""
+    import tornado.web
+    from flower.views import monitor
+
+    if not getattr(monitor.Metrics.get, "_qcelery_authenticated", False):
+        guarded = tornado.web.authenticated(monitor.Metrics.get)
+        guarded._qcelery_authenticated = True  # type: ignore[attr-defined]  # marks the patch: applied once
+        monitor.Metrics.get = guarded
+
+
 def run(
     settings: Settings,
     *,
@@ -78,6 +93,8 @@ def run(
         os.environ[AUTH_VARIABLE] = auth
     else:
         os.environ.pop(AUTH_VARIABLE, None)
+    if auth:
+        _metrics_behind_auth()
     app = make_app(settings)
     argv = ["flower", f"--port={port}", f"--address={address}"]
     if broker_api:

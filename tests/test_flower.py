@@ -1,7 +1,8 @@
 """Flower as a user sees it: ``qcelery up --flower`` with basic auth, a batch running,
 and headless Chromium (Debian's ``chromium``; ``make test`` installs it) looking at
 the dashboard and the task list. The screenshot is kept for inspection in the test's
-directory and in ``bench/out/flower.png``; ``/metrics`` is scraped like Prometheus does."""
+directory and in ``bench/out/flower.png``; ``/metrics`` is scraped like Prometheus does,
+with the dashboard's credentials."""
 
 from __future__ import annotations
 
@@ -100,7 +101,10 @@ def test_flower_shows_the_worker_and_the_tasks_of_a_running_batch(flower_up):
     done = qcelery("wait", "--batch", bid, "--timeout", "120", cwd=cwd, env=env, timeout=150)
     assert done.returncode == 0, done.stderr
     # Prometheus' view: the executed tasks are counted (events reach Flower asynchronously)
-    assert wait_until(lambda: succeeded_executions(get(base + "/metrics")) >= 4, timeout=30)
+    assert wait_until(lambda: succeeded_executions(get(base + "/metrics", (USER, PASSWORD))) >= 4, timeout=30)
+    # it names every task and worker: behind the dashboard's login, as Prometheus' basic_auth scrapes it
+    assert get(base + "/metrics")[0] == 401
+    assert get(base + "/healthcheck") == (200, "OK")  # liveness probes need no login; it says nothing else
 
     tasks = browse(authed + "/tasks", cwd / "profile-tasks", "--dump-dom")
     assert tasks.stdout.count("qcelery.execute") >= 4, tasks.stdout[-3000:]
