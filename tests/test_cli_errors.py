@@ -30,6 +30,7 @@ COMMANDS = {
     "remove": ["--pool", "--batch", "--yes"],
     "pools": [],
     "adopt": [],
+    "qlib-data": ["--overwrite"],
     "worker": ["--pool", "--autoscale", "--concurrency"],
     "beat": ["--schedule"],
     "flower": ["--port", "--address", "--no-auth"],

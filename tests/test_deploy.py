@@ -30,6 +30,7 @@ SYSTEMD = DEPLOY / "systemd"
 CLI_SUBCOMMANDS = frozenset(
     {
         "adopt",
+        "qlib-data",
         "up",
         "down",
         "enqueue",
