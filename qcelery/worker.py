@@ -349,6 +349,22 @@ def _control_queue() -> str:
     return CONTROL_QUEUE
 
 
+def _aggregate_if_last(app: QceleryApp, pool: str, batch_id: str) -> None:
+    """After a task that ran from a message outside its batch's chord (re-published by
+    recovery, the sweep or an admin command), send the batch's aggregation if nothing of
+    it is left to do. The chord cannot fire for such a batch when the part it replaced was
+    never counted (its worker killed outright, or cut off from the result backend); beat's
+    stalled-batch check would aggregate it, but only a cutoff later. Counting after the
+    commit makes this safe against a race: of two tasks finishing at once, the one that
+    counts last sees both done. A duplicate aggregation message is harmless (the batch's
+    state machine runs the aggregation once)."""
+    tm = manager(app, pool)
+    doc = batches.load(tm.db, to_object_id(batch_id))
+    if doc["state"] == batches.OPEN and batches.outstanding(tm, doc) == 0:
+        logger.info("batch %s: its last task ran outside the chord; aggregation sent", batch_id)
+        app.send_task(AGGREGATE, args=(pool, str(batch_id)), queue=_control_queue())
+
+
 class _Refused(dict):
     """What a task returns for a message naming what does not exist."""
 
@@ -374,7 +390,10 @@ def register(app: QceleryApp) -> None:
         self, pool: str, task_id: str, batch_id: str | None = None, before_status: str = st.WAITING, after_status: str = st.DONE
     ) -> dict:
         with _refusing(EXECUTE, pool, task_id, batch_id) as refused:
-            return execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
+            result = execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
+            if batch_id and not self.request.chord and result["status"] in (st.DONE, st.PART_DONE, st.FAILED):
+                _aggregate_if_last(self.app, pool, batch_id)
+            return result
         return refused
 
     @app.task(name=AGGREGATE, bind=True, shared=False, acks_late=True)
