@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from qcelery.embedded import port_open
+from qcelery.embedded import EmbeddedMongo, free_port, port_open
 
 pytest.register_assert_rewrite("faults_support")
 
@@ -21,6 +21,14 @@ from faults_support import fault_settings, rabbitmqctl, started  # noqa: E402 - 
 @pytest.fixture
 def fsettings(settings):
     return fault_settings(settings)
+
+
+@pytest.fixture
+def own_mongo(tmp_path):
+    """A SecantusDB of the test's own, which the test may stop, kill and start again."""
+    server = EmbeddedMongo(tmp_path / "mongo", port=free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

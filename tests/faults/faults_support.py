@@ -47,6 +47,11 @@ FAULT_SETTINGS = dict(
 )
 
 
+#: how long the Mongo fault tests keep the server down: longer than the client's
+#: server-selection timeout (3 s), so operations in flight fail instead of waiting for it
+DOWNTIME = 4.5
+
+
 def fault_settings(base: Settings, **overrides: Any) -> Settings:
     """``base`` (the per-test database and run dir) with the fault settings, a queue of
     its own (a message left over by one test never reaches the next test's workers)

@@ -9,24 +9,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from faults_support import POOL, assert_aggregated_once, counted_aggregation, fault_settings, started, wait_batch, wait_for
+from faults_support import DOWNTIME, POOL, assert_aggregated_once, counted_aggregation, fault_settings, started, wait_batch, wait_for
 from side_effects import FILE_COUNTED, file_runs
 
-from qcelery.embedded import EmbeddedMongo, free_port
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 
-#: longer than the client's server-selection timeout (3 s), so operations in flight fail
-#: instead of waiting for the server to come back
-DOWNTIME = 4.5
 N_TASKS = 16
-
-
-@pytest.fixture
-def own_mongo(tmp_path):
-    server = EmbeddedMongo(tmp_path / "mongo", port=free_port()).start()
-    yield server
-    server.stop()
 
 
 def test_mongo_killed_right_after_commits_keeps_them_and_runs_each_task_once(settings, own_mongo):

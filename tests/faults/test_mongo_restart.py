@@ -7,24 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-from faults_support import POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, started, wait_batch, wait_for
+from faults_support import DOWNTIME, POOL, assert_exactly_once, enqueue_probes, fault_settings, probe_defs, started, wait_batch, wait_for
 
 from qcelery.celery_app import app_for
-from qcelery.embedded import EmbeddedMongo, free_port
 from qcelery.manage import TaskManager
 from qcelery.worker import execute_task
-
-#: longer than the client's server-selection timeout, so operations in flight fail
-#: instead of waiting for the server to come back
-DOWNTIME = 4.5
-
-
-@pytest.fixture
-def own_mongo(tmp_path):
-    server = EmbeddedMongo(tmp_path / "mongo", port=free_port()).start()
-    yield server
-    server.stop()
 
 
 def test_mongo_restart_mid_batch_loses_nothing(settings, own_mongo):
