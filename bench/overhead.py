@@ -98,7 +98,7 @@ def main() -> None:
                 after_status=st.DONE,
                 aggregate=None,
             )
-            return doc, list(doc["task_ids"])
+            return doc, batches.task_ids(tm, doc["_id"])
 
         # whole execute_task (warm: the first call caches the batch spec and the manager)
         doc, ids = new_batch("e")

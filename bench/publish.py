@@ -2,7 +2,7 @@
 
 For N = 2,000 and 10,000 tasks, already written to Mongo as one batch, time:
 
-* qcelery: ``producer._publish_chord`` (what ``enqueue`` does after ``create_tasks``):
+* qcelery: ``producer._publish_slots`` (what ``enqueue`` does after ``create_tasks``):
   the chord size to the result backend, then one id-only ``execute`` message per task
   carrying the chord, through one kombu producer in publish batches;
 * anchor, in the same run on the same servers: Celery's own canvas,
@@ -50,7 +50,7 @@ def main() -> None:
     from qcelery import status as st
     from qcelery.celery_app import CONTROL_QUEUE, make_app
     from qcelery.manage import TaskManager
-    from qcelery.producer import _publish_chord
+    from qcelery.producer import _publish_slots
     from qcelery.settings import Settings, mask_url
     from qcelery.store import client, scans_find_and_modify
     from qcelery.worker import AGGREGATE, EXECUTE
@@ -100,7 +100,7 @@ def main() -> None:
 
             def qcelery(pool: str, ids: list, bid: str) -> None:
                 body = app.signature(AGGREGATE, args=(pool, bid), queue=CONTROL_QUEUE, immutable=True, ignore_result=True)
-                _publish_chord(app, pool, ids, bid, queue, 0, body)
+                _publish_slots(app, pool, ids, bid, queue, 0, body)
 
             # warm both paths (connections, declarations, registered scripts)
             tm = TaskManager("warm", settings)
@@ -115,7 +115,7 @@ def main() -> None:
                 aggregate=None,
             )
             for fn in (qcelery, canvas):
-                fn("warm", doc["task_ids"], str(doc["_id"]))
+                fn("warm", batches.task_ids(tm, doc["_id"]), str(doc["_id"]))
                 drain(1)
 
             rows = []
@@ -133,7 +133,7 @@ def main() -> None:
                     aggregate=None,
                 )
                 create_s = time.perf_counter() - t0
-                ids, bid = doc["task_ids"], str(doc["_id"])
+                ids, bid = batches.task_ids(tm, doc["_id"]), str(doc["_id"])
                 best = {"qcelery": float("inf"), "canvas": float("inf")}
                 for _ in range(args.repeat):
                     for name, fn in (("qcelery", qcelery), ("canvas", canvas)):

@@ -2,12 +2,17 @@
 
 A batch document lives in ``qcelery_batches`` beside the pools::
 
-    {_id, pool, queue, task_ids, n_tasks, task_func, task_kwargs, qlib_init, before_status,
-     after_status, aggregate: {func, kwargs} | None, state: open|aggregating|aggregated,
-     created_at, next_check_at, aggregator, aggregating_since, lease_until,
-     aggregate_runs, aggregated_at, summary}
+    {_id, pool, key, queue, n_tasks, chunks, cursor: {c, o}, window, task_func, task_kwargs,
+     qlib_init, before_status, after_status, aggregate: {func, kwargs} | None,
+     state: creating|open|aggregating|aggregated, created_at, next_check_at, aggregator,
+     aggregating_since, lease_until, aggregate_runs, aggregated_at, summary}
 
-``state`` moves open -> aggregating -> aggregated, and aggregating -> open when the
+No field grows with the batch: its tasks carry its id (``batch_ids``), and the ids still to
+run wait in bounded chunk documents (:mod:`qcelery.dispatch`). The producer streams:
+``begin`` (or finds the batch an interrupted producer left ``creating`` under the same
+``key``), ``add_chunk`` per chunk of its input, ``finish`` (``creating -> open``).
+
+``state`` moves creating -> open -> aggregating -> aggregated, and aggregating -> open when the
 aggregator's lease expired (-> aggregated, with an error, once ``max_runs`` runs began).
 The aggregation is leased like a task: ``begin_aggregation`` takes an open batch,
 increments ``aggregate_runs`` (the number of aggregation runs begun, and the fencing
@@ -41,6 +46,7 @@ from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.database import Database
 
+from . import dispatch
 from . import status as st
 from .errors import TaskNotFoundError
 from .manage import TaskManager, to_object_id, utcnow
@@ -49,19 +55,20 @@ logger = logging.getLogger(__name__)
 
 COLLECTION = "qcelery_batches"
 
-OPEN, AGGREGATING, AGGREGATED = "open", "aggregating", "aggregated"
+CREATING, OPEN, AGGREGATING, AGGREGATED = "creating", "open", "aggregating", "aggregated"
 _TAG_CHUNK = 100  # small $in chunks: see manage._LOOKUP_CHUNK
 
 
 def ensure_indexes(db: Database[dict[str, Any]]) -> None:
     c = db[COLLECTION]
     c.create_index([("state", 1), ("created_at", 1)], name="state")
+    c.create_index([("pool", 1), ("key", 1)], name="key")
 
 
-def create(
+def begin(
     manager: TaskManager,
-    task_defs: list[dict],
     *,
+    key: str,
     queue: str,
     task_func: str,
     task_kwargs: dict | None,
@@ -70,25 +77,26 @@ def create(
     aggregate: dict | None,
     priority: int = 0,
     qlib_init: dict | None = None,
-) -> tuple[dict, set[ObjectId]]:
-    """Create the tasks (new ones born tagged with the batch) and the batch document;
-    returns the batch and the ids that were inserted now. ``qlib_init`` (checked by the
-    caller) is what every worker passes to ``qlib.init`` before the batch's tasks."""
-    bid = ObjectId()
-    ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
-    unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
-    old = [i for i in unique_ids if i not in inserted]
-    for start in range(0, len(old), _TAG_CHUNK):
-        manager.task_pool.update_many({"_id": {"$in": old[start : start + _TAG_CHUNK]}}, {"$addToSet": {"batch_ids": bid}})
-    if priority:
-        for start in range(0, len(unique_ids), _TAG_CHUNK):
-            manager.task_pool.update_many({"_id": {"$in": unique_ids[start : start + _TAG_CHUNK]}}, {"$max": {"priority": priority}})
+    window: int = dispatch.MIN_WINDOW,
+) -> tuple[dict, bool]:
+    """The batch ``key`` names in this pool while it is being created: the one an
+    interrupted producer left ``creating`` (resumed: ``True``), else a new one. ``key``
+    identifies the producer's input (see :func:`qcelery.producer.enqueue`). ``qlib_init``
+    (checked by the caller) is what every worker passes to ``qlib.init`` before the
+    batch's tasks."""
+    ensure_indexes(manager.db)
+    found = manager.db[COLLECTION].find_one({"pool": manager.name, "key": key, "state": CREATING})
+    if found is not None:
+        return found, True
     doc = {
-        "_id": bid,
+        "_id": ObjectId(),
         "pool": manager.name,
+        "key": key,
         "queue": queue,
-        "task_ids": unique_ids,
-        "n_tasks": len(unique_ids),
+        "n_tasks": 0,
+        "chunks": 0,
+        "cursor": {"c": 0, "o": 0},
+        "window": window,
         "task_func": task_func,
         "task_kwargs": task_kwargs or {},
         "qlib_init": qlib_init,
@@ -96,7 +104,7 @@ def create(
         "after_status": after_status,
         "aggregate": aggregate,
         "priority": priority,
-        "state": OPEN,
+        "state": CREATING,
         "created_at": utcnow(),
         "next_check_at": None,
         "aggregator": None,
@@ -106,9 +114,70 @@ def create(
         "aggregate_runs": 0,
         "summary": None,
     }
-    ensure_indexes(manager.db)
     manager.db[COLLECTION].insert_one(doc)
-    return doc, inserted
+    return doc, False
+
+
+def add_chunk(manager: TaskManager, batch: dict, n: int, task_defs: list[dict]) -> tuple[list[ObjectId], set[ObjectId]]:
+    """Chunk ``n`` of the producer's input: its tasks created (new ones born tagged with
+    the batch) or tagged, the ones to run queued as the batch's chunk ``n``, and the batch's
+    ``chunks`` moved to ``n + 1`` (only from ``n``: a chunk is counted once). Returns the ids
+    queued, in input order, and the ids inserted now. Every step is idempotent, so a
+    producer interrupted anywhere in it can do the chunk again."""
+    bid = batch["_id"]
+    ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
+    unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
+    old = [i for i in unique_ids if i not in inserted]
+    tagged = 0
+    for start in range(0, len(old), _TAG_CHUNK):
+        part = old[start : start + _TAG_CHUNK]
+        tagged += manager.task_pool.update_many(
+            {"_id": {"$in": part}, "batch_ids": {"$ne": bid}}, {"$addToSet": {"batch_ids": bid}}
+        ).modified_count
+    if batch.get("priority"):
+        for start in range(0, len(unique_ids), _TAG_CHUNK):
+            manager.task_pool.update_many(
+                {"_id": {"$in": unique_ids[start : start + _TAG_CHUNK]}}, {"$max": {"priority": batch["priority"]}}
+            )
+    status = batch.get("before_status") or st.WAITING
+    runnable = set(inserted) if status == st.WAITING else set()
+    for start in range(0, len(old), _TAG_CHUNK):
+        part = old[start : start + _TAG_CHUNK]
+        if status != st.WAITING:  # a second phase: results of the first carry no message
+            manager.task_pool.update_many({"_id": {"$in": part}, "status": status}, {"$set": {"published_at": None}})
+        runnable.update(d["_id"] for d in manager.task_pool.find({"_id": {"$in": part}, "status": status}, {"_id": 1}))
+    queued = [i for i in unique_ids if i in runnable]
+    dispatch.write_chunk(manager.db, bid, n, queued)
+    manager.db[COLLECTION].update_one({"_id": bid, "chunks": n}, {"$set": {"chunks": n + 1}, "$inc": {"n_tasks": len(inserted) + tagged}})
+    return queued, inserted
+
+
+def finish(manager: TaskManager, batch: dict, resumed: bool) -> dict:
+    """The batch complete: ``open`` (its aggregation may now run). A resumed batch counts
+    its tasks again, since a chunk redone after an interruption tagged no task twice."""
+    upd: dict[str, Any] = {"state": OPEN}
+    if resumed:
+        upd["n_tasks"] = manager.task_pool.count_documents({"batch_ids": batch["_id"]})
+    doc = manager.db[COLLECTION].find_one_and_update(
+        {"_id": batch["_id"], "state": CREATING}, {"$set": upd}, return_document=ReturnDocument.AFTER
+    )
+    return doc or load(manager.db, batch["_id"])
+
+
+def create(manager: TaskManager, task_defs: list[dict], *, chunk: int = 1000, **spec: Any) -> tuple[dict, set[ObjectId]]:
+    """A whole batch from a list at once (``begin``, a chunk per ``chunk`` tasks, ``finish``),
+    without publishing anything: the open batch and the ids inserted."""
+    doc, _ = begin(manager, key=str(ObjectId()), **spec)
+    inserted: set[ObjectId] = set()
+    for n, start in enumerate(range(0, len(task_defs), chunk)):
+        inserted |= add_chunk(manager, doc, n, task_defs[start : start + chunk])[1]
+    return finish(manager, doc, resumed=False), inserted
+
+
+def task_ids(manager: TaskManager, batch_id: Any) -> list[ObjectId]:
+    """Every task of the batch, oldest first: for small batches (tests, tools); large ones
+    read the tasks by their ``batch_ids`` with a cursor."""
+    return [d["_id"] for d in manager.task_pool.find({"batch_ids": to_object_id(batch_id)}, {"_id": 1}).sort("_id", 1)]
 
 
 def load(db: Database[dict[str, Any]], batch_id: Any) -> dict:
@@ -226,4 +295,4 @@ def stalled(db: Database[dict[str, Any]], older_than: float, max_runs: int | Non
 
 def list_batches(db: Database[dict[str, Any]], pool: str | None = None, limit: int = 50) -> Iterable[dict]:
     q = {"pool": pool} if pool else {}
-    return db[COLLECTION].find(q, {"task_ids": 0}).sort("created_at", -1).limit(limit)  # type: ignore[no-any-return]  # pymongo's Cursor.sort returns typing.Self, absent from the 3.10 target
+    return db[COLLECTION].find(q).sort("created_at", -1).limit(limit)  # type: ignore[no-any-return]  # pymongo's Cursor.sort returns typing.Self, absent from the 3.10 target

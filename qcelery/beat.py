@@ -30,6 +30,7 @@ from celery.beat import PersistentScheduler
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from . import batch as batches
+from . import dispatch
 from .celery_app import QceleryApp
 from .errors import ConfigError
 from .manage import TaskManager, utcnow
@@ -105,9 +106,10 @@ def recover(app: QceleryApp, beat: str | None = None, sent_at: str | None = None
 
 def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) -> dict:
     """Re-publish claimable batch tasks whose last message is older than ``sweep_after``
-    (a broker that lost its queue), and re-check batches whose chord never fired."""
+    (a broker that lost its queue) or that need one again (reset, prioritized: marked
+    ``RESEND``), refill each batch's window, and re-check batches whose chord never fired."""
     from .celery_app import CONTROL_QUEUE
-    from .producer import publish
+    from .producer import publish, top_up
     from .worker import AGGREGATE
 
     settings: Settings = app.qcelery_settings
@@ -118,12 +120,28 @@ def sweep(app: QceleryApp, beat: str | None = None, sent_at: str | None = None) 
         ids = tm.stale_waiting(settings.sweep_after)
         return publish(app, tm.name, ids) if ids else 0
 
+    def refill(tm: TaskManager) -> int:
+        # each batch's window: follow the workers serving its queue, and refill it where
+        # chains of messages ended early (a worker killed outright, a message lost)
+        sent = 0
+        for b in list(tm.db[batches.COLLECTION].find({"pool": tm.name, "state": {"$in": [batches.CREATING, batches.OPEN]}})):
+            if "cursor" not in b or dispatch.exhausted(b):
+                continue
+            window = dispatch.window_for(settings, b["queue"])
+            if window != b.get("window"):
+                tm.db[batches.COLLECTION].update_one({"_id": b["_id"]}, {"$set": {"window": window}})
+                b["window"] = window
+            sent += top_up(app, tm, b)
+        return sent
+
     republished, failed = _each_pool(settings, "sweep", step)
+    topped_up, failed_refill = _each_pool(settings, "sweep", refill)
+    failed = sorted(set(failed) | set(failed_refill))
     rechecked = 0
     for b in batches.stalled(database(settings), max(settings.sweep_after, settings.lease_seconds), max_runs=settings.max_attempts):
         app.send_task(AGGREGATE, args=(b["pool"], str(b["_id"])), queue=CONTROL_QUEUE)
         rechecked += 1
-    result = {"republished": republished, "batches_rechecked": rechecked, "failed_pools": failed}
+    result = {"republished": republished, "topped_up": topped_up, "batches_rechecked": rechecked, "failed_pools": failed}
     _log_run(settings, "sweep", beat, sent_at, result)
     return result
 

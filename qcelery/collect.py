@@ -374,16 +374,14 @@ def _topk(task: Mapping, default: int = 10) -> int:
 
 def _batch_recorders(manager: Any, batch: Mapping) -> tuple[list[tuple[str, Recorder]], list[dict]]:
     recs, failures = [], []
-    ids = list(batch.get("task_ids") or [])
-    for start in range(0, len(ids), 100):
-        for task in manager.query({"_id": {"$in": ids[start : start + 100]}}):
-            if task["status"] == st.FAILED:
-                err = (task.get("error") or "").strip().splitlines()
-                failures.append({"task_id": str(task["_id"]), "error": err[-1] if err else ""})
-            elif isinstance(task.get("res"), Recorder):
-                recs.append((str(task["_id"]), task["res"]))
-    order = {str(i): n for n, i in enumerate(ids)}
-    recs.sort(key=lambda item: order.get(item[0], 0))
+    # the batch's tasks by their batch id, oldest first (the order they were created in)
+    for task in manager.query({"batch_ids": batch["_id"]}):
+        if task["status"] == st.FAILED:
+            err = (task.get("error") or "").strip().splitlines()
+            failures.append({"task_id": str(task["_id"]), "error": err[-1] if err else ""})
+        elif isinstance(task.get("res"), Recorder):
+            recs.append((str(task["_id"]), task["res"]))
+    recs.sort(key=lambda item: item[0])
     return recs, failures
 
 

@@ -68,6 +68,13 @@ _FETCH_CANDIDATES = 32
 _FETCH_CACHE_SECONDS = 1.0
 
 
+#: ``published_at`` of a task that needs a message again (reset, recovered, prioritized):
+#: older than any cutoff, so beat's sweep sends it at its next run. ``None`` means the task
+#: has no message and waits in its batch's queue (:mod:`qcelery.dispatch`); a time, that
+#: its message was sent then.
+RESEND = _dt.datetime(1970, 1, 1)
+
+
 def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
@@ -296,6 +303,7 @@ class Leases:
             "updated_at": now,
             "finished_at": now,
             "error": None,
+            "published_at": None,
         }
         if status != st.DONE:  # a next phase gets its own attempt budget
             upd["attempt_base"] = task["attempt"]
@@ -329,7 +337,7 @@ class Leases:
                     "worker": None,
                     "updated_at": now,
                     "finished_at": now if new == st.FAILED else None,
-                    "published_at": None,
+                    "published_at": RESEND,
                 }
             },
         )
@@ -414,7 +422,7 @@ class Leases:
         if task.get("attempt") and task.get("status") == st.RUNNING:
             q.update(status=st.RUNNING, attempt=task["attempt"])
         self.task_pool.update_one(
-            q, {"$set": {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": None}}
+            q, {"$set": {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": RESEND}}
         )
 
     # ------------------------------------------------------------------ recovery
@@ -433,7 +441,7 @@ class Leases:
             # a corrupt counter fails the task here rather than crash the recovery of the pool
             exhausted, corrupt = _attempts_used_up(d, self.settings.max_attempts)
             new = st.FAILED if exhausted else (d.get("claimed_from") or st.WAITING)
-            upd: dict[str, Any] = {"status": new, "lease_until": None, "worker": None, "updated_at": now, "published_at": None}
+            upd: dict[str, Any] = {"status": new, "lease_until": None, "worker": None, "updated_at": now, "published_at": RESEND}
             if corrupt:
                 upd.update(finished_at=now, error=f"CorruptTaskError: task {d['_id']} in pool {self.name!r}: lease expired and {corrupt}")
             elif exhausted:
@@ -464,7 +472,7 @@ class Leases:
         q = {
             "status": {"$in": list(st.CLAIMABLE)},
             "batch_ids.0": {"$exists": True},
-            "$or": [{"published_at": {"$lt": cutoff}}, {"published_at": None}],
+            "published_at": {"$lt": cutoff},
         }
         return [d["_id"] for d in self.task_pool.find(q, {"_id": 1}).limit(limit)]
 

@@ -58,7 +58,7 @@ from .errors import (
     UnsafePickleError,
 )
 from .instance import check_task_names
-from .lease import Heartbeat, Leases, claims_in_two_steps, utcnow, worker_name
+from .lease import RESEND, Heartbeat, Leases, claims_in_two_steps, utcnow, worker_name
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
 from .store import RESULT_BUCKET, database, result_fs, scans_find_and_modify, to_object_id
@@ -73,7 +73,8 @@ _INDEXES = [
     pymongo.IndexModel([("status", 1), ("priority", -1)], name="fetch"),
     pymongo.IndexModel([("status", 1), ("lease_until", 1)], name="recover"),
     pymongo.IndexModel([("status", 1), ("published_at", 1)], name="sweep"),
-    pymongo.IndexModel([("batch_ids", 1), ("status", 1)], name="batch_status"),
+    # a batch's tasks by status, and its window (dispatched = published_at set): qcelery.dispatch
+    pymongo.IndexModel([("batch_ids", 1), ("status", 1), ("published_at", 1)], name="batch_window"),
 ]
 # SecantusDB answers a large $in in quadratic time; small chunks keep lookups linear
 _LOOKUP_CHUNK = 100
@@ -460,16 +461,34 @@ class TaskManager(Leases):
         """
         return self.create_tasks(task_def_l, dry_run=dry_run, print_nt=print_nt)[0]
 
+    def check_defs(self, task_def_l: Iterable[Any], index_base: int = 0) -> int:
+        """Check definitions as ``create_task`` would before writing (type, allow-list,
+        pickling, document size), writing nothing; the count checked. The first bad one
+        raises, named by its position counted from ``index_base``."""
+        n = 0
+        for n, t in enumerate(task_def_l, start=1):
+            i = index_base + n - 1
+            encoded = self._encode_def(t, i)
+            f = normalize(t)
+            self._check_doc_size(self._new_doc(t, encoded, f, "", utcnow()), canonical_json(f), i)
+        return n
+
     def create_tasks(
-        self, task_def_l: builtins.list[dict], dry_run: bool = False, print_nt: bool = False, batch_id: ObjectId | None = None
+        self,
+        task_def_l: builtins.list[dict],
+        dry_run: bool = False,
+        print_nt: bool = False,
+        batch_id: ObjectId | None = None,
+        index_base: int = 0,
     ) -> tuple[builtins.list[ObjectId], set[ObjectId]]:
         """``create_task`` that also returns the set of ids it inserted; new tasks are born
-        tagged with ``batch_id`` and marked published (the producer publishes them next)."""
+        tagged with ``batch_id``, with no message yet (the batch's queue sends them).
+        ``index_base``: the position of the first definition in a longer input, for errors."""
         if isinstance(task_def_l, dict) or not isinstance(task_def_l, (list, tuple)):
             raise TaskTypeError(f"task_def_l must be a list of task definitions, got {type(task_def_l).__name__}")
         for i, t in enumerate(task_def_l):
             if not isinstance(t, dict):
-                self._encode_def(t, i)  # raises the type error naming the position
+                self._encode_def(t, index_base + i)  # raises the type error naming the position
         filters = [normalize(t) for t in task_def_l]
         texts = [canonical_json(f) for f in filters]
         hashes = [hash_text(x) for x in texts]
@@ -485,8 +504,8 @@ class TaskManager(Leases):
         now = utcnow()
         docs = []
         for h, i in new_idx.items():  # validate every new task before the first write
-            doc = self._new_doc(task_def_l[i], self._encode_def(task_def_l[i], i), filters[i], h, now)
-            self._check_doc_size(doc, texts[i], i)
+            doc = self._new_doc(task_def_l[i], self._encode_def(task_def_l[i], index_base + i), filters[i], h, now)
+            self._check_doc_size(doc, texts[i], index_base + i)
             docs.append(doc)
         if print_nt:
             for i in new_idx.values():
@@ -494,9 +513,9 @@ class TaskManager(Leases):
         if dry_run:
             return [], set()
 
-        if batch_id is not None:
+        if batch_id is not None:  # queued in the batch (published_at None): qcelery.dispatch sends them
             for d in docs:
-                d["batch_ids"], d["published_at"] = [batch_id], now
+                d["batch_ids"] = [batch_id]
         self._fetch_cache = None
         lost: set[str] = set()
         for start in range(0, len(docs), _INSERT_CHUNK):
@@ -606,7 +625,7 @@ class TaskManager(Leases):
         if status != st.RUNNING:
             upd.update(lease_until=None, worker=None)
         if status in st.CLAIMABLE:
-            upd["published_at"] = None
+            upd["published_at"] = RESEND  # the sweep sends their messages
         with self._server_checks(query):
             n = self.task_pool.update_many(q, {"$set": upd}).modified_count
         logger.info("pool %s: %d tasks set to %s", self.name, n, status)
@@ -630,7 +649,7 @@ class TaskManager(Leases):
                         "attempt_base": d.get("attempt", 0),
                         "error": None,
                         "finished_at": None,
-                        "published_at": None,
+                        "published_at": RESEND,
                         "updated_at": utcnow(),
                     }
                 },
@@ -644,9 +663,13 @@ class TaskManager(Leases):
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TaskTypeError(f"priority must be an int, got {priority!r}")
         self._fetch_cache = None
-        r = self.task_pool.update_one({"_id": to_object_id(task)}, {"$set": {"priority": priority}})
+        oid = to_object_id(task)
+        r = self.task_pool.update_one({"_id": oid}, {"$set": {"priority": priority}})
         if r.matched_count == 0:
-            raise TaskNotFoundError(f"no task {to_object_id(task)} in pool {self.name!r}")
+            raise TaskNotFoundError(f"no task {oid} in pool {self.name!r}")
+        # a task of a batch waits in the batch's queue in Mongo or has a message at its old
+        # priority: either way beat's sweep sends it (again) at the new one, ahead of the queue
+        self.task_pool.update_one({"_id": oid, "status": {"$in": list(st.CLAIMABLE)}}, {"$set": {"published_at": RESEND}})
 
     # -------------------------------------------------------------------- wait
     @staticmethod

@@ -49,8 +49,9 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def announce(settings: Settings, name: str, queues: Iterable[str], interval: float) -> None:
-    """Record worker ``name`` (this process) as online, serving ``queues``."""
+def announce(settings: Settings, name: str, queues: Iterable[str], interval: float, processes: int = 1) -> None:
+    """Record worker ``name`` (this process) as online, serving ``queues`` with up to
+    ``processes`` pool processes."""
     now = _now()
     database(settings)[WORKERS].update_one(
         {"_id": name},
@@ -59,6 +60,7 @@ def announce(settings: Settings, name: str, queues: Iterable[str], interval: flo
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "queues": sorted(queues),
+                "processes": processes,
                 "state": ONLINE,
                 "started_at": now,
                 "last_seen": now,
@@ -122,19 +124,22 @@ class Presence(bootsteps.StartStopStep):
         name = parent.hostname
         queues = list(parent.app.amqp.queues.consume_from or parent.app.amqp.queues)
         interval = settings.heartbeat_seconds
+        processes = int(getattr(parent, "max_concurrency", None) or getattr(parent, "concurrency", None) or 1)
         self._ticked = time.monotonic()
         parent.timer.call_repeatedly(interval, self._tick)
         # create this process' Mongo client here, in the main thread (no I/O yet): if the
         # thread created it, a pool process forked meanwhile (a recycled or an added one)
         # could inherit the client lock held, and hang on its first task
         database(settings)
-        self._thread = threading.Thread(target=self._run, args=(settings, name, queues, interval), name="qcelery-presence", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(settings, name, queues, interval, processes), name="qcelery-presence", daemon=True
+        )
         self._thread.start()
 
     def _tick(self) -> None:
         self._ticked = time.monotonic()
 
-    def _run(self, settings: Settings, name: str, queues: list[str], interval: float) -> None:
+    def _run(self, settings: Settings, name: str, queues: list[str], interval: float, processes: int) -> None:
         announced = False
         while not self._stop.is_set():
             if time.monotonic() - self._ticked > LOST_AFTER * interval:
@@ -143,7 +148,7 @@ class Presence(bootsteps.StartStopStep):
                 continue
             try:
                 if not announced or not heartbeat(settings, name):
-                    announce(settings, name, queues, interval)
+                    announce(settings, name, queues, interval, processes)
                     announced = True
             except PyMongoError as exc:
                 # the store is down: the worker goes on; status will show it lost meanwhile
@@ -160,6 +165,16 @@ class Presence(bootsteps.StartStopStep):
             logger.warning("worker %s: cannot record its stop in %s (%s)", parent.hostname, WORKERS, type(exc).__name__)
 
     terminate = stop  # a cold shutdown is a stop too
+
+
+def processes_serving(settings: Settings, queue: str) -> int:
+    """Pool processes of the workers online now that consume ``queue`` (the most each may
+    run: an autoscaled worker counts at its maximum)."""
+    return sum(
+        int(doc.get("processes") or 1)
+        for doc in workers_seen(settings, limit=1000)
+        if doc["state"] == ONLINE and queue in (doc.get("queues") or ())
+    )
 
 
 def queues_served(settings: Settings) -> set[str]:

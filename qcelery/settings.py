@@ -104,6 +104,11 @@ class Settings(BaseSettings):
             "and caches unpickle; 'pkg' admits pkg and its sub-modules, 'pkg.mod:Name' one object"
         ),
     )
+    dispatch_window: int = Field(
+        0,
+        ge=0,
+        description="messages a batch keeps on the broker (its window); 0: 4 per worker process serving its queue, at least 16",
+    )
     task_func: str = "qcelery.trainer.task_train"
     default_queue: str = "cpu"
     soft_time_limit: float | None = None

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import batch as batches
 from . import status as st
+from .canonical import filter_hash, normalize
 from .errors import ConfigError, TaskTypeError
 from .exp import Recorder
 from .settings import Settings
@@ -104,8 +105,11 @@ class TrainerCelery(TrainerRM):
             before_status=before_status,
             after_status=after_status,
         )
-        doc = wait_batch(tm, self.last_batch_id, timeout=self.timeout, aggregated=self.wait_aggregated)
-        return list(doc["task_ids"])
+        wait_batch(tm, self.last_batch_id, timeout=self.timeout, aggregated=self.wait_aggregated)
+        # the tasks' ids in the order given (the batch keeps no list of them)
+        hashes = [filter_hash(normalize(t)) for t in task_defs]
+        by_hash = tm._ids_by_hash(set(hashes))
+        return [by_hash[h] for h in hashes]
 
     # [override]: no before_status/after_status/default_rec_name, the batch's statuses follow is_delay()
     def train(  # type: ignore[override]

@@ -26,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import batch as batches
+from . import dispatch
 from . import status as st
 from .errors import ConfigError, DecodeError, PermanentTaskError, ResultEncodeError, TaskDefinitionError, TaskNotFoundError
 from .instance import allowed_imports, check_task_names
@@ -218,9 +219,8 @@ def _record_failure(app: QceleryApp, tm: TaskManager, task: dict, batch_id: Any,
         f" ({str(exc).splitlines()[0] if str(exc) else ''})" if permanent else "",
     )
     if new not in (None, st.FAILED):
-        from .producer import publish
-
-        publish(app, tm.name, [task["_id"]], batch_id=batch_id, queue=None)
+        # to be run again: the message that ran it sends it (execute's hand-on)
+        return {"task_id": str(task["_id"]), "status": new, "again": True}
     return {"task_id": str(task["_id"]), "status": new or "lease-lost"}
 
 
@@ -365,6 +365,56 @@ def _aggregate_if_last(app: QceleryApp, pool: str, batch_id: str) -> None:
         app.send_task(AGGREGATE, args=(pool, str(batch_id)), queue=_control_queue())
 
 
+def _hand_on(task: Any, pool: str, batch_id: str, result: dict) -> Any:
+    """After a message of a batch ran (or passed over) its task, give its place to the
+    batch's next one (:mod:`qcelery.dispatch`): the signature to replace a chord message by
+    (it keeps the chord's place, so the header stays one window long), or ``None`` when a
+    message outside the chord was sent instead or nothing is left to send.
+
+    A task to be run again (it raised, attempts remain) goes first, by the same message. A
+    chord message always hands on; one outside the chord (recovered, swept, a top-up) only
+    if it ran its task and the batch has fewer than its window in flight, so re-sent
+    messages never make the window grow."""
+    app: QceleryApp = task.app
+    from .celery_app import wire_priority
+    from .producer import send_plain
+
+    tm = manager(app, pool)
+    bid = to_object_id(batch_id)
+    in_chord = bool(task.request.chord)
+    doc = tm.db[batches.COLLECTION].find_one(
+        {"_id": bid}, {"queue": 1, "priority": 1, "window": 1, "cursor": 1, "chunks": 1, "before_status": 1, "state": 1}
+    )
+    if doc is None:
+        return None
+    queue = doc.get("queue") or app.qcelery_settings.default_queue
+    priority = int(doc.get("priority") or 0)
+    if result.get("again"):
+        ids = [to_object_id(result["task_id"])]
+        tm.mark_published(ids)
+    else:
+        if not in_chord and result["status"] not in (st.DONE, st.PART_DONE, st.FAILED, "lease-lost"):
+            return None  # a duplicate or a refusal: the message that holds the place goes on
+        if "cursor" not in doc or dispatch.exhausted(doc):
+            return None
+        if not in_chord and dispatch.in_flight(tm.task_pool, doc) >= int(doc.get("window") or dispatch.MIN_WINDOW):
+            return None
+        ids = dispatch.dispatch(tm.db, tm.task_pool, doc, 1)
+        if not ids:
+            return None
+    if not in_chord:
+        send_plain(app, pool, ids, bid, queue, priority)
+        return None
+    return app.signature(
+        EXECUTE,
+        args=(pool, str(ids[0]), str(bid)),
+        queue=queue,
+        priority=wire_priority(app, priority),
+        immutable=True,
+        ignore_result=True,
+    )
+
+
 class _Refused(dict):
     """What a task returns for a message naming what does not exist."""
 
@@ -391,7 +441,16 @@ def register(app: QceleryApp) -> None:
     ) -> dict:
         with _refusing(EXECUTE, pool, task_id, batch_id) as refused:
             result = execute_task(self.app, pool, task_id, batch_id, before_status, after_status)
-            if batch_id and not self.request.chord and result["status"] in (st.DONE, st.PART_DONE, st.FAILED):
+            if not batch_id:
+                if result.get("again"):
+                    from .producer import publish
+
+                    publish(self.app, pool, [task_id])
+                return result
+            nxt = _hand_on(self, pool, batch_id, result)
+            if nxt is not None:
+                self.replace(nxt)  # raises Ignore: this message's place in the chord goes to the next task
+            if not self.request.chord and result["status"] in (st.DONE, st.PART_DONE, st.FAILED):
                 _aggregate_if_last(self.app, pool, batch_id)
             return result
         return refused

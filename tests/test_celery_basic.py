@@ -76,7 +76,7 @@ def test_batch_runs_on_worker_processes_and_aggregates_once_without_beat(csettin
 
 def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):
     bid = enqueue(defs(3), POOL, settings=csettings)  # no worker yet: the messages wait in Redis
-    task_ids = [str(i) for i in batches.load(TaskManager(POOL, csettings).db, bid)["task_ids"]]
+    task_ids = [str(i) for i in batches.task_ids(TaskManager(POOL, csettings), bid)]
 
     raw = broker.lrange(redis_list(csettings.default_queue), 0, -1)
     assert len(raw) == 3
@@ -112,9 +112,10 @@ def test_a_header_of_several_publish_batches_reaches_the_broker_whole(csettings,
     from qcelery.producer import PUBLISH_BATCH
 
     n = 2 * PUBLISH_BATCH + 7  # two full Redis pipelines and a partial one
-    tm = TaskManager(POOL, csettings)
-    bid = enqueue([{"key": f"b{i}"} for i in range(n)], POOL, settings=csettings)
-    task_ids = {str(i) for i in batches.load(tm.db, bid)["task_ids"]}
+    wide = csettings.model_copy(update={"dispatch_window": n})  # a window that wide: the whole header at once
+    tm = TaskManager(POOL, wide)
+    bid = enqueue([{"key": f"b{i}"} for i in range(n)], POOL, settings=wide)
+    task_ids = {str(i) for i in batches.task_ids(tm, bid)}
 
     def queued() -> list[tuple[str, int]]:
         out = []

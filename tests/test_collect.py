@@ -165,7 +165,8 @@ def test_summarize_batch_from_the_pool_reads_done_results_and_failures(settings,
     tm.fail({**bad, "max_attempts": 1}, "Traceback ...\nConfigError: no class 'Nope'")
     assert tm.task_stat() == {st.DONE: 2, st.FAILED: 1}
 
-    out = summarize_batch(tm, experiment_name="rolling", settings=settings, batch={"_id": "b2", "task_ids": ids})
+    tm.task_pool.update_many({"_id": {"$in": ids}}, {"$set": {"batch_ids": ["b2"]}})  # the batch's tasks carry its id
+    out = summarize_batch(tm, experiment_name="rolling", settings=settings, batch={"_id": "b2"})
     assert [row["task_id"] for row in out["tasks"]] == [str(i) for i in ids[:2]]
     assert out["failures"] == [{"task_id": str(ids[2]), "error": "ConfigError: no class 'Nope'"}]
     assert out["models"][0]["model"] == "LinearModel" and out["models"][0]["n_tasks"] == 2

@@ -228,9 +228,10 @@ def test_worker_refuses_a_batch_whose_qlib_init_names_code(qlib_settings, one_wo
         aggregate=None,
         qlib_init=hostile,
     )
-    publish(app_for(qlib_settings), tm.name, doc["task_ids"], batch_id=doc["_id"])
+    ids = batches.task_ids(tm, doc["_id"])
+    publish(app_for(qlib_settings), tm.name, ids, batch_id=doc["_id"])
     deadline = time.monotonic() + 120
-    while (task := tm.re_query(doc["task_ids"][0]))["status"] != "failed":
+    while (task := tm.re_query(ids[0]))["status"] != "failed":
         assert time.monotonic() < deadline, f"task still {task['status']} after 120 s"
         time.sleep(0.2)
     assert task["attempt"] == 1  # refused for good, not retried

@@ -19,7 +19,7 @@ def test_every_message_published_twice_runs_each_task_once(fsettings, cluster):
     app = app_for(fsettings)
     bid = enqueue_probes(probe_defs(20, sleep=0.05), fsettings)
     tm = TaskManager(POOL, fsettings)
-    ids = batches.load(tm.db, bid)["task_ids"]
+    ids = batches.task_ids(tm, bid)
     assert publish(app, POOL, ids, batch_id=bid) == 20
     for _ in range(3):  # early ones re-schedule the check, late ones find the batch taken or done
         app.send_task(AGGREGATE, args=(POOL, str(bid)), queue=CONTROL_QUEUE)
