@@ -2,7 +2,7 @@
 
 A batch document lives in ``qcelery_batches`` beside the pools::
 
-    {_id, pool, key, queue, n_tasks, chunks, cursor: {c, o}, window, task_func, task_kwargs,
+    {_id, pool, key, queue, n_tasks, n_new, found: {status: n}, chunks, cursor: {c, o}, window, task_func, task_kwargs,
      qlib_init, before_status, after_status, aggregate: {func, kwargs} | None,
      state: creating|open|aggregating|aggregated, created_at, next_check_at, aggregator,
      aggregating_since, lease_until, aggregate_runs, aggregated_at, summary}
@@ -94,6 +94,8 @@ def begin(
         "key": key,
         "queue": queue,
         "n_tasks": 0,
+        "n_new": 0,
+        "found": {},
         "chunks": 0,
         "cursor": {"c": 0, "o": 0},
         "window": window,
@@ -141,14 +143,19 @@ def add_chunk(manager: TaskManager, batch: dict, n: int, task_defs: list[dict]) 
             )
     status = batch.get("before_status") or st.WAITING
     runnable = set(inserted) if status == st.WAITING else set()
+    found: dict[str, int] = {}  # the tasks that were in the pool already, by status
     for start in range(0, len(old), _TAG_CHUNK):
         part = old[start : start + _TAG_CHUNK]
         if status != st.WAITING:  # a second phase: results of the first carry no message
             manager.task_pool.update_many({"_id": {"$in": part}, "status": status}, {"$set": {"published_at": None}})
-        runnable.update(d["_id"] for d in manager.task_pool.find({"_id": {"$in": part}, "status": status}, {"_id": 1}))
+        for d in manager.task_pool.find({"_id": {"$in": part}}, {"status": 1}):
+            found[d["status"]] = found.get(d["status"], 0) + 1
+            if d["status"] == status:
+                runnable.add(d["_id"])
     queued = [i for i in unique_ids if i in runnable]
     dispatch.write_chunk(manager.db, bid, n, queued)
-    manager.db[COLLECTION].update_one({"_id": bid, "chunks": n}, {"$set": {"chunks": n + 1}, "$inc": {"n_tasks": len(inserted) + tagged}})
+    inc = {"n_tasks": len(inserted) + tagged, "n_new": len(inserted), **{f"found.{s}": k for s, k in found.items() if isinstance(s, str)}}
+    manager.db[COLLECTION].update_one({"_id": bid, "chunks": n}, {"$set": {"chunks": n + 1}, "$inc": inc})
     return queued, inserted
 
 

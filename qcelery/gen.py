@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TaskGen",
     "task_generator",
+    "iter_tasks",
     "handler_mod",
     "trunc_segments",
     "RollingGen",
@@ -222,6 +223,31 @@ def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[
     for gen in gens:
         task_list = [new for task in task_list for new in gen.generate(task)]
     return task_list
+
+
+def iter_tasks(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen], max_tasks: int = DEFAULT_MAX_TASKS) -> Iterator[dict]:
+    """:func:`task_generator`'s tasks, in its order, made one at a time: what a producer
+    streams into a batch, holding one task (and the generators' state) at once. The same
+    checks run before the first task is made."""
+    task_list = [tasks] if isinstance(tasks, Mapping) else list(tasks)
+    gens = [generators] if isinstance(generators, TaskGen) else list(generators)
+    for i, gen in enumerate(gens):
+        if not isinstance(gen, TaskGen):
+            raise TaskTypeError(f"generators[{i}] is a {type(gen).__name__}, not a TaskGen")
+    for i, task in enumerate(task_list):
+        if not isinstance(task, Mapping):
+            raise TaskTypeError(f"tasks[{i}] is a {type(task).__name__}, not a task template dict")
+    _check_size(task_list, gens, max_tasks)
+
+    def walk(task: dict, level: int) -> Iterator[dict]:
+        if level == len(gens):
+            yield task
+            return
+        for new in gens[level].generate(task):
+            yield from walk(new, level + 1)
+
+    for task in task_list:
+        yield from walk(task, 0)
 
 
 def handler_mod(task: dict, rolling_gen: RollingGen) -> None:

@@ -96,14 +96,6 @@ def statuses_by_hash(tm: TaskManager, tasks: list[dict]) -> dict[str, str]:
     return found
 
 
-def existing_statuses(tm: TaskManager, tasks: list[dict]) -> dict[str, int]:
-    """Status counts of the tasks of ``tasks`` already in the pool."""
-    counts: dict[str, int] = {}
-    for s in statuses_by_hash(tm, tasks).values():
-        counts[s] = counts.get(s, 0) + 1
-    return counts
-
-
 def submit(
     wf: wfl.Workflow, settings: Settings, *, pool: str | None = None, queue: str | None = None, priority: int = 0, check: bool = True
 ) -> Submitted:
@@ -117,12 +109,11 @@ def submit(
     if check:
         checks.check_all(settings)
     tm = TaskManager(pool, settings)
-    existing = existing_statuses(tm, wf.tasks)
     task_func = settings.task_func
     experiment = wf.experiment_name or pool
     kwargs = {"experiment_name": experiment} if wfl.accepts(task_func, "experiment_name") else None
     bid = produce(
-        wf.tasks,
+        wf.iter_tasks(),  # streamed: the producer holds one chunk at a time
         pool,
         settings=settings,
         queue=queue,
@@ -132,8 +123,10 @@ def submit(
         task_kwargs=kwargs,
         qlib_init=wf.qlib_init,
     )
-    n = len(wf.tasks)
-    return Submitted(bid, pool, queue, n, n - sum(existing.values()), existing)
+    from .. import batch as batches
+
+    doc = batches.load(tm.db, bid)  # what the producer found, counted chunk by chunk
+    return Submitted(bid, pool, queue, doc["n_tasks"], doc.get("n_new", 0), dict(doc.get("found") or {}))
 
 
 @app.command(rich_help_panel=PANEL_RUN)

@@ -8,8 +8,9 @@ enqueued.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,29 @@ COLLECTOR = "qcelery.collect.summarize_batch"
 @dataclass
 class Workflow:
     path: Path
-    tasks: list[dict]
+    templates: list[dict]
+    generators: list[Any]
+    #: how many tasks the generators make (duplicates included)
+    n_generated: int
     experiment_name: str | None
     pool: str | None
     queue: str | None
     #: the file's ``qlib_init:`` (Qlib's ``qlib.init`` arguments), sent with the batch
     qlib_init: dict[str, Any] | None = None
+    max_tasks: int = 1_000_000
+
+    def iter_tasks(self) -> Iterator[dict]:
+        """The tasks, made one at a time (what ``enqueue`` streams)."""
+        from ..gen import iter_tasks
+
+        return iter_tasks(self.templates, self.generators, max_tasks=self.max_tasks)
+
+    @functools.cached_property
+    def tasks(self) -> list[dict]:
+        """Every task, deduplicated, in a list: for dry runs and descriptions, not for enqueueing."""
+        from ..gen import dry_run
+
+        return dry_run(self.templates, self.generators, max_tasks=self.max_tasks)
 
     @property
     def default_pool(self) -> str:
@@ -47,27 +65,30 @@ def _optional_str(doc: Mapping[str, Any], key: str, path: Path) -> str | None:
 
 
 def load(path: Path, settings: Settings) -> Workflow:
-    """Read ``path``, generate its tasks (deduplicated, as the pool would) and check
-    that every model / dataset / record class imports."""
+    """Read ``path`` and check that every model / dataset / record class its tasks name
+    imports: the tasks are generated once here, one at a time, and not kept (enqueueing
+    generates them again, streaming)."""
     from ..config import load_workflow, qlib_init_of, read_yaml
-    from ..gen import dry_run
+    from ..gen import iter_tasks
 
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"workflow file {path} is a directory; give a .yaml file")
     doc = read_yaml(path)  # YAML errors name the file and line
     templates, generators = load_workflow(path, settings=settings)
-    tasks = dry_run(templates, generators, max_tasks=settings.max_tasks)
-    if not tasks:
+    n = check_classes(iter_tasks(templates, generators, max_tasks=settings.max_tasks), path)
+    if not n:
         raise ConfigError(f"{path}: the generators produced no task")
-    check_classes(tasks, path)
     return Workflow(
         path,
-        tasks,
+        templates,
+        generators,
+        n,
         _optional_str(doc, "experiment_name", path),
         _optional_str(doc, "pool", path),
         _optional_str(doc, "queue", path),
         qlib_init_of(doc, settings.allowed_modules, where=str(path)),
+        settings.max_tasks,
     )
 
 
@@ -99,9 +120,11 @@ def _import_class(cfg: Mapping[str, Any]) -> Any:
     return get_callable_kwargs(cfg)[0]
 
 
-def check_classes(tasks: list[dict], path: Path | str = "workflow") -> None:
-    """Raise :class:`TaskDefinitionError` naming the first class that does not import."""
+def check_classes(tasks: Iterable[dict], path: Path | str = "workflow") -> int:
+    """Raise :class:`TaskDefinitionError` naming the first class that does not import;
+    the number of tasks checked."""
     seen: dict[tuple[str, Any], None] = {}
+    i = -1
     for i, task in enumerate(tasks):
         for where, cfg in _class_configs(task):
             key = (cfg["class"], cfg.get("module_path"))
@@ -117,6 +140,7 @@ def check_classes(tasks: list[dict], path: Path | str = "workflow") -> None:
                     f"imported ({reason}); nothing was enqueued"
                 ) from None
             seen[key] = None
+    return i + 1
 
 
 def accepts(func_path: str, name: str) -> bool:

@@ -44,6 +44,9 @@ FAULT_SETTINGS = dict(
     task_func=PROBE,
     # the claim path real MongoDB takes, forced on SecantusDB too (correctness, not speed)
     claim_strategy="find_one_and_update",
+    # a window smaller than the tests' batches: every fault meets messages handing their
+    # places on, top-ups and refills (qcelery.dispatch), not a header holding the batch
+    dispatch_window=3,
 )
 
 
