@@ -28,10 +28,8 @@ bounded index ranges).
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
 from typing import Any
 
 from bson import ObjectId
@@ -78,11 +76,12 @@ def _chunk(db: Database[dict[str, Any]], batch_id: ObjectId, n: int) -> list[Obj
     return ids
 
 
-def take(db: Database[dict[str, Any]], batch_id: ObjectId, k: int) -> list[ObjectId]:
+def take(db: Database[dict[str, Any]], batch_id: ObjectId, k: int, seen: dict | None = None) -> list[ObjectId]:
     """Up to ``k`` task ids from the head of the batch's queue (fewer at a chunk's end;
-    ``[]`` once everything written so far was handed out)."""
+    ``[]`` once everything written so far was handed out). ``seen``: the batch document as
+    just read (its ``cursor`` and ``chunks``), saving the first read."""
     for _ in range(100):  # each round either takes, moves past an empty chunk, or lost a race
-        b = db[BATCHES].find_one({"_id": batch_id}, {"cursor": 1, "chunks": 1})
+        b, seen = seen or db[BATCHES].find_one({"_id": batch_id}, {"cursor": 1, "chunks": 1}), None
         if b is None or "cursor" not in b:
             return []
         c, o = b["cursor"]["c"], b["cursor"]["o"]
@@ -98,15 +97,18 @@ def take(db: Database[dict[str, Any]], batch_id: ObjectId, k: int) -> list[Objec
     return []
 
 
-def dispatch(db: Database[dict[str, Any]], pool: Any, batch: dict, k: int) -> list[ObjectId]:
+def dispatch(db: Database[dict[str, Any]], pool: Any, batch: dict, k: int, fresh: bool = False) -> list[ObjectId]:
     """Take up to ``k`` tasks of ``batch`` that still need a message and mark them
     dispatched (``published_at`` set, conditioned on their status and on their having
     none); the caller sends their messages. Tasks that finished meanwhile, or that another
-    batch sent already, are passed over."""
+    batch sent already, are passed over. ``fresh``: ``batch`` was just read from Mongo (its
+    cursor is used for the first take instead of reading it again)."""
     status = batch.get("before_status") or st.WAITING
     out: list[ObjectId] = []
+    seen: dict | None = batch if fresh and "cursor" in batch else None  # just read: no need to read it again
     while len(out) < k:
-        ids = take(db, batch["_id"], k - len(out))
+        ids = take(db, batch["_id"], k - len(out), seen)
+        seen = None
         if not ids:
             break
         now = utcnow()
@@ -137,13 +139,3 @@ def exhausted(batch: dict) -> bool:
     """Whether everything the producer wrote so far was handed out."""
     cur = batch.get("cursor") or {"c": 0}
     return int(cur["c"]) >= int(batch.get("chunks") or 0)
-
-
-def ids_of(db: Database[dict[str, Any]], batch_id: ObjectId) -> Iterable[ObjectId]:
-    """The ids the producer queued for the batch, chunk by chunk (bounded reads)."""
-    for doc in db[COLLECTION].find({"batch": batch_id}, {"ids": 1}).sort("n", 1):
-        yield from doc["ids"]
-
-
-def staleness(seconds: float) -> _dt.datetime:
-    return utcnow() - _dt.timedelta(seconds=seconds)

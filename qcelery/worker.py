@@ -288,6 +288,7 @@ def aggregate_batch(app: QceleryApp, pool: str, batch_id: str) -> dict:
     if lease.lost.is_set() or not _finish_aggregation(tm, bid, run, summary, settings):
         logger.warning("batch %s: aggregation run %s was taken over (lease lost); its summary is dropped", bid, run)
         return {"batch_id": str(bid), "state": "lease-lost"}
+    dispatch.drop_chunks(tm.db, bid)  # its queue was handed out long ago
     return {"batch_id": str(bid), "state": batches.AGGREGATED}
 
 
@@ -360,7 +361,8 @@ def _aggregate_if_last(app: QceleryApp, pool: str, batch_id: str) -> None:
     state machine runs the aggregation once)."""
     tm = manager(app, pool)
     doc = batches.load(tm.db, to_object_id(batch_id))
-    if doc["state"] == batches.OPEN and batches.outstanding(tm, doc) == 0:
+    # a batch whose queue still holds tasks is not finished: no need to count it
+    if doc["state"] == batches.OPEN and dispatch.exhausted(doc) and batches.outstanding(tm, doc) == 0:
         logger.info("batch %s: its last task ran outside the chord; aggregation sent", batch_id)
         app.send_task(AGGREGATE, args=(pool, str(batch_id)), queue=_control_queue())
 
@@ -399,7 +401,7 @@ def _hand_on(task: Any, pool: str, batch_id: str, result: dict) -> Any:
             return None
         if not in_chord and dispatch.in_flight(tm.task_pool, doc) >= int(doc.get("window") or dispatch.MIN_WINDOW):
             return None
-        ids = dispatch.dispatch(tm.db, tm.task_pool, doc, 1)
+        ids = dispatch.dispatch(tm.db, tm.task_pool, doc, 1, fresh=True)
         if not ids:
             return None
     if not in_chord:

@@ -547,9 +547,17 @@ def prioritize(
         for i in task_ids:
             tm.prioritize(i, priority)  # TaskNotFoundError names a wrong id
         n = len(task_ids)
+        waiting = [d["_id"] for d in tm.task_pool.find({**q, "status": {"$in": list(st.CLAIMABLE)}}, {"_id": 1})]
     else:
+        # the batch's next messages go out at its new priority; only those already on the
+        # broker (its window) are sent again, not the whole batch
+        from .. import batch as batches
+        from ..lease import RESEND
+
+        tm.db[batches.COLLECTION].update_one({"_id": to_object_id(batch)}, {"$set": {"priority": priority}})
         n = tm.task_pool.update_many(q, {"$set": {"priority": priority}}).matched_count
-    waiting = [d["_id"] for d in tm.task_pool.find({**q, "status": {"$in": list(st.CLAIMABLE)}}, {"_id": 1})]
+        sent = {**q, "status": {"$in": list(st.CLAIMABLE)}, "published_at": {"$gt": RESEND}}
+        waiting = [d["_id"] for d in tm.task_pool.find(sent, {"_id": 1})]
     _publish(settings, pools[0], waiting, priority=priority)
     out.print(f"{n} task(s) of pool {pools[0]!r} at priority {priority}; {len(waiting)} waiting re-published", markup=False)
 
@@ -565,7 +573,7 @@ def remove(
     """Qlib's remove: delete tasks (and their stored results). Without --batch or
     --status, the whole pool and its batches."""
     from .. import batch as batches
-    from .. import registry
+    from .. import dispatch, registry
     from ..manage import TaskManager, to_object_id
     from ..store import database
 
@@ -587,7 +595,10 @@ def remove(
     db = database(settings)
     if batch:
         db[batches.COLLECTION].delete_one({"_id": to_object_id(batch)})
-    elif not status_:  # the whole pool: its batches and the collection go too
+        dispatch.drop_chunks(db, to_object_id(batch))
+    elif not status_:  # the whole pool: its batches (and their queues) and the collection go too
+        for b in db[batches.COLLECTION].find({"pool": pools[0]}, {"_id": 1}):
+            dispatch.drop_chunks(db, b["_id"])
         db[batches.COLLECTION].delete_many({"pool": pools[0]})
         tm.task_pool.drop()
         registry.forget(db, pools[0])
