@@ -120,14 +120,17 @@ def begin(
     return doc, False
 
 
-def add_chunk(manager: TaskManager, batch: dict, n: int, task_defs: list[dict]) -> tuple[list[ObjectId], set[ObjectId]]:
+def add_chunk(
+    manager: TaskManager, batch: dict, n: int, task_defs: list[dict], index_base: int = 0, look_up: bool = True
+) -> tuple[list[ObjectId], set[ObjectId]]:
     """Chunk ``n`` of the producer's input: its tasks created (new ones born tagged with
     the batch) or tagged, the ones to run queued as the batch's chunk ``n``, and the batch's
     ``chunks`` moved to ``n + 1`` (only from ``n``: a chunk is counted once). Returns the ids
-    queued, in input order, and the ids inserted now. Every step is idempotent, so a
+    queued, in input order, and the ids inserted now (``look_up``: as in
+    :meth:`~qcelery.manage.TaskManager.create_tasks`). Every step is idempotent, so a
     producer interrupted anywhere in it can do the chunk again."""
     bid = batch["_id"]
-    ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
+    ids, inserted = manager.create_tasks(task_defs, batch_id=bid, index_base=index_base, look_up=look_up)
     unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
     old = [i for i in unique_ids if i not in inserted]
     tagged = 0

@@ -480,10 +480,13 @@ class TaskManager(Leases):
         print_nt: bool = False,
         batch_id: ObjectId | None = None,
         index_base: int = 0,
+        look_up: bool = True,
     ) -> tuple[builtins.list[ObjectId], set[ObjectId]]:
         """``create_task`` that also returns the set of ids it inserted; new tasks are born
         tagged with ``batch_id``, with no message yet (the batch's queue sends them).
-        ``index_base``: the position of the first definition in a longer input, for errors."""
+        ``index_base``: the position of the first definition in a longer input, for errors.
+        ``look_up=False`` skips asking which exist first (a producer streaming into a pool
+        that was empty when it began): the unique index still catches any that do."""
         if isinstance(task_def_l, dict) or not isinstance(task_def_l, (list, tuple)):
             raise TaskTypeError(f"task_def_l must be a list of task definitions, got {type(task_def_l).__name__}")
         for i, t in enumerate(task_def_l):
@@ -498,7 +501,7 @@ class TaskManager(Leases):
 
         # which exist already; an empty pool needs no look-up (a concurrent producer's
         # inserts are caught by the unique index below either way)
-        ids = self._ids_by_hash(first) if self.task_pool.find_one({}, {"_id": 1}) is not None else {}
+        ids = self._ids_by_hash(first) if look_up and self.task_pool.find_one({}, {"_id": 1}) is not None else {}
         new_idx = {h: i for h, i in first.items() if h not in ids}
         logger.info("pool %s: %d tasks, %d new", self.name, len(task_def_l), len(new_idx))
         now = utcnow()

@@ -193,6 +193,9 @@ def enqueue(
     first = next(chunks, [])
     if not first:
         raise TaskDefinitionError(f"no task definitions to enqueue in pool {pool!r}")
+    # a pool empty before this batch holds only what this producer wrote: no need to ask,
+    # chunk by chunk, which of its tasks exist (the unique index catches repeats)
+    fresh_pool = tm.task_pool.find_one({}, {"_id": 1}) is None
     key = batch_key or _batch_key(pool, spec, first)
     doc, resumed = batches.begin(tm, key=key, window=dispatch.window_for(settings, queue), **spec)
     bid = doc["_id"]
@@ -204,9 +207,8 @@ def enqueue(
     for n, part in enumerate(itertools.chain([first], chunks)):
         if n < doc["chunks"]:
             continue  # written before the interruption
-        if not is_list:
-            tm.check_defs(part, index_base=n * chunk_size)
-        queued, _ = batches.add_chunk(tm, doc, n, part)
+        # (a stream's chunk is checked whole by create_tasks before its first write)
+        queued, _ = batches.add_chunk(tm, doc, n, part, index_base=n * chunk_size, look_up=not fresh_pool)
         if not queued:
             continue
         if chord_sent:

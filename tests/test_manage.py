@@ -357,7 +357,8 @@ def test_indexes_cover_claim_recover_dedup_and_batches(tm):
     assert keys[("filter_hash",)].get("unique") is True
     assert ("status", "priority") in keys
     assert ("status", "lease_until") in keys
-    assert ("batch_ids", "status") in keys
+    assert ("batch_ids", "status", "published_at") in keys  # a batch by status, and its window (qcelery.dispatch)
+    assert ("status", "published_at") in keys
 
 
 def test_indexes_come_back_after_the_pool_is_dropped(settings, mongo_db):
