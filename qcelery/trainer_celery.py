@@ -40,7 +40,9 @@ def wait_batch(tm: Any, batch_id: Any, *, poll: float = 0.5, timeout: float | No
     deadline = None if timeout is None else time.monotonic() + timeout
     doc = batches.load(tm.db, batch_id)
     while True:
-        if batches.outstanding(tm, doc) == 0:
+        if doc["state"] == batches.CREATING:  # its producer is still writing it
+            doc = batches.load(tm.db, batch_id)
+        elif batches.outstanding(tm, doc) == 0:
             if not aggregated:
                 return doc
             doc = batches.load(tm.db, batch_id)

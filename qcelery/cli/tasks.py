@@ -326,9 +326,13 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
     stat = batches.progress(tm, doc)
     with progress:
         bar = progress.add_task(f"batch {str(doc['_id'])[-6:]}", total=total, completed=finished(stat), detail="")
-        while finished(stat) < total:
+        while doc["state"] == batches.CREATING or finished(stat) < total:
             check_deadline(f"{total - finished(stat)} of {total} tasks not finished")
             time.sleep(poll)
+            if doc["state"] == batches.CREATING:  # its producer is still writing it: the total grows
+                doc = batches.load(tm.db, doc["_id"])
+                total = doc["n_tasks"]
+                progress.update(bar, total=total)
             stat = batches.progress(tm, doc)
             detail = ", ".join(f"{stat.get(s, 0)} {s}" for s in (st.RUNNING, st.FAILED) if stat.get(s))
             progress.update(bar, completed=finished(stat), detail=detail)
