@@ -62,7 +62,7 @@ def main() -> None:
     from qcelery import status as st
     from qcelery.celery_app import make_app
     from qcelery.manage import Heartbeat, TaskManager, worker_name
-    from qcelery.producer import _publish_chord, publish
+    from qcelery.producer import _publish_slots, publish
     from qcelery.settings import Settings
     from qcelery.store import client, scans_find_and_modify
     from qcelery.worker import AGGREGATE, _batch_spec, execute_task
@@ -128,7 +128,7 @@ def main() -> None:
 
         # messages (to a queue nobody consumes; deleted afterwards)
         body = app.signature(AGGREGATE, args=("overhead", str(doc["_id"])), queue=queue, immutable=True, ignore_result=True)
-        message = [t / n for t in timed(lambda: _publish_chord(app, "overhead", ids, doc["_id"], queue, 0, body.clone()), 5)]
+        message = [t / n for t in timed(lambda: _publish_slots(app, "overhead", ids, doc["_id"], queue, 0, body.clone()), 5)]
         it = iter(ids)
         republish = timed(lambda: publish(app, "overhead", [next(it)]), n)
         r = redis_client.Redis.from_url(broker)

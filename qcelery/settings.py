@@ -174,7 +174,7 @@ class Settings(BaseSettings):
         """The Celery result backend: ``result_backend``, else a Redis broker's own URL.
 
         It must be Redis: the chord that fires a batch's aggregation keeps its size and
-        counts its finished parts there (``producer._publish_chord``)."""
+        counts its finished parts there (``producer._publish_slots``)."""
         from .errors import ConfigError
 
         if self.result_backend:
