@@ -167,3 +167,57 @@ def test_a_list_with_a_bad_definition_writes_nothing(wsettings, mongo_db):
         enqueue(defs, POOL, settings=wsettings, chunk_size=50)
     assert tm.task_pool.count_documents({}) == 0
     assert mongo_db[batches.COLLECTION].count_documents({}) == 0
+
+
+PRODUCER = """
+import sys, time
+from qcelery.producer import enqueue
+from qcelery.settings import Settings
+
+settings = Settings.model_validate_json(sys.argv[1])
+
+def stream():
+    for i in range(600):
+        if i >= 300:
+            time.sleep(0.05)  # slow after six chunks: the test kills it here
+        yield {"key": f"c{i}"}
+
+enqueue(stream(), "window", settings=settings, chunk_size=50)
+"""
+
+
+def test_a_producer_killed_mid_stream_leaves_a_batch_the_same_enqueue_completes(wsettings, broker, mongo_db, tmp_path):
+    """kill -9 of a producer process half-way through a stream (inside a chunk, between
+    its writes): running the same enqueue again finds the batch it left ``creating``,
+    completes it and creates no task twice."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "producer.py"
+    script.write_text(PRODUCER)
+    proc = subprocess.Popen([sys.executable, str(script), wsettings.model_dump_json()])
+    try:
+        deadline = time.monotonic() + 60
+        while (b := mongo_db[batches.COLLECTION].find_one()) is None or b["chunks"] < 6:
+            assert proc.poll() is None and time.monotonic() < deadline, "the producer did not write six chunks"
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the seventh chunk's generation
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    half = mongo_db[batches.COLLECTION].find_one()
+    assert half["state"] == batches.CREATING and 6 <= half["chunks"] < 12
+
+    def stream() -> Iterator[dict]:
+        yield from ({"key": f"c{i}"} for i in range(600))
+
+    bid = enqueue(stream(), POOL, settings=wsettings, chunk_size=50)
+    assert bid == str(half["_id"])
+    tm = TaskManager(POOL, wsettings)
+    doc = batches.load(tm.db, bid)
+    assert (doc["state"], doc["chunks"], doc["n_tasks"]) == (batches.OPEN, 12, 600)
+    assert tm.task_pool.count_documents({}) == 600
+    assert tm.task_pool.count_documents({"batch_ids": doc["_id"]}) == 600
