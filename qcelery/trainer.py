@@ -19,6 +19,11 @@ Differences from Qlib:
   plus ``model`` and ``test_start`` / ``test_end``, so a run leads back to its task;
 * a run whose training raised ends ``FAILED`` with tag ``qcelery.error``; a record
   that raises is reported as :class:`~qcelery.records.RecordError` naming it;
+* records are built by Qlib's rule (``recorder=`` the task's recorder, ``model`` /
+  ``dataset`` to those that take them); one without ``module_path`` is Qlib's
+  (``qlib.workflow.record_temp``) when the task runs with Qlib initialised (``qlib_init``),
+  else qcelery's (:mod:`qcelery.records`). Qlib's own records (``SignalRecord``,
+  ``SigAnaRecord``, ``PortAnaRecord`` with its backtest) run unchanged on qcelery's recorder;
 * the pull loop of :class:`TrainerRM` records a task that raises as failed (retried
   up to ``settings.max_attempts``, then ``failed`` with its traceback in ``error``)
   and goes on with the next task, where Qlib's ``run_task`` stops the worker with the
@@ -40,7 +45,7 @@ from .data import HandlerCache, replace_task_handler_with_cache
 from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, allowed_imports, check_task_names, fill_placeholder, flatten_dict, init_instance_by_config
-from .qlib_bridge import check_qlib_init, ensure_qlib_init, qlib_run
+from .qlib_bridge import check_qlib_init, ensure_qlib_init, qlib_initialised, qlib_run
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,8 @@ __all__ = [
 
 #: tag set on a run whose training raised (the first line of the error)
 ERROR_TAG = "qcelery.error"
+#: where Qlib's ``task_train`` looks for a record config's class without ``module_path``
+_QLIB_RECORDS = "qlib.workflow.record_temp"
 
 
 # --------------------------------------------------------------------- tasks
@@ -124,11 +131,14 @@ def _build_and_train(rec: Recorder, task_config: Mapping[str, Any], settings: Se
     records = filled.get("record") or []
     if isinstance(records, Mapping):
         records = [records]
+    # a record without module_path: Qlib's own (its default) in a task run with qlib_init
+    default_module = _QLIB_RECORDS if qlib_initialised() else "qcelery.records"
     for i, record in enumerate(records):
         name = record.get("class", "?") if isinstance(record, Mapping) else type(record).__name__
         try:
+            # Qlib's rule: recorder always, model and dataset to the records that take them
             r = init_instance_by_config(
-                record, default_module="qcelery.records", recorder=rec, try_kwargs={"model": model, "dataset": dataset}
+                record, default_module=default_module, recorder=rec, try_kwargs={"model": model, "dataset": dataset}
             )
             r.generate()
         except Exception as exc:
