@@ -389,6 +389,8 @@ def work_on_pool(
     query: dict | None = None,
     before_status: str = st.WAITING,
     after_status: str = st.DONE,
+    *,
+    qlib_init: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> int:
     """The pull loop of :class:`TrainerRM` workers; returns how many tasks it ran.
@@ -397,9 +399,14 @@ def work_on_pool(
     but a task that raises is recorded with :meth:`TaskManager.fail` (back to
     ``before_status`` while attempts remain, else ``failed``) and the loop goes on.
     ``task_func`` also gets ``settings`` and ``tags`` (``pool``, ``task_id``) when it
-    takes them.
+    takes them. With ``qlib_init``, Qlib is initialised in this process before the first
+    task (once per process and config, as a Celery worker does for a batch); a provider
+    that is not there raises before any task is fetched.
     """
     from .manage import pull_tasks
+
+    if qlib_init is not None:
+        ensure_qlib_init(qlib_init, manager.settings.allowed_modules, where=f"worker of pool {manager.name!r}")
 
     def task_kwargs(task: dict) -> dict:
         tags = {"pool": manager.name, "task_id": str(task["_id"])}
@@ -416,6 +423,9 @@ class TrainerRM(Trainer):
     task order, tagged with ``pool`` / ``task_id`` / ``_id in TaskManager``. Any number
     of ``worker()`` calls, in other processes or machines, share the work.
     ``task_pool`` is a pool name (default: the experiment name) or a ``TaskManager``.
+    ``qlib_init`` (``qlib.init``'s keyword arguments) initialises Qlib in each process that
+    runs the pull loop (``train`` here, ``worker()`` anywhere) before its first task, once
+    per process and config; checked against the allow-list first.
     """
 
     STATUS_KEY = "train_status"
@@ -432,6 +442,7 @@ class TrainerRM(Trainer):
         default_rec_name: str | None = None,
         *,
         settings: Settings | None = None,
+        qlib_init: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.experiment_name = experiment_name
@@ -444,6 +455,7 @@ class TrainerRM(Trainer):
         else:
             self.settings = settings or load_settings()
             self.task_pool = task_pool
+        self.qlib_init = None if qlib_init is None else check_qlib_init(qlib_init, self.settings.allowed_modules, where=type(self).__name__)
 
     def manager(self, experiment_name: str | None = None) -> Any:
         from .manage import TaskManager
@@ -481,6 +493,7 @@ class TrainerRM(Trainer):
                 after_status,
                 experiment_name=experiment_name,
                 recorder_name=default_rec_name or self.default_rec_name,
+                qlib_init=self.qlib_init,
                 **kwargs,
             )
         if not self.is_delay():
@@ -518,7 +531,9 @@ class TrainerRM(Trainer):
     def worker(self, train_func: Callable | None = None, experiment_name: str | None = None) -> int:
         """Train waiting tasks of the pool until none is left; returns how many ran."""
         experiment_name = experiment_name or self.experiment_name
-        return work_on_pool(train_func or self.train_func, self.manager(experiment_name), experiment_name=experiment_name)
+        return work_on_pool(
+            train_func or self.train_func, self.manager(experiment_name), experiment_name=experiment_name, qlib_init=self.qlib_init
+        )
 
     def has_worker(self) -> bool:
         return True
@@ -567,7 +582,9 @@ class DelayTrainerRM(TrainerRM):
             ids.append(task_id)
         query = {"_id": {"$in": ids}}
         if not self.skip_run_task:
-            work_on_pool(end_train_func, tm, query, st.PART_DONE, st.DONE, experiment_name=experiment_name, **kwargs)
+            work_on_pool(
+                end_train_func, tm, query, st.PART_DONE, st.DONE, experiment_name=experiment_name, qlib_init=self.qlib_init, **kwargs
+            )
         tm.wait(query=query, progress=False)
         return self._recorders(tm, ids, self.STATUS_END)
 
@@ -578,6 +595,7 @@ class DelayTrainerRM(TrainerRM):
             self.manager(experiment_name),
             before_status=st.PART_DONE,
             experiment_name=experiment_name,
+            qlib_init=self.qlib_init,
         )
 
 
