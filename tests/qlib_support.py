@@ -110,3 +110,22 @@ def r_task(seed: int = 0) -> dict:
         },
         "record": [{"class": "QlibRecorderProbe", "module_path": "qlib_support"}],
     }
+
+
+def seed_task(task_def: dict, **_: Any) -> dict:
+    """A task function that trains nothing: the seed of the task's model, and who ran it
+    (the pool tests need tasks served, not models)."""
+    return {"seed": task_def["model"]["kwargs"]["seed"], "pid": os.getpid()}
+
+
+def qlib_pool_task(seed: int) -> dict:
+    """A task definition as a Qlib script puts it in Qlib's TaskManager (plain values only:
+    Qlib stores it as the queryable ``filter`` too)."""
+    return {
+        "model": {"class": "LGBModel", "module_path": "qlib.contrib.model.gbdt", "kwargs": {"loss": "mse", "seed": seed}},
+        "dataset": {
+            "class": "DatasetH",
+            "module_path": "qlib.data.dataset",
+            "kwargs": {"segments": {"test": ["2023-01-03", "2023-03-31"]}},
+        },
+    }
