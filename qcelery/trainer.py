@@ -21,8 +21,8 @@ Differences from Qlib:
   that raises is reported as :class:`~qcelery.records.RecordError` naming it;
 * records are built by Qlib's rule (``recorder=`` the task's recorder, ``model`` /
   ``dataset`` to those that take them); one without ``module_path`` is Qlib's
-  (``qlib.workflow.record_temp``) when the task runs with Qlib initialised (``qlib_init``),
-  else qcelery's (:mod:`qcelery.records`). Qlib's own records (``SignalRecord``,
+  (``qlib.workflow.record_temp``) in a task whose model or dataset is Qlib's, else
+  qcelery's (:mod:`qcelery.records`). Qlib's own records (``SignalRecord``,
   ``SigAnaRecord``, ``PortAnaRecord`` with its backtest) run unchanged on qcelery's recorder;
 * the pull loop of :class:`TrainerRM` records a task that raises as failed (retried
   up to ``settings.max_attempts``, then ``failed`` with its traceback in ``error``)
@@ -45,7 +45,7 @@ from .data import HandlerCache, replace_task_handler_with_cache
 from .errors import ConfigError, RecordError, TaskTypeError, TrainingFailedError
 from .exp import Experiment, Recorder, get_experiment
 from .instance import accepted_kwargs, allowed_imports, check_task_names, fill_placeholder, flatten_dict, init_instance_by_config
-from .qlib_bridge import check_qlib_init, ensure_qlib_init, qlib_initialised, qlib_run
+from .qlib_bridge import check_qlib_init, ensure_qlib_init, qlib_run
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def _build_and_train(rec: Recorder, task_config: Mapping[str, Any], settings: Se
     records = filled.get("record") or []
     if isinstance(records, Mapping):
         records = [records]
-    # a record without module_path: Qlib's own (its default) in a task run with qlib_init
-    default_module = _QLIB_RECORDS if qlib_initialised() else "qcelery.records"
+    default_module = _default_record_module(task_config)
     for i, record in enumerate(records):
         name = record.get("class", "?") if isinstance(record, Mapping) else type(record).__name__
         try:
@@ -143,6 +142,20 @@ def _build_and_train(rec: Recorder, task_config: Mapping[str, Any], settings: Se
             r.generate()
         except Exception as exc:
             raise RecordError(f"record #{i} {name} of run {rec.id} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _default_record_module(task_config: Mapping[str, Any]) -> str:
+    """Where a record config without ``module_path`` is looked up: Qlib's records (Qlib's own
+    default) for a task whose model or dataset is Qlib's, qcelery's otherwise. Decided by the
+    task alone, so a task resolves the same on every worker, whatever ran there before."""
+    for section in ("model", "dataset"):
+        config = task_config.get(section)
+        if isinstance(config, Mapping):
+            klass, module = config.get("class"), config.get("module_path")
+            named = module if isinstance(module, str) and module else klass.rpartition(".")[0] if isinstance(klass, str) else ""
+            if named == "qlib" or str(named).startswith("qlib."):
+                return _QLIB_RECORDS
+    return "qcelery.records"
 
 
 def _fail_run(rec: Recorder, exc: BaseException) -> None:

@@ -11,6 +11,7 @@ backtest's risk analysis are the same.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _qlib_trainer_r(tasks: list[dict], qlib_init: dict, settings, mlruns: Path) 
     }
     with _process_tracking_uri_kept():  # Qlib's R sets MLflow's URI process-wide; not for the next tests
         ensure_qlib_init({**qlib_init, "exp_manager": exp_manager}, settings.allowed_modules, where="Qlib's TrainerR")
-        return QlibTrainerR(experiment_name="qlib_own").train(tasks)
+        return QlibTrainerR(experiment_name="qlib_own").train(copy.deepcopy(tasks))  # Qlib edits the configs it builds from
 
 
 def test_qlib_records_on_a_celery_worker_match_qlibs_own_trainer(settings, qlib_market, tmp_path, monkeypatch):
@@ -175,3 +176,20 @@ def test_qlibs_records_are_built_and_load_by_qlibs_rules_on_qcelerys_recorder(se
     )
     assert isinstance(port, PortAnaRecord) and port.recorder is rec
     assert port.strategy_config["class"] == "TopkDropoutStrategy"
+
+
+@pytest.mark.parametrize(
+    ("model", "records_from"),
+    [
+        ({"class": "LGBModel", "module_path": "qlib.contrib.model.gbdt"}, "qlib.workflow.record_temp"),
+        ({"class": "qlib.contrib.model.gbdt.LGBModel"}, "qlib.workflow.record_temp"),
+        ({"class": "LinearModel", "module_path": "qcelery.models"}, "qcelery.records"),
+    ],
+)
+def test_a_record_without_module_path_comes_from_the_tasks_side(model, records_from):
+    """As Qlib's task_train does, a record config without module_path is Qlib's own in a Qlib
+    task; in a task of qcelery's models it is qcelery's. Decided by the task, never by what
+    ran in the worker process before."""
+    from qcelery.trainer import _default_record_module
+
+    assert _default_record_module({"model": model, "dataset": {"class": "DatasetH", "module_path": "qcelery.data"}}) == records_from
