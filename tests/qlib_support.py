@@ -8,6 +8,7 @@ name, by the workers (the tests put this directory on the workers' ``PYTHONPATH`
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,15 @@ def qlib_pool_task(seed: int) -> dict:
             "kwargs": {"segments": {"test": ["2023-01-03", "2023-03-31"]}},
         },
     }
+
+
+class SlowCountingHandler:
+    """A handler that appends a line (its pid) to ``count_file`` on every construction, then
+    takes as many seconds to build as ``delay_file`` says (read at construction, so a test can
+    shorten a build that is not started yet without changing the handler's config)."""
+
+    def __init__(self, count_file: str, delay_file: str):
+        with open(count_file, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(float(Path(delay_file).read_text()))
+        self.value = 42
