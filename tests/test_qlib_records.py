@@ -193,3 +193,23 @@ def test_a_record_without_module_path_comes_from_the_tasks_side(model, records_f
     from qcelery.trainer import _default_record_module
 
     assert _default_record_module({"model": model, "dataset": {"class": "DatasetH", "module_path": "qcelery.data"}}) == records_from
+
+
+def test_a_fitted_qlib_alpha158_is_loaded_from_the_shared_cache(settings, qlib_market):
+    """What every worker but the builder does: load Qlib's fitted Alpha158 from GridFS through
+    the allow-listing unpickler (its CSZScoreNorm keeps Qlib's zscore function, which the
+    default allow-list must admit), and get the same data."""
+    from qcelery.data import HandlerCache
+    from qcelery.data.cache import clear_memory
+
+    qlib_init, codes = qlib_market
+    ensure_qlib_init(qlib_init, settings.allowed_modules, where="test")
+    config = qlib_lightgbm_task(codes)["dataset"]["kwargs"]["handler"]
+    clear_memory()
+    built = HandlerCache(settings).get(config)
+    clear_memory()  # as in another worker process: nothing in memory
+    cache = HandlerCache(settings)
+    loaded = cache.get(config)
+    assert dict(cache.stats) == {"store": 1}
+    pd.testing.assert_frame_equal(loaded.fetch(col_set="label"), built.fetch(col_set="label"))
+    pd.testing.assert_frame_equal(loaded.fetch(col_set="feature"), built.fetch(col_set="feature"))
