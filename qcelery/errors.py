@@ -7,6 +7,7 @@ catches them all; most also derive from the builtin a Python user would expect
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -120,7 +121,35 @@ class SerializableConfigError(ConfigError, KeyError):
 
 # ------------------------------------------------------------------ experiments and training
 class LoadObjectError(QceleryError, LookupError):
-    """An artifact could not be downloaded or decoded (Qlib's ``LoadObjectError``)."""
+    """An artifact could not be downloaded or decoded (Qlib's ``LoadObjectError``).
+
+    Raised through :func:`load_object_error`: in a process that imported Qlib it is also an
+    instance of Qlib's own ``qlib.utils.exceptions.LoadObjectError``."""
+
+
+def load_object_error(message: str) -> LoadObjectError:
+    """A :class:`LoadObjectError` saying ``message``. When this process imported Qlib, it is
+    also Qlib's ``qlib.utils.exceptions.LoadObjectError``: Qlib's records catch that type
+    (``RecordTemp.load`` looks for ``pred.pkl`` under the record's own folder first and falls
+    back to the record it depends on only on Qlib's type), so they work on qcelery's
+    recorder. Without Qlib imported no handler can name Qlib's type, and nothing is imported."""
+    qlib_errors = sys.modules.get("qlib.utils.exceptions")
+    qlib_type = getattr(qlib_errors, "LoadObjectError", None)
+    if isinstance(qlib_type, type) and issubclass(qlib_type, Exception):
+        return _also_qlibs(qlib_type)(message)
+    return LoadObjectError(message)
+
+
+_ALSO_QLIBS: dict[type[Exception], type[LoadObjectError]] = {}
+
+
+def _also_qlibs(qlib_type: type[Exception]) -> type[LoadObjectError]:
+    if qlib_type not in _ALSO_QLIBS:
+        # named and placed like the base, so a pickled one (a traceback, a Celery result) decodes as qcelery's
+        _ALSO_QLIBS[qlib_type] = type(
+            "LoadObjectError", (LoadObjectError, qlib_type), {"__module__": __name__, "__doc__": LoadObjectError.__doc__}
+        )
+    return _ALSO_QLIBS[qlib_type]
 
 
 class RecordError(QceleryError, RuntimeError):

@@ -38,7 +38,7 @@ from typing import Any, Final, Literal, overload
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from .errors import ConfigError, LoadObjectError, QceleryError
+from .errors import ConfigError, LoadObjectError, QceleryError, load_object_error
 from .serial import Serializable, restricted_loads
 from .settings import Settings, mask_url
 
@@ -253,7 +253,7 @@ class Recorder:
             try:
                 path = self.client.download_artifacts(self.id, name, str(tmp))
             except (MlflowException, OSError) as exc:
-                raise LoadObjectError(f"run {self.id}: artifact {name!r} cannot be downloaded: {exc}") from exc
+                raise load_object_error(f"run {self.id}: artifact {name!r} cannot be downloaded: {exc}") from exc
             yield Path(path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -263,16 +263,17 @@ class Recorder:
 
         Decoded through :func:`qcelery.serial.restricted_loads` (numpy, pandas and
         qcelery are allowed; add your own model's package with ``allowed_modules``).
-        Raises :class:`LoadObjectError` when it is missing or cannot be decoded.
+        Raises :class:`LoadObjectError` when it is missing or cannot be decoded (in a process
+        that imported Qlib, also Qlib's ``LoadObjectError``, which Qlib's records catch).
         """
         with self._downloaded(name) as path:
             if path.is_dir():
-                raise LoadObjectError(f"run {self.id}: artifact {name!r} is a directory, not an object")
+                raise load_object_error(f"run {self.id}: artifact {name!r} is a directory, not an object")
             data = path.read_bytes()
         try:
             return restricted_loads(data, allowed_modules, context=f"run {self.id} artifact {name!r}")
         except QceleryError as exc:
-            raise LoadObjectError(str(exc)) from exc
+            raise load_object_error(str(exc)) from exc
 
     def list_artifacts(self, artifact_path: str | None = None) -> list[str]:
         return [a.path for a in self.client.list_artifacts(self.id, artifact_path)]

@@ -12,7 +12,10 @@ Differences from Qlib (``qlib.utils.mod``):
   ``ModuleNotFoundError`` / ``AttributeError``;
 * ``try_kwargs`` are passed only when the callable accepts them (by signature), where
   Qlib retries without them on *any* ``TypeError``, which also hid errors raised inside
-  the constructor;
+  the constructor. A callable that takes them only through ``**kwargs`` is Qlib's case
+  (it may hand them on to a parent that refuses them, as Qlib's ``PortAnaRecord`` does
+  with ``model`` / ``dataset``): it gets them, and on a ``TypeError`` is called again
+  without them, as in Qlib;
 * a string or path naming a pickle file is not loaded (pickles come from MLflow
   artifacts or the task pool, through :mod:`qcelery.serial`);
 * :func:`fill_placeholder` returns a filled copy and leaves its input alone;
@@ -240,6 +243,7 @@ def init_instance_by_config(
     extra = accepted_kwargs(klass, try_kwargs or {})
     for key in set(extra) & set(cls_kwargs):
         extra.pop(key)  # the config's own value wins, as in Qlib
+    named = {k: v for k, v in extra.items() if k in _named_params(klass)}
     name = getattr(klass, "__qualname__", repr(klass))
     try:
         bound = inspect.signature(klass).bind(**cls_kwargs, **extra, **kwargs)
@@ -247,7 +251,22 @@ def init_instance_by_config(
         raise ConfigError(f"{getattr(klass, '__module__', '?')}.{name}: bad kwargs {sorted(cls_kwargs)}: {exc}") from None
     except ValueError:  # no signature (builtins): let the call report
         return klass(**cls_kwargs, **extra, **kwargs)
-    return klass(*bound.args, **bound.kwargs)
+    if len(named) == len(extra):
+        return klass(*bound.args, **bound.kwargs)
+    try:
+        return klass(*bound.args, **bound.kwargs)
+    except TypeError:  # Qlib's rule for try_kwargs taken through **kwargs: refused further down, so again without
+        log.debug("%s refused %s through **kwargs; built without them, as Qlib does", name, sorted(set(extra) - set(named)))
+        return klass(**cls_kwargs, **named, **kwargs)
+
+
+def _named_params(func: Callable) -> set[str]:
+    """The parameters ``func`` names (those it takes by keyword), not what ``**kwargs`` takes."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _lookup(config: Any, path: str) -> Any:

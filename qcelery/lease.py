@@ -53,7 +53,7 @@ from pymongo.errors import PyMongoError
 
 from . import status as st
 from .errors import LeaseLostError, TaskDefinitionError
-from .store import scans_find_and_modify, to_object_id
+from .store import LEGACY_RESULT_FILE, RESULT_FILE, result_file, scans_find_and_modify, to_object_id
 
 if TYPE_CHECKING:
     from pymongo.collection import Collection
@@ -290,13 +290,13 @@ class Leases:
             st.check(status)
             raise TaskDefinitionError(f"commit moves a task to done, part_done or waiting, not {status!r}")
         oid = to_object_id(task)
-        # a claimed task (from claim/fetch_task) carries its res_file, which only the
-        # holder of its lease can change: no read needed on the worker's hot path
-        old = task if "res_file" in task else self.task_pool.find_one({"_id": oid}, {"res_file": 1})
-        res_set, fid = self._encode_res(res, oid)
+        # a claimed task (from claim/fetch_task, the whole document) carries its result file,
+        # which only the holder of its lease can change: no read needed on the worker's hot path
+        old = task if "filter_hash" in task else self.task_pool.find_one({"_id": oid}, {RESULT_FILE: 1, LEGACY_RESULT_FILE: 1})
+        res_upd, fid = self._encode_res(res, oid)
         now = utcnow()
         upd: dict[str, Any] = {
-            **res_set,
+            **res_upd["$set"],
             "status": status,
             "lease_until": None,
             "worker": None,
@@ -307,13 +307,15 @@ class Leases:
         }
         if status != st.DONE:  # a next phase gets its own attempt budget
             upd["attempt_base"] = task["attempt"]
-        r = self._journaled.update_one({"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": upd})
+        r = self._journaled.update_one(
+            {"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": upd, "$unset": res_upd["$unset"]}
+        )
         if r.matched_count != 1:
             self._drop_res_file(fid)
             logger.warning("task %s: commit of attempt %s refused, its lease was taken over", oid, task["attempt"])
             return False
-        if old and old.get("res_file") is not None and old.get("res_file") != fid:
-            self._drop_res_file(old["res_file"])
+        if old and result_file(old) is not None and result_file(old) != fid:
+            self._drop_res_file(result_file(old))
         return True
 
     def fail(self, task: dict, error: str, permanent: bool = False) -> str | None:
@@ -410,9 +412,13 @@ class Leases:
                 )
             return
         oid = to_object_id(task)
-        res_set, _ = self._encode_res(res, oid)
+        res_upd, _ = self._encode_res(res, oid)
         self._journaled.update_one(
-            {"_id": oid}, {"$set": {**res_set, "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()}}
+            {"_id": oid},
+            {
+                "$set": {**res_upd["$set"], "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()},
+                "$unset": res_upd["$unset"],
+            },
         )
 
     def return_task(self, task: dict, status: str = st.WAITING) -> None:

@@ -3,7 +3,7 @@
 A task document::
 
     {_id, def: <pickle>, filter: <normalised def>, filter_hash: <sha256>, status,
-     res: <pickle> | None, res_file: <GridFS id> | None, priority, attempt, attempt_base,
+     res: <pickle> | gridfs_result: <GridFS id> (absent until committed), priority, attempt, attempt_base,
      max_attempts, lease_until, worker, claimed_from, error, batch_ids: [...],
      created_at, updated_at, started_at, finished_at, published_at}
 
@@ -18,7 +18,11 @@ What differs from Qlib:
 * ``recover_expired`` returns crashed workers' tasks to ``waiting`` (or ``failed`` once
   ``max_attempts`` is used up), which Qlib leaves ``running`` forever;
 * ``def``/``res`` are decoded through an allow-listing unpickler and big results live
-  in GridFS; ``task_stat`` is one aggregation and ``wait`` polls counts, not documents.
+  in GridFS; ``task_stat`` is one aggregation and ``wait`` polls counts, not documents;
+* the pool stays readable by Qlib's own ``TaskManager``, which unpickles every field whose
+  name starts with ``def`` or ``res``: ``res`` is absent until a result is committed (not
+  ``None``), and a result kept in GridFS is named by ``gridfs_result`` (``res_file`` before,
+  still read).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from .instance import check_task_names
 from .lease import RESEND, Heartbeat, Leases, claims_in_two_steps, utcnow, worker_name
 from .serial import dumps, restricted_loads
 from .settings import Settings, load_settings
-from .store import RESULT_BUCKET, database, result_fs, scans_find_and_modify, to_object_id
+from .store import LEGACY_RESULT_FILE, RESULT_BUCKET, RESULT_FILE, database, result_file, result_fs, scans_find_and_modify, to_object_id
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,8 @@ _INDEXES = [
     # a batch's tasks by status, and its window (dispatched = published_at set): qcelery.dispatch
     pymongo.IndexModel([("batch_ids", 1), ("status", 1), ("published_at", 1)], name="batch_window"),
 ]
+#: the tasks whose result is a GridFS file (under either field name)
+_REFERS_TO_FILE = {"$or": [{RESULT_FILE: {"$ne": None}}, {LEGACY_RESULT_FILE: {"$ne": None}}]}
 # SecantusDB answers a large $in in quadratic time; small chunks keep lookups linear
 _LOOKUP_CHUNK = 100
 # server codes meaning "this query is malformed": BadValue, FailedToParse, TypeMismatch,
@@ -191,7 +197,7 @@ class TaskManager(Leases):
                 fhash = f"duplicate:{d['_id']}"
             seen[fhash] = d["_id"]
             fields: dict[str, Any] = {
-                "filter_hash": fhash, "res_file": None, "priority": d.get("priority", 0), "attempt": 0, "attempt_base": 0,
+                "filter_hash": fhash, "priority": d.get("priority", 0), "attempt": 0, "attempt_base": 0,
                 "max_attempts": settings.max_attempts, "lease_until": None, "worker": None, "claimed_from": None, "error": None,
                 "batch_ids": [], "created_at": now, "updated_at": now, "started_at": None, "finished_at": None, "published_at": None,
             }  # fmt: skip
@@ -258,18 +264,21 @@ class TaskManager(Leases):
             return None
         task = dict(task)
         task["def"] = self._decode_field(task, "def")
-        if task.get("res_file") is not None:
+        fid = result_file(task)
+        if fid is not None:
             try:
-                raw = result_fs(self.db).get(task["res_file"]).read()
+                raw = result_fs(self.db).get(fid).read()
             except Exception as exc:
-                raise DecodeError(f"task {task['_id']} in pool {self.name!r}: result file {task['res_file']} unreadable: {exc}") from exc
+                raise DecodeError(f"task {task['_id']} in pool {self.name!r}: result file {fid} unreadable: {exc}") from exc
             task["res"] = raw
         task["res"] = self._decode_field(task, "res")
         return task
 
     def _encode_res(self, res: Any, task_id: ObjectId) -> tuple[dict, ObjectId | None]:
-        """The ``$set`` part for a result, and the GridFS file written (to undo on a lost race).
-        A result that cannot be pickled raises :class:`ResultEncodeError` before anything is written."""
+        """The update (``$set`` and ``$unset``) storing a result, and the GridFS file written
+        (to undo on a lost race). The field not used is unset, never ``None`` (Qlib would
+        unpickle a ``res: None``). A result that cannot be pickled raises
+        :class:`ResultEncodeError` before anything is written."""
         try:
             data = dumps(res)
         except Exception as exc:  # pickling runs the result's own code (__reduce__, __getstate__)
@@ -279,8 +288,8 @@ class TaskManager(Leases):
             ) from exc
         if len(data) > self.settings.gridfs_threshold:
             fid = result_fs(self.db).put(data, task_id=task_id, pool=self.name)
-            return {"res": None, "res_file": fid}, fid
-        return {"res": Binary(data), "res_file": None}, None
+            return {"$set": {RESULT_FILE: fid}, "$unset": {"res": "", LEGACY_RESULT_FILE: ""}}, fid
+        return {"$set": {"res": Binary(data)}, "$unset": {RESULT_FILE: "", LEGACY_RESULT_FILE: ""}}, None
 
     def _drop_res_file(self, fid: Any) -> None:
         if fid is not None:
@@ -301,7 +310,7 @@ class TaskManager(Leases):
             return 0
         # one pass over the pool's references (read after the files: a file referenced
         # meanwhile is kept), not one query per chunk of files
-        used = {d["res_file"] for d in self.task_pool.find({"res_file": {"$ne": None}}, {"res_file": 1})}
+        used = {result_file(d) for d in self.task_pool.find(_REFERS_TO_FILE, {RESULT_FILE: 1, LEGACY_RESULT_FILE: 1})}
         fs = result_fs(self.db)
         dropped = 0
         for fid in old:
@@ -376,8 +385,6 @@ class TaskManager(Leases):
             "filter": filt,
             "filter_hash": fhash,
             "status": st.WAITING,
-            "res": None,
-            "res_file": None,
             "priority": 0,
             "attempt": 0,
             "attempt_base": 0,
@@ -585,6 +592,8 @@ class TaskManager(Leases):
         else:  # keep the task's hash: a missing one would collide in the unique index
             old = self.task_pool.find_one({"_id": oid}, {"filter_hash": 1}) or {}
             new_task["filter_hash"] = old.get("filter_hash") or f"unfiltered:{oid}"
+        if "res" in new_task and new_task["res"] is None:
+            del new_task["res"]  # absent, not None: Qlib's TaskManager unpickles every res* field
         if new_task.get("res") is not None and not isinstance(new_task["res"], (bytes, Binary)):
             new_task["res"] = Binary(dumps(new_task["res"]))
         new_task["updated_at"] = utcnow()
@@ -600,7 +609,7 @@ class TaskManager(Leases):
         """Delete the tasks matching ``query`` (and their GridFS results); returns how many."""
         q = self._decode_query(query)
         with self._server_checks(query):
-            fids = [d["res_file"] for d in self.task_pool.find({**q, "res_file": {"$ne": None}}, {"res_file": 1})]
+            fids = [result_file(d) for d in self.task_pool.find({"$and": [q, _REFERS_TO_FILE]}, {RESULT_FILE: 1, LEGACY_RESULT_FILE: 1})]
             n = self.task_pool.delete_many(q).deleted_count
         for fid in fids:
             self._drop_res_file(fid)

@@ -20,7 +20,8 @@ calendar (:func:`provider_calendar`), as Qlib's ``RollingGen`` does through
 While a task trains, Qlib's ``R`` is the task's run (:func:`qlib_run`): what Qlib's models
 and records log through ``R`` (LightGBM's ``l2.train`` curves, ``R.save_objects``) lands
 in the MLflow run qcelery made for the task, on its tracking URI, and no ``./mlruns`` or
-second run appears.
+second run appears. Qlib's recorder writes synchronously there (:func:`_log_synchronously`),
+so its writes and those of Qlib's records through qcelery's recorder come in program order.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def qlib_run(rec: Recorder) -> Iterator[None]:
     from qlib.workflow.recorder import Recorder as QlibRecorder
 
     with _process_tracking_uri_kept(), R.start(experiment_id=rec.experiment_id, recorder_id=rec.id, uri=rec.uri, resume=True):
+        _log_synchronously(R.get_recorder())
         try:
             yield
         except BaseException as exc:
@@ -184,6 +186,19 @@ def qlib_run(rec: Recorder) -> Iterator[None]:
             if not isinstance(exc, Exception):
                 R.end_exp(QlibRecorder.STATUS_FA)
             raise
+
+
+def _log_synchronously(qlib_recorder: Any) -> None:
+    """Make Qlib's recorder write at once instead of from its background thread (its
+    ``async_log`` queue). Qlib's records write through qcelery's recorder, not through that
+    queue, so LightGBM's curves still in flight there would race with them on the same run (a
+    file store then reads a half-written metric file: "Metric 'l2.valid' is malformed");
+    written at once, every write to the task's run happens in program order, as in Qlib,
+    where both went through the one queue."""
+    caller = getattr(qlib_recorder, "async_log", None)
+    if caller is not None:
+        caller.wait()  # nothing is queued yet: this only ends its thread
+        qlib_recorder.async_log = None
 
 
 @contextlib.contextmanager

@@ -16,9 +16,11 @@ caller's (``settings.allowed_modules`` / ``QCELERY_ALLOWED_MODULES``).
 
 * From the **default** modules (qcelery, qlib, lightgbm, xgboost, catboost, sklearn,
   torch, numpy, pandas and the standard data types) a pickle may load classes,
-  constants, numpy ufuncs and the
+  constants, numpy ufuncs, the
   helpers pickles are rebuilt with (``_reconstruct``, ``_unpickle_block``,
-  ``__pyx_unpickle_*``...), never another function: ``numpy.savetxt``,
+  ``__pyx_unpickle_*``...) and the few data functions fitted objects keep (Qlib's
+  ``zscore`` / ``robust_zscore``, held by a fitted handler's ``CSZScoreNorm``), never
+  another function: ``numpy.savetxt``,
   ``pandas.read_csv`` or ``qcelery.worker.resolve`` would let a pickle write files
   or import code. Sub-modules that read or write files or run code
   (``pandas.io``, ``numpy.f2py``, ``numpy.testing``, qcelery's server modules...)
@@ -266,6 +268,10 @@ _RECONSTRUCTORS = frozenset(
         ("pytz", "_UTC"),
     }
 )
+#: functions of the default modules that fitted objects keep as attributes, so their pickles
+#: name them; each read and found to compute on the data it is given, nothing else (Qlib's
+#: ``CSZScoreNorm`` processor, in every fitted ``Alpha158`` / ``Alpha360``, keeps one)
+_DATA_FUNCTIONS = frozenset({("qlib.utils.data", "zscore"), ("qlib.utils.data", "robust_zscore")})
 #: Cython's generated rebuilders (``__pyx_unpickle_X(type, checksum, state)`` makes an X
 #: with ``X.__new__`` and sets its fields)
 _CYTHON_RECONSTRUCTOR = re.compile(r"^__pyx_unpickle_\w+$")
@@ -396,7 +402,7 @@ def _decide(policy: _Policy, module: str, name: str) -> tuple[Any, str | None]:
         return obj, None  # an enum member
     if len(parts) > 1 and getattr(obj, "__self__", None) is owner and (owner.__module__, name) in _RECONSTRUCTOR_METHODS:
         return obj, None
-    if len(parts) == 1 and ((module, name) in _RECONSTRUCTORS or _CYTHON_RECONSTRUCTOR.match(name)):
+    if len(parts) == 1 and ((module, name) in _RECONSTRUCTORS or (module, name) in _DATA_FUNCTIONS or _CYTHON_RECONSTRUCTOR.match(name)):
         return obj, None
     return None, (
         f"{module!r} is allowed for its classes, constants and pickle reconstruction helpers, not for its other functions and methods"

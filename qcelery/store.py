@@ -29,6 +29,13 @@ _LOCK = threading.Lock()
 RESULT_BUCKET = "qcelery_res"
 #: prefix of the collections qcelery keeps beside the task pools
 INTERNAL_PREFIX = "qcelery_"
+#: the task field holding the GridFS id of a result kept in :data:`RESULT_BUCKET`. Its name
+#: starts with neither ``def`` nor ``res``: Qlib's ``TaskManager`` unpickles every field that
+#: does, so a pool qcelery writes stays readable by Qlib (which sees no ``res`` for such a task)
+RESULT_FILE = "gridfs_result"
+#: the name of that field before (documents committed then are still read, and rewritten
+#: under :data:`RESULT_FILE` by their next commit)
+LEGACY_RESULT_FILE = "res_file"
 
 
 def to_object_id(value: Any) -> ObjectId:
@@ -118,6 +125,12 @@ def scans_find_and_modify(settings: Settings) -> bool:
 
 def result_fs(db: Database) -> gridfs.GridFS:
     return gridfs.GridFS(db, collection=RESULT_BUCKET)
+
+
+def result_file(task: Mapping[str, Any]) -> Any:
+    """The GridFS id of a task document's result (under either field name), or ``None``."""
+    fid = task.get(RESULT_FILE)
+    return fid if fid is not None else task.get(LEGACY_RESULT_FILE)
 
 
 def close_all() -> None:

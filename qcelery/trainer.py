@@ -19,6 +19,11 @@ Differences from Qlib:
   plus ``model`` and ``test_start`` / ``test_end``, so a run leads back to its task;
 * a run whose training raised ends ``FAILED`` with tag ``qcelery.error``; a record
   that raises is reported as :class:`~qcelery.records.RecordError` naming it;
+* records are built by Qlib's rule (``recorder=`` the task's recorder, ``model`` /
+  ``dataset`` to those that take them); one without ``module_path`` is Qlib's
+  (``qlib.workflow.record_temp``) in a task whose model or dataset is Qlib's, else
+  qcelery's (:mod:`qcelery.records`). Qlib's own records (``SignalRecord``,
+  ``SigAnaRecord``, ``PortAnaRecord`` with its backtest) run unchanged on qcelery's recorder;
 * the pull loop of :class:`TrainerRM` records a task that raises as failed (retried
   up to ``settings.max_attempts``, then ``failed`` with its traceback in ``error``)
   and goes on with the next task, where Qlib's ``run_task`` stops the worker with the
@@ -59,6 +64,8 @@ __all__ = [
 
 #: tag set on a run whose training raised (the first line of the error)
 ERROR_TAG = "qcelery.error"
+#: where Qlib's ``task_train`` looks for a record config's class without ``module_path``
+_QLIB_RECORDS = "qlib.workflow.record_temp"
 
 
 # --------------------------------------------------------------------- tasks
@@ -124,15 +131,31 @@ def _build_and_train(rec: Recorder, task_config: Mapping[str, Any], settings: Se
     records = filled.get("record") or []
     if isinstance(records, Mapping):
         records = [records]
+    default_module = _default_record_module(task_config)
     for i, record in enumerate(records):
         name = record.get("class", "?") if isinstance(record, Mapping) else type(record).__name__
         try:
+            # Qlib's rule: recorder always, model and dataset to the records that take them
             r = init_instance_by_config(
-                record, default_module="qcelery.records", recorder=rec, try_kwargs={"model": model, "dataset": dataset}
+                record, default_module=default_module, recorder=rec, try_kwargs={"model": model, "dataset": dataset}
             )
             r.generate()
         except Exception as exc:
             raise RecordError(f"record #{i} {name} of run {rec.id} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _default_record_module(task_config: Mapping[str, Any]) -> str:
+    """Where a record config without ``module_path`` is looked up: Qlib's records (Qlib's own
+    default) for a task whose model or dataset is Qlib's, qcelery's otherwise. Decided by the
+    task alone, so a task resolves the same on every worker, whatever ran there before."""
+    for section in ("model", "dataset"):
+        config = task_config.get(section)
+        if isinstance(config, Mapping):
+            klass, module = config.get("class"), config.get("module_path")
+            named = module if isinstance(module, str) and module else klass.rpartition(".")[0] if isinstance(klass, str) else ""
+            if named == "qlib" or str(named).startswith("qlib."):
+                return _QLIB_RECORDS
+    return "qcelery.records"
 
 
 def _fail_run(rec: Recorder, exc: BaseException) -> None:
@@ -379,6 +402,8 @@ def work_on_pool(
     query: dict | None = None,
     before_status: str = st.WAITING,
     after_status: str = st.DONE,
+    *,
+    qlib_init: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> int:
     """The pull loop of :class:`TrainerRM` workers; returns how many tasks it ran.
@@ -387,9 +412,14 @@ def work_on_pool(
     but a task that raises is recorded with :meth:`TaskManager.fail` (back to
     ``before_status`` while attempts remain, else ``failed``) and the loop goes on.
     ``task_func`` also gets ``settings`` and ``tags`` (``pool``, ``task_id``) when it
-    takes them.
+    takes them. With ``qlib_init``, Qlib is initialised in this process before the first
+    task (once per process and config, as a Celery worker does for a batch); a provider
+    that is not there raises before any task is fetched.
     """
     from .manage import pull_tasks
+
+    if qlib_init is not None:
+        ensure_qlib_init(qlib_init, manager.settings.allowed_modules, where=f"worker of pool {manager.name!r}")
 
     def task_kwargs(task: dict) -> dict:
         tags = {"pool": manager.name, "task_id": str(task["_id"])}
@@ -406,6 +436,9 @@ class TrainerRM(Trainer):
     task order, tagged with ``pool`` / ``task_id`` / ``_id in TaskManager``. Any number
     of ``worker()`` calls, in other processes or machines, share the work.
     ``task_pool`` is a pool name (default: the experiment name) or a ``TaskManager``.
+    ``qlib_init`` (``qlib.init``'s keyword arguments) initialises Qlib in each process that
+    runs the pull loop (``train`` here, ``worker()`` anywhere) before its first task, once
+    per process and config; checked against the allow-list first.
     """
 
     STATUS_KEY = "train_status"
@@ -422,6 +455,7 @@ class TrainerRM(Trainer):
         default_rec_name: str | None = None,
         *,
         settings: Settings | None = None,
+        qlib_init: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.experiment_name = experiment_name
@@ -434,6 +468,7 @@ class TrainerRM(Trainer):
         else:
             self.settings = settings or load_settings()
             self.task_pool = task_pool
+        self.qlib_init = None if qlib_init is None else check_qlib_init(qlib_init, self.settings.allowed_modules, where=type(self).__name__)
 
     def manager(self, experiment_name: str | None = None) -> Any:
         from .manage import TaskManager
@@ -471,6 +506,7 @@ class TrainerRM(Trainer):
                 after_status,
                 experiment_name=experiment_name,
                 recorder_name=default_rec_name or self.default_rec_name,
+                qlib_init=self.qlib_init,
                 **kwargs,
             )
         if not self.is_delay():
@@ -508,7 +544,9 @@ class TrainerRM(Trainer):
     def worker(self, train_func: Callable | None = None, experiment_name: str | None = None) -> int:
         """Train waiting tasks of the pool until none is left; returns how many ran."""
         experiment_name = experiment_name or self.experiment_name
-        return work_on_pool(train_func or self.train_func, self.manager(experiment_name), experiment_name=experiment_name)
+        return work_on_pool(
+            train_func or self.train_func, self.manager(experiment_name), experiment_name=experiment_name, qlib_init=self.qlib_init
+        )
 
     def has_worker(self) -> bool:
         return True
@@ -557,7 +595,9 @@ class DelayTrainerRM(TrainerRM):
             ids.append(task_id)
         query = {"_id": {"$in": ids}}
         if not self.skip_run_task:
-            work_on_pool(end_train_func, tm, query, st.PART_DONE, st.DONE, experiment_name=experiment_name, **kwargs)
+            work_on_pool(
+                end_train_func, tm, query, st.PART_DONE, st.DONE, experiment_name=experiment_name, qlib_init=self.qlib_init, **kwargs
+            )
         tm.wait(query=query, progress=False)
         return self._recorders(tm, ids, self.STATUS_END)
 
@@ -568,6 +608,7 @@ class DelayTrainerRM(TrainerRM):
             self.manager(experiment_name),
             before_status=st.PART_DONE,
             experiment_name=experiment_name,
+            qlib_init=self.qlib_init,
         )
 
 

@@ -82,8 +82,7 @@ class TrainerCelery(TrainerRM):
         qlib_init: dict | None = None,
     ):
         # a dotted path too: the workers import it, this process never calls it
-        super().__init__(experiment_name, task_pool, train_func, settings=settings)  # type: ignore[arg-type]
-        self.qlib_init = qlib_init
+        super().__init__(experiment_name, task_pool, train_func, settings=settings, qlib_init=qlib_init)  # type: ignore[arg-type]
         self.queue, self.priority, self.aggregate = queue, priority, aggregate
         self.wait_aggregated, self.timeout = wait_aggregated, timeout
         self.last_batch_id: str | None = None

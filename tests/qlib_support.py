@@ -8,6 +8,7 @@ name, by the workers (the tests put this directory on the workers' ``PYTHONPATH`
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,34 @@ def r_task(seed: int = 0) -> dict:
         },
         "record": [{"class": "QlibRecorderProbe", "module_path": "qlib_support"}],
     }
+
+
+def seed_task(task_def: dict, **_: Any) -> dict:
+    """A task function that trains nothing: the seed of the task's model, and who ran it
+    (the pool tests need tasks served, not models)."""
+    return {"seed": task_def["model"]["kwargs"]["seed"], "pid": os.getpid()}
+
+
+def qlib_pool_task(seed: int) -> dict:
+    """A task definition as a Qlib script puts it in Qlib's TaskManager (plain values only:
+    Qlib stores it as the queryable ``filter`` too)."""
+    return {
+        "model": {"class": "LGBModel", "module_path": "qlib.contrib.model.gbdt", "kwargs": {"loss": "mse", "seed": seed}},
+        "dataset": {
+            "class": "DatasetH",
+            "module_path": "qlib.data.dataset",
+            "kwargs": {"segments": {"test": ["2023-01-03", "2023-03-31"]}},
+        },
+    }
+
+
+class SlowCountingHandler:
+    """A handler that appends a line (its pid) to ``count_file`` on every construction, then
+    takes as many seconds to build as ``delay_file`` says (read at construction, so a test can
+    shorten a build that is not started yet without changing the handler's config)."""
+
+    def __init__(self, count_file: str, delay_file: str):
+        with open(count_file, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(float(Path(delay_file).read_text()))
+        self.value = 42

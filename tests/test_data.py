@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import time
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 
 from qcelery.calendar import default_calendar
 from qcelery.data import DatasetH, HandlerCache, SyntheticAlphaHandler, handler_key, replace_task_handler_with_cache
-from qcelery.data.cache import BUCKET, clear_memory
+from qcelery.data.cache import BUCKET, BUILDS, clear_memory
 from qcelery.data.features import alpha_features, next_day_return_label
 from qcelery.errors import ConfigError, TaskTypeError
 
@@ -218,3 +219,72 @@ def test_a_feature_with_no_value_in_the_fit_period_is_left_unscaled_and_named(tm
     later = raw["roe"].notna()
     np.testing.assert_allclose(learn.loc[later, "roe"].to_numpy(), raw.loc[later, "roe"].clip(-3, 3).to_numpy(), rtol=1e-6)
     assert "no value of roe in the fit period" in caplog.text
+
+
+# ------------------------------------------------------------------ one build per cluster
+def _get_together(settings, config, barrier, out) -> None:
+    cache = HandlerCache(settings)
+    barrier.wait(timeout=120)  # every process misses the cache at the same moment
+    handler = cache.get(config)
+    out.put((dict(cache.stats), handler.value))
+
+
+def _get_alone(settings, config, out) -> None:
+    cache = HandlerCache(settings)
+    handler = cache.get(config)
+    out.put((dict(cache.stats), handler.value))
+
+
+@pytest.fixture
+def slow_handler(settings, tmp_path):
+    """Settings admitting the tests' slow handler, its config, the file counting its builds
+    and the file holding its build time."""
+    count, delay = tmp_path / "builds", tmp_path / "delay"
+    delay.write_text("3")
+    config = {"class": "SlowCountingHandler", "module_path": "qlib_support", "kwargs": {"count_file": str(count), "delay_file": str(delay)}}
+    return settings.model_copy(update={"allowed_modules": ["qlib_support"]}), config, count, delay
+
+
+def _builds(count) -> int:
+    return len(count.read_text().split()) if count.exists() else 0
+
+
+def test_workers_missing_the_cache_at_once_build_the_handler_once(slow_handler, mongo_db):
+    settings, config, count, _ = slow_handler
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_get_together, args=(settings, config, barrier, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert _builds(count) == 1
+    stats = sorted((s.get("built", 0), s.get("waited", 0)) for s, _ in results)
+    assert stats == [(0, 1), (0, 1), (1, 0)]  # one built it, the two others waited for its copy
+    assert [value for _, value in results] == [42, 42, 42]
+    assert mongo_db[BUILDS].count_documents({}) == 0  # the build lease is released
+
+
+def test_a_build_whose_worker_died_is_taken_over_once_its_lease_runs_out(slow_handler, mongo_db):
+    settings, config, count, delay = slow_handler
+    delay.write_text("600")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    dying = ctx.Process(target=_get_alone, args=(settings, config, out))
+    dying.start()
+    deadline = time.monotonic() + 120
+    while mongo_db[BUILDS].count_documents({}) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _builds(count) == 1, "the first worker never started its build"
+    waiting = ctx.Process(target=_get_alone, args=(settings, config, out))
+    waiting.start()
+    time.sleep(2)  # the second worker finds the build under way and waits for it
+    delay.write_text("0.1")
+    dying.kill()
+    dying.join(timeout=30)
+
+    stats, value = out.get(timeout=120)  # after at most one lease (6 s in the tests' settings)
+    waiting.join(timeout=30)
+    assert (stats, value) == ({"built": 1}, 42) and _builds(count) == 2
+    assert mongo_db[BUILDS].count_documents({}) == 0

@@ -24,8 +24,9 @@ from pymongo import monitoring
 
 from qcelery.errors import LeaseLostError, TaskDefinitionError, TaskNotFoundError, UnsafePickleError
 from qcelery.manage import Heartbeat, TaskManager, format_exception, run_task, to_object_id, utcnow
+from qcelery.serial import dumps
 from qcelery.settings import Settings
-from qcelery.store import RESULT_BUCKET, scans_find_and_modify
+from qcelery.store import RESULT_BUCKET, result_fs, scans_find_and_modify
 
 
 def task_def(i: int, model: str = "LinearModel") -> dict:
@@ -646,19 +647,39 @@ def test_big_results_go_to_gridfs_and_come_back(settings, mongo_db):
     big = pd.DataFrame({"score": np.arange(5000, dtype=float)})
     assert tm.commit(tm.claim(_id), big, "part_done")
     raw = tm.get_raw(_id)
-    assert raw["res"] is None and raw["res_file"] is not None
+    # no res field at all (Qlib's TaskManager would unpickle a None), the file under a name
+    # Qlib does not decode (it unpickles every field starting with 'def' or 'res')
+    assert "res" not in raw and raw["gridfs_result"] is not None
+    assert not [k for k in raw if k.startswith(("def", "res")) and k not in ("def",)]
     pd.testing.assert_frame_equal(tm.re_query(_id)["res"], big)
     files = mongo_db[f"{RESULT_BUCKET}.files"]
     assert files.count_documents({}) == 1
     # a new result replaces the file; a small one lives in the document again
     assert tm.commit(tm.claim(_id, before_status="part_done"), {"small": 1})
     assert tm.re_query(_id)["res"] == {"small": 1}
+    assert "gridfs_result" not in tm.get_raw(_id)
     assert files.count_documents({}) == 0
     _id2 = tm.create_task([task_def(1)])[0]
     tm.commit(tm.claim(_id2), big)
     assert files.count_documents({}) == 1
     tm.remove({"_id": _id2})
     assert files.count_documents({}) == 0
+
+
+def test_a_result_file_under_the_old_field_name_is_still_read_kept_and_replaced(settings, mongo_db):
+    """Pools committed before the rename keep ``res_file: <id>, res: None``: read as before,
+    never collected as orphans, and rewritten under the new names by the next commit."""
+    tm = TaskManager("pool", settings.model_copy(update={"gridfs_threshold": 1000}))
+    _id = tm.create_task([task_def(0)])[0]
+    fid = result_fs(mongo_db).put(dumps(np.arange(3_000.0)), task_id=_id, pool="pool")
+    tm.task_pool.update_one({"_id": _id}, {"$set": {"status": "part_done", "res": None, "res_file": fid}})
+    np.testing.assert_array_equal(tm.re_query(_id)["res"], np.arange(3_000.0))
+    assert tm.drop_orphan_result_files(older_than=0) == 0
+
+    assert tm.commit(tm.claim(_id, before_status="part_done"), {"small": 1})
+    raw = tm.get_raw(_id)
+    assert "res_file" not in raw and "gridfs_result" not in raw and tm.re_query(_id)["res"] == {"small": 1}
+    assert mongo_db[f"{RESULT_BUCKET}.files"].count_documents({}) == 0  # the old file went with its reference
 
 
 @each_claim_path
@@ -688,7 +709,7 @@ def test_result_files_left_by_interrupted_commits_are_collected_once_old(setting
 
     assert tm.drop_orphan_result_files(older_than=3600) == 0  # its commit may still be under way
     assert tm.drop_orphan_result_files(older_than=0) == 1
-    assert {f["_id"] for f in files.find()} == {tm.get_raw(kept)["res_file"], foreign_orphan}
+    assert {f["_id"] for f in files.find()} == {tm.get_raw(kept)["gridfs_result"], foreign_orphan}
     assert orphan not in {f["_id"] for f in files.find()}
     np.testing.assert_array_equal(tm.re_query(kept)["res"], np.ones(5_000))
 

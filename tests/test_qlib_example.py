@@ -28,10 +28,12 @@ def test_qlib_benchmark_config_runs_on_the_synthetic_provider(settings, tmp_path
     qlib_init = yaml.safe_load(text)["qlib_init"]
 
     tasks = task_generator(*load_workflow(workflow, settings=settings))
-    # rolled on the provider's calendar: 2023 in windows of 120 of its trading days
+    # rolled on the provider's calendar: 2023 in windows of 80 of its trading days
     days = list(provider_calendar(qlib_init).dates)
     first = days.index(pd.Timestamp("2023-01-03"))
-    assert [t["dataset"]["kwargs"]["segments"]["test"][0] for t in tasks] == [days[first], days[first + 120], days[first + 240]]
+    assert [t["dataset"]["kwargs"]["segments"]["test"][0] for t in tasks] == [days[first], days[first + 80], days[first + 160]]
+    # the last window ends before the data does: PortAnaRecord's backtest trades the next day
+    assert tasks[-1]["dataset"]["kwargs"]["segments"]["test"][1] < days[-1]
 
     recs = TrainerR("qlib_lightgbm_alpha158", settings=settings, qlib_init=qlib_init).train(tasks[:1])
     assert recs[0].status == Recorder.STATUS_FI
@@ -41,7 +43,9 @@ def test_qlib_benchmark_config_runs_on_the_synthetic_provider(settings, tmp_path
     metrics = recs[0].client.get_run(recs[0].id).data.metrics
     # LightGBM's training curves, logged by Qlib's LGBModel through R, are on the task's run
     assert {"l2.train", "l2.valid"} <= set(metrics), sorted(metrics)
-    assert {"IC", "Rank IC"} <= set(metrics)  # qcelery's SigAnaRecord on the Qlib model's predictions
+    # Qlib's own SigAnaRecord and PortAnaRecord (TopkDropoutStrategy backtest) on qcelery's recorder
+    assert {"IC", "Rank IC", "1day.excess_return_with_cost.annualized_return"} <= set(metrics)
+    assert "portfolio_analysis/port_analysis_1day.pkl" in recs[0].list_artifacts("portfolio_analysis")
 
 
 def test_qlib_benchmark_config_on_a_celery_worker(settings, tmp_path):
@@ -72,5 +76,7 @@ def test_qlib_benchmark_config_on_a_celery_worker(settings, tmp_path):
         cluster.procs.clear()
     assert [r.status for r in recs] == [Recorder.STATUS_FI] * 2
     for rec in recs:
-        assert {"l2.train", "l2.valid", "IC"} <= set(rec.client.get_run(rec.id).data.metrics)
+        assert {"l2.train", "l2.valid", "IC", "1day.excess_return_with_cost.annualized_return"} <= set(
+            rec.client.get_run(rec.id).data.metrics
+        )
         assert len(rec.load_object("pred.pkl")) > 0

@@ -30,7 +30,7 @@ from qcelery.gen import task_generator
 from qcelery.manage import TaskManager
 from qcelery.producer import enqueue
 from qcelery.qlib_bridge import init_count
-from qcelery.trainer import DelayTrainerR, TrainerR
+from qcelery.trainer import DelayTrainerR, DelayTrainerRM, TrainerR, TrainerRM
 
 TESTS = Path(__file__).resolve().parent
 
@@ -152,6 +152,43 @@ def test_delay_trainer_r_initialises_qlib_for_end_train(settings, tmp_path):
     trainer = DelayTrainerR("qlib_delay", train_func=_calendar_probe, end_train_func=end, settings=settings, qlib_init=qlib_init)
     trainer.end_train(trainer.train([{"key": "d"}]))
     assert seen == [27]
+
+
+def test_pool_trainers_initialise_qlib_once_for_their_pull_loops(settings, tmp_path):
+    """TrainerRM / DelayTrainerRM train in this process through the pool: Qlib is initialised
+    here with their qlib_init before the first task, once for all tasks and phases."""
+    qlib_init = _provider(tmp_path / "provider", 29, close_start=1.0)
+    before = init_count()
+    recs = TrainerRM("qlib_rm", task_pool="qlib_rm", train_func=_calendar_probe, settings=settings, qlib_init=qlib_init).train(
+        [{"key": "a"}, {"key": "b"}]
+    )
+    assert [r.list_tags()["qlib_calendar"] for r in recs] == ["29", "29"]
+    assert init_count() == before + 1
+
+    other = _provider(tmp_path / "other", 31, close_start=1.0)
+    seen: list[int] = []
+
+    def end(rec, experiment_name, **_):
+        from qlib.data import D
+
+        seen.append(len(D.calendar()))
+        return rec
+
+    delay = DelayTrainerRM(
+        "qlib_drm", task_pool="qlib_drm", train_func=_calendar_probe, end_train_func=end, settings=settings, qlib_init=other
+    )
+    recs = delay.train([{"key": "c"}, {"key": "d"}])
+    assert [r.list_tags()["qlib_calendar"] for r in recs] == ["31", "31"]
+    delay.end_train(recs)
+    assert seen == [31, 31] and init_count() == before + 2
+
+    # worker() where this process' Qlib has another config (the delay trainer's) initialises it again
+    tm = TaskManager("qlib_rm", settings)
+    (task_id,) = tm.create_task([{"key": "e"}])
+    worker = TrainerRM("qlib_rm", task_pool="qlib_rm", train_func=_calendar_probe, settings=settings, qlib_init=qlib_init)
+    assert worker.worker() == 1
+    assert init_count() == before + 3
+    assert tm.re_query(task_id)["res"].list_tags()["qlib_calendar"] == "29"
 
 
 def test_trainer_refuses_qlib_init_outside_allow_list(settings, tmp_path):

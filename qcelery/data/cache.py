@@ -12,9 +12,13 @@ With ``cache_dir`` (Qlib's argument) a directory is a cache layer too, between t
 process' memory and GridFS: handlers are pickled there as ``<key>.pkl`` (and decoded
 through the same restricted unpickler), useful without a Mongo server or on a shared disk.
 
-Two workers that miss the cache at the same moment both build and both store: the
-copies are identical and either is used. Change :data:`DATA_VERSION` when the data a
-handler produces changes, so old entries are no longer found.
+One build per configuration for the whole cluster: a worker that misses the cache takes a
+build lease on the key (a document in ``qcelery_handler_builds``, kept alive while it
+builds) and the others that miss meanwhile wait for its copy in GridFS instead of building
+the same handler again; if the builder dies, its lease runs out (``settings.lease_seconds``)
+and a waiting worker takes it over. If its build raises, the lease is released and the next
+worker builds. Change :data:`DATA_VERSION` when the data a handler produces changes, so old
+entries are no longer found.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import datetime as _dt
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,10 @@ __all__ = ["HandlerCache", "handler_key", "replace_task_handler_with_cache", "DA
 
 #: GridFS bucket of the cached handlers
 BUCKET = "handler_cache"
+#: the builds under way: ``{_id: <handler key>, owner: "host:pid", until: <lease end>}``
+BUILDS = "qcelery_handler_builds"
+#: how often a worker waiting for another's build looks for its copy
+_WAIT_POLL = 0.5
 #: part of every key: bump when handlers built from the same config produce other data
 DATA_VERSION = 1
 _LRU_SIZE = 4
@@ -104,7 +114,8 @@ class HandlerCache:
 
     ``settings`` names the Mongo database (and ``allowed_modules``); without it GridFS is
     not used. ``cache_dir`` adds a directory of pickled handlers. ``stats`` counts
-    ``memory`` / ``dir`` / ``store`` hits and ``built`` handlers.
+    ``memory`` / ``dir`` / ``store`` hits and ``built`` handlers (``waited``: store hits
+    that waited for another worker's build).
     """
 
     def __init__(self, settings: Any = None, cache_dir: str | os.PathLike[str] | None = None):
@@ -136,15 +147,88 @@ class HandlerCache:
                 if layer == "store":
                     self._store_file(key, handler)
                 return handler
+        handler = self._build(key, config) if self.settings is None else self._build_once(key, config)
+        self._store_file(key, handler)
+        _remember(key, handler)
+        return handler
+
+    def _build(self, key: str, config: Mapping[str, Any]) -> Any:
         t0 = time.monotonic()
         handler = init_instance_by_config(copy.deepcopy(dict(config)))
         log.info("built handler %s in %.2fs", key, time.monotonic() - t0)
         self.stats["built"] += 1
-        self._store_file(key, handler)
-        if self.settings is not None:
-            self._store(key, handler)
-        _remember(key, handler)
         return handler
+
+    def _build_once(self, key: str, config: Mapping[str, Any]) -> Any:
+        """Build and store the handler under a build lease on ``key``, or, while another
+        worker holds that lease, wait for the copy it stores.
+
+        The builder stores its copy before it releases the lease, and a worker that gets the
+        lease looks in the store once more before building, so a handler is built again only
+        when a builder failed or its lease ran out (it died, or stopped renewing)."""
+        builds = self._builds()
+        lease = float(getattr(self.settings, "lease_seconds", 60.0))
+        waited = False
+        while True:
+            if self._claim_build(builds, key, lease):
+                try:
+                    handler = self._load(key)  # stored between our last look and the claim
+                    if handler is not None:
+                        self.stats["store"] += 1
+                        return handler
+                    with self._build_lease_kept(builds, key, lease):
+                        handler = self._build(key, config)
+                        self._store(key, handler)
+                    return handler
+                finally:
+                    builds.delete_one({"_id": key, "owner": _owner()})
+            if not waited:
+                log.info("handler %s is being built by %s; waiting for its copy", key, (builds.find_one({"_id": key}) or {}).get("owner"))
+                waited = True
+            time.sleep(_WAIT_POLL)
+            handler = self._load(key)
+            if handler is not None:
+                self.stats["store"] += 1
+                self.stats["waited"] += 1
+                return handler
+
+    def _builds(self) -> Any:
+        from ..store import database
+
+        return database(self.settings)[BUILDS]
+
+    @staticmethod
+    def _claim_build(builds: Any, key: str, lease: float) -> bool:
+        """Take the build lease on ``key``: free, or run out (its holder stopped renewing it)."""
+        from pymongo.errors import DuplicateKeyError
+
+        now = _utcnow()
+        until = now + _dt.timedelta(seconds=lease)
+        try:
+            builds.insert_one({"_id": key, "owner": _owner(), "until": until})
+            return True
+        except DuplicateKeyError:
+            taken = builds.update_one({"_id": key, "until": {"$lt": now}}, {"$set": {"owner": _owner(), "until": until}})
+            return bool(taken.modified_count == 1)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _build_lease_kept(builds: Any, key: str, lease: float) -> Iterator[None]:
+        """Renew the build lease every third of it while the block runs (a build may take longer)."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(lease / 3):
+                with contextlib.suppress(Exception):  # the store away for a moment: the next renewal may pass
+                    builds.update_one({"_id": key, "owner": _owner()}, {"$set": {"until": _utcnow() + _dt.timedelta(seconds=lease)}})
+
+        thread = threading.Thread(target=renew, name=f"handler-build-lease-{key}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _decode(self, data: bytes, where: str) -> Any:
         return restricted_loads(data, getattr(self.settings, "allowed_modules", None) or (), context=f"handler cache entry {where}")
@@ -201,6 +285,14 @@ class HandlerCache:
             fs.delete(fid)
         clear_memory()
         return len(ids)
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _pickled(handler: Any) -> bytes:
