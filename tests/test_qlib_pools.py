@@ -75,7 +75,9 @@ def test_a_pool_qlib_filled_is_adopted_served_by_workers_and_deduplicated(server
     finally:
         cluster.stop()
 
-    assert [str(i) for i in batch["task_ids"][:3]] == [str(i) for i in qlib_ids]
+    in_order = tm.create_task(defs)  # the definitions' ids, in order (every one exists: nothing written)
+    assert [str(i) for i in in_order[:3]] == [str(i) for i in qlib_ids]
+    assert all(batch["_id"] in tm.get_raw(i, ["batch_ids"])["batch_ids"] for i in in_order)  # all four are the batch's
     assert tm.task_pool.count_documents({}) == 4  # deduplicated against the adopted tasks: one new task
     assert tm.task_stat() == {"done": 4}
     results = {str(t["_id"]): t["res"] for t in tm.query()}
@@ -88,7 +90,7 @@ def test_a_pool_qlib_filled_is_adopted_served_by_workers_and_deduplicated(server
         assert qlib_tm.task_stat() == {"done": 4}
         assert sorted(t["res"].get("seed", -1) for t in qlib_tm.query()) == [-1, 1, 2, 3]
         # Qlib finds every task by its filter, the new one qcelery inserted too: nothing added
-        assert [str(i) for i in qlib_tm.create_task(defs)] == [str(i) for i in batch["task_ids"]]
+        assert [str(i) for i in qlib_tm.create_task(defs)] == [str(i) for i in in_order]
         assert qlib_tm.task_pool.count_documents({}) == 4
 
 
