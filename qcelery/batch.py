@@ -5,7 +5,25 @@ A batch document lives in ``qcelery_batches`` beside the pools::
     {_id, pool, queue, task_ids, n_tasks, task_func, task_kwargs, qlib_init, before_status,
      after_status, aggregate: {func, kwargs} | None, state: open|aggregating|aggregated,
      created_at, next_check_at, aggregator, aggregating_since, lease_until,
-     aggregate_runs, aggregated_at, summary}
+     aggregate_runs, aggregated_at, summary, counts, counts_moved_at, counts_checked_at}
+
+Progress. ``counts`` holds how many of the batch's tasks are in each status, kept as the
+tasks move (:mod:`qcelery.counts`), so ``progress`` reads one document whatever the
+batch's size. The rule that keeps them exact:
+
+* every single-task transition moves one count, after the task's own update succeeded;
+  bulk operations mark the batches they touched dirty, and the next reader recounts them;
+* readers that show progress (``qcelery status``, ``progress``) read the counters only;
+* readers that wait for the batch (``qcelery wait``, ``TrainerCelery``, the re-checks of
+  ``aggregate``) use :func:`watched_progress`: the counters, confirmed by one real count
+  when they say the batch is finished, when they have not moved for 30 s (then at
+  doubling intervals up to 10 min), or when they are dirty; a count that disagrees
+  repairs them (``$set``, only if they did not move meanwhile);
+* the aggregation itself never trusts them: :func:`verified_outstanding` counts the tasks
+  for real before the batch is aggregated, and repairs the counters from that count.
+
+So a counter left off by a process killed between a task's update and its ``$inc`` is
+wrong for at most one quiet interval of a waiting reader, and never decides anything.
 
 ``state`` moves open -> aggregating -> aggregated, and aggregating -> open when the
 aggregator's lease expired (-> aggregated, with an error, once ``max_runs`` runs began).
@@ -41,6 +59,7 @@ from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.database import Database
 
+from . import counts
 from . import status as st
 from .errors import TaskNotFoundError
 from .manage import TaskManager, to_object_id, utcnow
@@ -105,10 +124,24 @@ def create(
         "aggregated_at": None,
         "aggregate_runs": 0,
         "summary": None,
+        "counts": counts.zero(),  # counts.add below fills them
     }
     ensure_indexes(manager.db)
     manager.db[COLLECTION].insert_one(doc)
+    counts.add(manager.db, bid, _tagged_statuses(manager, unique_ids, inserted))
     return doc, inserted
+
+
+def _tagged_statuses(manager: TaskManager, ids: list[ObjectId], inserted: set[ObjectId]) -> dict[str, int]:
+    """Status counts of the tasks ``ids`` just tagged with a batch: the ``inserted`` ones
+    are waiting, the others are read (in small chunks) in their current status."""
+    stat = {st.WAITING: len(inserted)} if inserted else {}
+    old = [i for i in ids if i not in inserted]
+    for start in range(0, len(old), _TAG_CHUNK):
+        for d in manager.task_pool.find({"_id": {"$in": old[start : start + _TAG_CHUNK]}}, {"status": 1}):
+            s = str(d.get("status"))
+            stat[s] = stat.get(s, 0) + 1
+    return stat
 
 
 def load(db: Database[dict[str, Any]], batch_id: Any) -> dict:
@@ -124,14 +157,26 @@ def final_statuses(batch: dict) -> tuple[str, ...]:
 
 
 def progress(manager: TaskManager, batch: dict) -> dict[str, int]:
-    """Counts by status of the batch's tasks (one aggregation on the batch index)."""
-    return manager.task_stat({"batch_ids": batch["_id"]})
+    """Counts by status of the batch's tasks, from its counters: one read of the batch
+    document, whatever its size (see the module docstring for when they are recounted)."""
+    return counts.read(manager, batch, confirm=False)
 
 
-def outstanding(manager: TaskManager, batch: dict) -> int:
-    stat = progress(manager, batch)
-    final = final_statuses(batch)
-    return sum(n for s, n in stat.items() if s not in final)
+def watched_progress(manager: TaskManager, batch: dict, quiet: float = counts.QUIET_SECONDS) -> dict[str, int]:
+    """:func:`progress` for a reader that polls until the batch is finished: the counters,
+    confirmed by a real count when they say finished or have been quiet for ``quiet`` s."""
+    return counts.read(manager, batch, confirm=True, quiet=quiet)
+
+
+def outstanding(manager: TaskManager, batch: dict, stat: dict[str, int] | None = None) -> int:
+    """How many of the batch's tasks still need work, by its counters (or by ``stat``)."""
+    return counts.outstanding(progress(manager, batch) if stat is None else stat, final_statuses(batch))
+
+
+def verified_outstanding(manager: TaskManager, batch: dict) -> int:
+    """:func:`outstanding` from a real count of the batch's tasks, which repairs the
+    counters when they disagree: what the aggregation decides on."""
+    return counts.outstanding(counts.recount(manager, batch), final_statuses(batch))
 
 
 def schedule_check(db: Database[dict[str, Any]], batch_id: ObjectId, delay: float) -> bool:

@@ -227,7 +227,8 @@ def status(
     batch: str | None = typer.Option(None, "--batch", "-b", help="Only this batch."),
     limit: int = typer.Option(10, "--limit", "-n", min=1, help="Batches (and rows of each table) shown."),
 ) -> None:
-    """Counts by status per batch, running tasks with their worker and lease,
+    """Counts by status per batch (from the batch's counters: as fast for a million tasks
+    as for ten), running tasks with their worker and lease,
     failures with the line of their error that says what went wrong, and the workers
     seen with their queues and when each was last heard from (`lost`: silent too long)."""
     from .. import batch as batches
@@ -250,7 +251,9 @@ def status(
         rows = [(d, batches.progress(managers.get(d["pool"]) or TaskManager.open(d["pool"], settings), d)) for d in docs]
         out.print(render.batches_table(rows))
     elif pools:
-        out.print(render.pools_table((p, managers[p].task_stat()) for p in pools))
+        # no task scan here: a pool's own counts are one pass over it (`qcelery pools`)
+        names = ", ".join(repr(p) for p in pools)
+        out.print(f"no batches in pool(s) {names}; `qcelery pools` counts their tasks by status (one pass over each pool)", markup=False)
     else:
         out.print(f"no task pools or batches in database {settings.mongo_db!r} yet; enqueue with `qcelery enqueue CONFIG.yaml`")
         _print_workers(settings, limit)
@@ -301,7 +304,8 @@ class RateColumn(ProgressColumn):
 
 def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll: float = 1.0, aggregation: bool = True) -> dict[str, int]:
     """Show a progress bar (rate, ETA) until every task of the batch is final and,
-    with ``aggregation``, its summary is written. Polls counts, not documents."""
+    with ``aggregation``, its summary is written. Polls the batch's counters
+    (one document), confirmed by a real count when they say it is finished or stop moving."""
     from .. import batch as batches
     from ..manage import TaskManager
 
@@ -330,13 +334,13 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
         console=err,
         transient=False,
     )
-    stat = batches.progress(tm, doc)
+    stat = batches.watched_progress(tm, doc)
     with progress:
         bar = progress.add_task(f"batch {str(doc['_id'])[-6:]}", total=total, completed=finished(stat), detail="")
         while finished(stat) < total:
             check_deadline(f"{total - finished(stat)} of {total} tasks not finished")
             time.sleep(poll)
-            stat = batches.progress(tm, doc)
+            stat = batches.watched_progress(tm, doc)
             detail = ", ".join(f"{stat.get(s, 0)} {s}" for s in (st.RUNNING, st.FAILED) if stat.get(s))
             progress.update(bar, completed=finished(stat), detail=detail)
         if aggregation:
@@ -345,6 +349,7 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
                 check_deadline("the summary was not written")
                 time.sleep(min(poll, 0.5))
             progress.update(bar, detail="summary written")
+            stat = batches.progress(tm, doc)  # the aggregation counted them for real
     return stat
 
 

@@ -1,0 +1,211 @@
+"""Progress counters of a batch: how many of its tasks are in each status, kept in the
+batch document so that reading progress costs one document whatever the batch's size.
+
+A batch document carries::
+
+    counts: {waiting, running, part_done, done, failed}   # the batch's distinct tasks
+    counts_moved_at     # when a counter last moved
+    counts_checked_at   # when the counters were last compared with a real count
+    counts_dirty        # set by bulk operations: recount before trusting the counters
+
+How they are kept. Each single-task transition (claim, commit, fail, recovery, return,
+retry) is one conditional update of the task (DESIGN.md invariant 2); once that update
+succeeded, and only then, :func:`moved` applies one ``$inc`` (-1 on the old status, +1
+on the new) to every batch in the task's ``batch_ids``. Batch creation adds the tasks it
+tags with :func:`add`. Operations that change many tasks at once (``reset_status``,
+``remove``, ``replace_task``, ``adopt``, unknown statuses) do not count each task: they
+:func:`mark_dirty` the batches they touched, and the next reader recounts each once.
+
+What may drift, and how it is repaired. The task's update and the ``$inc`` are two
+writes: a process killed between them leaves the counters one move behind, and a batch
+that tags an existing task while that task moves may count it in its old status. So the
+counters are a fast estimate that is confirmed by a real count (one aggregation over
+the batch's tasks, :func:`recount`) exactly where it matters (:func:`check_due`): when
+they say the batch is finished, when they have not moved for a quiet interval (30 s,
+then at doubling intervals up to 10 min while nothing moves), and when they are dirty.
+A recount writes its result only if the counters did not move while it counted (the
+filter names the values it read), so a recount never erases a move that landed
+meanwhile; when one did, the batch stays due and a later reader tries again. The
+aggregation's decision never rests on the counters: see :mod:`qcelery.batch`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+from pymongo.database import Database
+
+from . import status as st
+
+if TYPE_CHECKING:
+    from .manage import TaskManager
+
+logger = logging.getLogger(__name__)
+
+#: the batches' collection (:data:`qcelery.batch.COLLECTION`; batch imports the pool, the pool imports this)
+COLLECTION = "qcelery_batches"
+#: a counter quiet this long (seconds) is confirmed by a real count
+QUIET_SECONDS = 30.0
+#: the longest interval between two confirmations of a batch whose counters do not move
+MAX_CHECK_INTERVAL = 600.0
+#: the projection a reader of the counters needs
+FIELDS = {"counts": 1, "counts_moved_at": 1, "counts_checked_at": 1, "counts_dirty": 1, "created_at": 1, "after_status": 1}
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _aware(when: _dt.datetime | None) -> _dt.datetime | None:
+    """pymongo returns naive UTC datetimes unless the client is tz-aware."""
+    return when.replace(tzinfo=_dt.timezone.utc) if when is not None and when.tzinfo is None else when
+
+
+def zero() -> dict[str, int]:
+    """Counters of an empty batch: every status present, so a recount's guard can name each."""
+    return {s: 0 for s in st.ALL}
+
+
+def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[str, int]) -> None:
+    """Count tasks that were just tagged with ``batch_id``: ``stat_delta`` maps a status
+    to how many of the added tasks are in it (new tasks ``waiting``, tasks already in the
+    pool in their current status). Called by batch creation, once per chunk it tags."""
+    inc = {f"counts.{s}": int(n) for s, n in stat_delta.items() if n and s in st.ALL}
+    unknown = {s: n for s, n in stat_delta.items() if n and s not in st.ALL}
+    upd: dict[str, Any] = {"$set": {"counts_moved_at": _now()}}
+    if inc:
+        upd["$inc"] = inc
+    if unknown:  # a task whose status is none of ours: counted by a real count later
+        upd["$set"]["counts_dirty"] = True
+    db[COLLECTION].update_one({"_id": batch_id}, upd)
+
+
+def moved(db: Database[dict[str, Any]], batch_ids: Iterable[Any] | None, old: str, new: str) -> None:
+    """One task of ``batch_ids`` went from ``old`` to ``new``: move one count between
+    them in each batch. Call it only after the task's own conditional update succeeded."""
+    ids = list(batch_ids or ())
+    if not ids or old == new:
+        return
+    if old not in st.ALL or new not in st.ALL:
+        mark_dirty(db, ids)
+        return
+    upd = {"$inc": {f"counts.{old}": -1, f"counts.{new}": 1}, "$set": {"counts_moved_at": _now()}}
+    if len(ids) == 1:
+        db[COLLECTION].update_one({"_id": ids[0]}, upd)
+    else:
+        db[COLLECTION].update_many({"_id": {"$in": ids}}, upd)
+
+
+def mark_dirty(db: Database[dict[str, Any]], batch_ids: Iterable[Any]) -> None:
+    """The counters of ``batch_ids`` no longer follow their tasks (a bulk operation changed
+    many at once): the next reader recounts each of them once."""
+    ids = list(dict.fromkeys(batch_ids))
+    for start in range(0, len(ids), 100):  # small $in chunks: see manage._LOOKUP_CHUNK
+        db[COLLECTION].update_many({"_id": {"$in": ids[start : start + 100]}}, {"$set": {"counts_dirty": True, "counts_checked_at": None}})
+
+
+def batches_of(tm: TaskManager, query: Mapping[str, Any]) -> list[ObjectId]:
+    """The batches the tasks matching ``query`` belong to (one aggregation; for bulk operations)."""
+    rows = tm.task_pool.aggregate([{"$match": dict(query)}, {"$unwind": "$batch_ids"}, {"$group": {"_id": "$batch_ids"}}])
+    return [r["_id"] for r in rows]
+
+
+def current(doc: Mapping[str, Any]) -> dict[str, int]:
+    """The counters of a batch document as ``task_stat`` shows counts: statuses with no task left out."""
+    return {s: n for s, n in (doc.get("counts") or {}).items() if n}
+
+
+def outstanding(stat: Mapping[str, int], final: Iterable[str]) -> int:
+    """How many tasks of ``stat`` still need work for a batch whose final statuses are ``final``."""
+    final = set(final)
+    return sum(n for s, n in stat.items() if s not in final)
+
+
+def check_due(doc: Mapping[str, Any], final: Iterable[str], now: _dt.datetime | None = None, quiet: float = QUIET_SECONDS) -> bool:
+    """Whether a waiting reader should confirm the counters of batch ``doc`` with a real
+    count now (the repair rule of the module docstring)."""
+    if doc.get("counts") is None:
+        return True  # a batch written before the counters: counted once
+    now = now or _now()
+    checked = _aware(doc.get("counts_checked_at"))
+    moved_at = _aware(doc.get("counts_moved_at") or doc.get("created_at")) or now
+    since_check = (now - checked).total_seconds() if checked else float("inf")
+    if doc.get("counts_dirty"):
+        return since_check >= quiet  # at once after the bulk operation, then once per quiet interval
+    if says_finished(doc, final, now):
+        return True
+    idle = (now - moved_at).total_seconds()
+    return idle >= quiet and since_check >= min(MAX_CHECK_INTERVAL, max(quiet, idle / 2))
+
+
+def says_finished(doc: Mapping[str, Any], final: Iterable[str], now: _dt.datetime | None = None) -> bool:
+    """Whether the counters of ``doc`` say every task is final and no real count confirmed
+    that since they last moved (what a waiting reader confirms before it believes it)."""
+    if doc.get("counts") is None or outstanding(current(doc), final) > 0:
+        return False
+    checked = _aware(doc.get("counts_checked_at"))
+    moved_at = _aware(doc.get("counts_moved_at") or doc.get("created_at")) or now or _now()
+    return checked is None or checked < moved_at
+
+
+def claim_check(db: Database[dict[str, Any]], doc: Mapping[str, Any]) -> bool:
+    """Reserve the confirmation of ``doc``'s counters for this reader, so that of several
+    readers polling the same batch one counts. ``False`` when another took it."""
+    r = db[COLLECTION].update_one(
+        {"_id": doc["_id"], "counts_checked_at": doc.get("counts_checked_at")}, {"$set": {"counts_checked_at": _now()}}
+    )
+    return r.modified_count == 1
+
+
+def real(tm: TaskManager, batch_id: ObjectId) -> dict[str, int]:
+    """The batch's counts by status from its tasks (one aggregation on the batch index)."""
+    return tm.task_stat({"batch_ids": batch_id})
+
+
+def recount(tm: TaskManager, batch: Mapping[str, Any]) -> dict[str, int]:
+    """Count the batch's tasks for real and set its counters to that count, unless they
+    moved while it counted (then they are left, still due, for a later check). Returns
+    the real count."""
+    coll = tm.db[COLLECTION]
+    # the count's time is when it began: a move during it is newer, and is confirmed again
+    started = _now()
+    seen = coll.find_one({"_id": batch["_id"]}, FIELDS)
+    if seen is None:
+        return {}
+    stat = real(tm, batch["_id"])
+    counts = {**zero(), **{s: n for s, n in stat.items() if s in st.ALL}}
+    if seen.get("counts") is None:
+        guard: dict[str, Any] = {"counts": None}
+    else:
+        guard = {f"counts.{s}": seen["counts"].get(s) for s in st.ALL}
+    # statuses none of ours (hand-edited) stay out of the counters: the sweep fails those tasks
+    upd = {"counts": counts, "counts_checked_at": started, "counts_dirty": any(s not in st.ALL for s in stat)}
+    if coll.update_one({"_id": batch["_id"], **guard}, {"$set": upd}).modified_count == 1:
+        if seen.get("counts") is not None and current(seen) != current({"counts": counts}):
+            logger.warning("batch %s: counters %s repaired to the real count %s", batch["_id"], current(seen), stat)
+    else:
+        coll.update_one({"_id": batch["_id"]}, {"$set": {"counts_checked_at": started}})
+    return stat
+
+
+def read(tm: TaskManager, batch: Mapping[str, Any], *, confirm: bool, quiet: float = QUIET_SECONDS) -> dict[str, int]:
+    """The batch's counts by status from its counters: one read of the batch document.
+
+    A batch without counters (written by an older qcelery) or marked dirty is recounted
+    (once; one reader at a time). With ``confirm`` (readers that wait for the batch) the
+    whole repair rule applies (:func:`check_due`)."""
+    doc = tm.db[COLLECTION].find_one({"_id": batch["_id"]}, FIELDS)
+    if doc is None:
+        return {}
+    final = (doc.get("after_status") or st.DONE, st.DONE, st.FAILED)
+    if doc.get("counts") is None or confirm and says_finished(doc, final):
+        return recount(tm, doc)  # believed only once counted (by every reader that waits on it)
+    # without confirm: the counters as they are, unless a bulk operation made them dirty
+    due = (confirm or bool(doc.get("counts_dirty"))) and check_due(doc, final, quiet=quiet)
+    if due and claim_check(tm.db, doc):
+        return recount(tm, doc)
+    return current(doc)
