@@ -7,6 +7,7 @@ A batch document carries::
     counts_moved_at     # when a counter last moved
     counts_checked_at   # when the counters were last compared with a real count
     counts_dirty        # set by bulk operations: recount before trusting the counters
+    counts_repaired     # how many times a real count found them wrong (a crash, a race)
 
 How they are kept. Each single-task transition (claim, commit, fail, recovery, return,
 retry) is one conditional update of the task (DESIGN.md invariant 2); once that update
@@ -183,9 +184,12 @@ def recount(tm: TaskManager, batch: Mapping[str, Any]) -> dict[str, int]:
     else:
         guard = {f"counts.{s}": seen["counts"].get(s) for s in st.ALL}
     # statuses none of ours (hand-edited) stay out of the counters: the sweep fails those tasks
-    upd = {"counts": counts, "counts_checked_at": started, "counts_dirty": any(s not in st.ALL for s in stat)}
-    if coll.update_one({"_id": batch["_id"], **guard}, {"$set": upd}).modified_count == 1:
-        if seen.get("counts") is not None and current(seen) != current({"counts": counts}):
+    upd: dict[str, Any] = {"$set": {"counts": counts, "counts_checked_at": started, "counts_dirty": any(s not in st.ALL for s in stat)}}
+    wrong = seen.get("counts") is not None and not seen.get("counts_dirty") and current(seen) != current({"counts": counts})
+    if wrong:  # kept count of: a batch whose counters needed repair says so (status, tests)
+        upd["$inc"] = {"counts_repaired": 1}
+    if coll.update_one({"_id": batch["_id"], **guard}, upd).modified_count == 1:
+        if wrong:
             logger.warning("batch %s: counters %s repaired to the real count %s", batch["_id"], current(seen), stat)
     else:
         coll.update_one({"_id": batch["_id"]}, {"$set": {"counts_checked_at": started}})

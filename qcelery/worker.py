@@ -248,6 +248,8 @@ def _commit(tm: TaskManager, task: dict, res: Any, status: str, settings: Settin
         # the write may have landed with its reply lost: then the task is ours and final
         doc = _outlast_outage(lambda: tm.get_raw(task["_id"], ["status", "attempt"]), settings, "commit check")[0]
         ok = doc is not None and doc["status"] == status and doc["attempt"] == task["attempt"]
+        if ok:  # the landed write's count move was not made (commit saw it refused)
+            tm._count_move(task.get("batch_ids"), st.RUNNING, status)
     return ok
 
 
