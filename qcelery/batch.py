@@ -96,9 +96,6 @@ def create(
     bid = ObjectId()
     ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
     unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
-    old = [i for i in unique_ids if i not in inserted]
-    for start in range(0, len(old), _TAG_CHUNK):
-        manager.task_pool.update_many({"_id": {"$in": old[start : start + _TAG_CHUNK]}}, {"$addToSet": {"batch_ids": bid}})
     if priority:
         for start in range(0, len(unique_ids), _TAG_CHUNK):
             manager.task_pool.update_many({"_id": {"$in": unique_ids[start : start + _TAG_CHUNK]}}, {"$max": {"priority": priority}})
@@ -128,20 +125,11 @@ def create(
     }
     ensure_indexes(manager.db)
     manager.db[COLLECTION].insert_one(doc)
-    counts.add(manager.db, bid, _tagged_statuses(manager, unique_ids, inserted))
+    # counted once the document exists: the new tasks waiting, the pool's own tagged now
+    # (after the insert, so that a move of a tagged task finds its batch to count in)
+    counts.add(manager.db, bid, {st.WAITING: len(inserted)})
+    counts.tag(manager, bid, [i for i in unique_ids if i not in inserted])
     return doc, inserted
-
-
-def _tagged_statuses(manager: TaskManager, ids: list[ObjectId], inserted: set[ObjectId]) -> dict[str, int]:
-    """Status counts of the tasks ``ids`` just tagged with a batch: the ``inserted`` ones
-    are waiting, the others are read (in small chunks) in their current status."""
-    stat = {st.WAITING: len(inserted)} if inserted else {}
-    old = [i for i in ids if i not in inserted]
-    for start in range(0, len(old), _TAG_CHUNK):
-        for d in manager.task_pool.find({"_id": {"$in": old[start : start + _TAG_CHUNK]}}, {"status": 1}):
-            s = str(d.get("status"))
-            stat[s] = stat.get(s, 0) + 1
-    return stat
 
 
 def load(db: Database[dict[str, Any]], batch_id: Any) -> dict:

@@ -71,10 +71,11 @@ def zero() -> dict[str, int]:
     return {s: 0 for s in st.ALL}
 
 
-def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[str, int]) -> None:
+def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[Any, int]) -> None:
     """Count tasks that were just tagged with ``batch_id``: ``stat_delta`` maps a status
     to how many of the added tasks are in it (new tasks ``waiting``, tasks already in the
-    pool in their current status). Called by batch creation, once per chunk it tags."""
+    pool in the status they had when tagged: :func:`tag` does both for those). Called by
+    batch creation once the batch document exists, once per chunk it adds."""
     inc = {f"counts.{s}": int(n) for s, n in stat_delta.items() if n and s in st.ALL}
     unknown = {s: n for s, n in stat_delta.items() if n and s not in st.ALL}
     upd: dict[str, Any] = {"$set": {"counts_moved_at": _now()}}
@@ -83,6 +84,35 @@ def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[st
     if unknown:  # a task whose status is none of ours: counted by a real count later
         upd["$set"]["counts_dirty"] = True
     db[COLLECTION].update_one({"_id": batch_id}, upd)
+
+
+def tag(tm: TaskManager, batch_id: ObjectId, ids: Iterable[ObjectId]) -> dict[Any, int]:
+    """Tag the existing tasks ``ids`` with ``batch_id`` and count each in the batch in the
+    status it had when it was tagged; returns those counts (:func:`add` done).
+
+    Each task is tagged by an update conditioned on the status read just before, so the
+    count is the status at the tagging, and a move after it reaches the batch through
+    :func:`moved`: exact even while the tasks run. A task that moved between the read and
+    its update is read again. Tasks tagged already (a creation run again) are not counted twice."""
+    stat: dict[Any, int] = {}
+    ids = list(ids)
+    for start in range(0, len(ids), 100):  # small $in chunks: see manage._LOOKUP_CHUNK
+        part = ids[start : start + 100]
+        for _ in range(5):
+            untagged: dict[Any, list] = {}
+            for d in tm.task_pool.find({"_id": {"$in": part}, "batch_ids": {"$ne": batch_id}}, {"status": 1}):
+                untagged.setdefault(d.get("status"), []).append(d["_id"])
+            if not untagged:
+                break
+            for status, sids in untagged.items():
+                flt = {"_id": {"$in": sids}, "status": {"$eq": status}, "batch_ids": {"$ne": batch_id}}
+                n = tm.task_pool.update_many(flt, {"$addToSet": {"batch_ids": batch_id}}).modified_count
+                stat[status] = stat.get(status, 0) + n
+        else:  # moving all the while: tagged as they are, counted by the next reader's recount
+            tm.task_pool.update_many({"_id": {"$in": part}}, {"$addToSet": {"batch_ids": batch_id}})
+            mark_dirty(tm.db, [batch_id])
+    add(tm.db, batch_id, stat)
+    return stat
 
 
 def moved(db: Database[dict[str, Any]], batch_ids: Iterable[Any] | None, old: str, new: str) -> None:

@@ -61,6 +61,9 @@ def test_every_single_task_transition_moves_the_counters_of_each_of_its_batches(
     # a second batch takes in three of them (and a new one): each is counted in both
     second = new_batch(tm, ["a", "b", "c", "f"])
     assert_exact(tm, first, second)
+    # tagging them again (a creation run a second time) counts nothing twice
+    assert counts.tag(tm, second["_id"], [task(tm, k)["_id"] for k in "abc"]) == {}
+    assert_exact(tm, first, second)
 
     a = tm.claim(task(tm, "a")["_id"])
     assert_exact(tm, first, second)
@@ -199,3 +202,11 @@ def test_progress_reads_the_batch_document_only_whatever_the_batch_size(settings
     finally:
         client.close()
     assert sent == [("find", batches.COLLECTION)] * 3
+
+
+def test_a_batch_written_before_the_counters_is_counted_once_by_its_first_reader(tm):
+    doc = new_batch(tm, ["a", "b"])
+    tm.commit(tm.claim(task(tm, "a")["_id"]), 1)
+    tm.db[batches.COLLECTION].update_one({"_id": doc["_id"]}, {"$unset": {"counts": "", "counts_moved_at": ""}})
+    assert batches.progress(tm, doc) == {st.DONE: 1, st.WAITING: 1}
+    assert_exact(tm, doc)
