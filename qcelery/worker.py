@@ -366,8 +366,9 @@ def _aggregate_if_last(app: QceleryApp, pool: str, batch_id: str) -> None:
     stalled-batch check would aggregate it, but only a cutoff later. Reading the batch's
     counters after the commit (whose count moved before this read) makes this safe against
     a race: of two tasks finishing at once, the one that reads last sees both done; a
-    counter left behind by a crash is caught by the aggregation's re-checks. A duplicate aggregation message is harmless (the batch's
-    state machine runs the aggregation once)."""
+    count lost to a crash is caught by beat's re-check and the aggregation's rule (see
+    :mod:`qcelery.batch`). A duplicate aggregation message is harmless (the batch's state
+    machine runs the aggregation once)."""
     tm = manager(app, pool)
     doc = batches.load(tm.db, to_object_id(batch_id))
     if doc["state"] == batches.OPEN and batches.outstanding(tm, doc) == 0:
