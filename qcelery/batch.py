@@ -5,11 +5,12 @@ A batch document lives in ``qcelery_batches`` beside the pools::
     {_id, pool, queue, task_ids, n_tasks, task_func, task_kwargs, qlib_init, before_status,
      after_status, aggregate: {func, kwargs} | None, state: open|aggregating|aggregated,
      created_at, next_check_at, aggregator, aggregating_since, lease_until,
-     aggregate_runs, aggregated_at, summary, counts, counts_moved_at, counts_checked_at}
+     aggregate_runs, aggregated_at, summary}
 
-Progress. ``counts`` holds how many of the batch's tasks are in each status, kept as the
-tasks move (:mod:`qcelery.counts`), so ``progress`` reads one document whatever the
-batch's size. The rule that keeps them exact:
+Progress. The batch's counters (how many of its tasks are in each status, in a small
+document of their own beside the batch, :mod:`qcelery.counts`) are kept as the tasks
+move, so ``progress`` reads one small document whatever the batch's size. The rule that
+keeps them exact:
 
 * every single-task transition moves one count, after the task's own update succeeded;
   bulk operations mark the batches they touched dirty, and the next reader recounts them;
@@ -121,9 +122,9 @@ def create(
         "aggregated_at": None,
         "aggregate_runs": 0,
         "summary": None,
-        "counts": counts.zero(),  # counts.add below fills them
     }
     ensure_indexes(manager.db)
+    counts.start(manager.db, bid)  # before the batch is visible: see counts.start
     manager.db[COLLECTION].insert_one(doc)
     # counted once the document exists: the new tasks waiting, the pool's own tagged now
     # (after the insert, so that a move of a tagged task finds its batch to count in)

@@ -1,19 +1,28 @@
-"""Progress counters of a batch: how many of its tasks are in each status, kept in the
-batch document so that reading progress costs one document whatever the batch's size.
+"""Progress counters of a batch: how many of its tasks are in each status, kept as they
+move so that reading progress costs one small document whatever the batch's size.
 
-A batch document carries::
+Each batch has one document in ``qcelery_batch_counts``, keyed by the batch id::
 
-    counts: {waiting, running, part_done, done, failed}   # the batch's distinct tasks
-    counts_moved_at     # when a counter last moved
-    counts_checked_at   # when the counters were last compared with a real count
-    counts_dirty        # set by bulk operations: recount before trusting the counters
-    counts_repaired     # how many times a real count found them wrong (a crash, a race)
+    {_id: <batch id>,
+     counts: {waiting, running, part_done, done, failed},   # the batch's distinct tasks
+     moved_at,     # when a counter last moved
+     checked_at,   # when the counters were last compared with a real count (its start)
+     dirty,        # set by bulk operations: recount before trusting the counters
+     repaired}     # how many times a real count found them wrong (a crash, a race)
+
+Why not in the batch document: every task moves a counter twice or more, and a write
+costs with the size of the document it rewrites. The batch document holds what grows
+(its ``task_ids`` today, a collector's per-task summary once aggregated, and a later
+batch's second phase moves the same tasks): measured on SecantusDB, claim + commit of
+one task took 1.6 s with the counters in a 100,000-task batch document and 20 ms here
+(bench/RESULTS.md, Progress). This document stays a few hundred bytes.
 
 How they are kept. Each single-task transition (claim, commit, fail, recovery, return,
 retry) is one conditional update of the task (DESIGN.md invariant 2); once that update
 succeeded, and only then, :func:`moved` applies one ``$inc`` (-1 on the old status, +1
-on the new) to every batch in the task's ``batch_ids``. Batch creation adds the tasks it
-tags with :func:`add`. Operations that change many tasks at once (``reset_status``,
+on the new) to every batch in the task's ``batch_ids``. Batch creation starts the
+counters (:func:`start`) before its batch document is written, then adds the tasks it
+tags (:func:`add`, :func:`tag`). Operations that change many tasks at once (``reset_status``,
 ``remove``, ``replace_task``, ``adopt``, unknown statuses) do not count each task: they
 :func:`mark_dirty` the batches they touched, and the next reader recounts each once.
 
@@ -32,6 +41,7 @@ aggregation's decision never rests on the counters: see :mod:`qcelery.batch`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 from collections.abc import Iterable, Mapping
@@ -39,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
 from . import status as st
 
@@ -47,14 +58,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: the batches' collection (:data:`qcelery.batch.COLLECTION`; batch imports the pool, the pool imports this)
-COLLECTION = "qcelery_batches"
+#: one counters document per batch, keyed by the batch id
+COLLECTION = "qcelery_batch_counts"
 #: a counter quiet this long (seconds) is confirmed by a real count
 QUIET_SECONDS = 30.0
 #: the longest interval between two confirmations of a batch whose counters do not move
 MAX_CHECK_INTERVAL = 600.0
-#: the projection a reader of the counters needs
-FIELDS = {"counts": 1, "counts_moved_at": 1, "counts_checked_at": 1, "counts_dirty": 1, "created_at": 1, "after_status": 1}
 
 
 def _now() -> _dt.datetime:
@@ -71,6 +80,26 @@ def zero() -> dict[str, int]:
     return {s: 0 for s in st.ALL}
 
 
+def start(db: Database[dict[str, Any]], batch_id: ObjectId) -> None:
+    """Write the counters of a new batch (all zero) before its batch document exists, so
+    that no reader takes the batch for one written before the counters and counts it
+    while its tasks are being added. Idempotent (a creation run again keeps them)."""
+    with contextlib.suppress(DuplicateKeyError):
+        db[COLLECTION].insert_one({"_id": batch_id, "counts": zero(), "moved_at": _now(), "checked_at": None})
+
+
+def stored(db: Database[dict[str, Any]], batch_id: ObjectId) -> dict | None:
+    """The counters document of a batch, or ``None`` (a batch older than the counters)."""
+    return db[COLLECTION].find_one({"_id": batch_id})
+
+
+def forget(db: Database[dict[str, Any]], batch_ids: Iterable[Any]) -> None:
+    """Delete the counters of removed batches."""
+    ids = list(batch_ids)
+    for start_at in range(0, len(ids), 100):
+        db[COLLECTION].delete_many({"_id": {"$in": ids[start_at : start_at + 100]}})
+
+
 def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[Any, int]) -> None:
     """Count tasks that were just tagged with ``batch_id``: ``stat_delta`` maps a status
     to how many of the added tasks are in it (new tasks ``waiting``, tasks already in the
@@ -78,12 +107,13 @@ def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[An
     batch creation once the batch document exists, once per chunk it adds."""
     inc = {f"counts.{s}": int(n) for s, n in stat_delta.items() if n and s in st.ALL}
     unknown = {s: n for s, n in stat_delta.items() if n and s not in st.ALL}
-    upd: dict[str, Any] = {"$set": {"counts_moved_at": _now()}}
+    upd: dict[str, Any] = {"$set": {"moved_at": _now()}}
     if inc:
         upd["$inc"] = inc
     if unknown:  # a task whose status is none of ours: counted by a real count later
-        upd["$set"]["counts_dirty"] = True
-    db[COLLECTION].update_one({"_id": batch_id}, upd)
+        upd["$set"]["dirty"] = True
+    # upsert: counters not started (:func:`start`) are created here, partial until recounted
+    db[COLLECTION].update_one({"_id": batch_id}, upd, upsert=True)
 
 
 def tag(tm: TaskManager, batch_id: ObjectId, ids: Iterable[ObjectId]) -> dict[Any, int]:
@@ -124,7 +154,7 @@ def moved(db: Database[dict[str, Any]], batch_ids: Iterable[Any] | None, old: st
     if old not in st.ALL or new not in st.ALL:
         mark_dirty(db, ids)
         return
-    upd = {"$inc": {f"counts.{old}": -1, f"counts.{new}": 1}, "$set": {"counts_moved_at": _now()}}
+    upd = {"$inc": {f"counts.{old}": -1, f"counts.{new}": 1}, "$set": {"moved_at": _now()}}
     if len(ids) == 1:
         db[COLLECTION].update_one({"_id": ids[0]}, upd)
     else:
@@ -136,7 +166,7 @@ def mark_dirty(db: Database[dict[str, Any]], batch_ids: Iterable[Any]) -> None:
     many at once): the next reader recounts each of them once."""
     ids = list(dict.fromkeys(batch_ids))
     for start in range(0, len(ids), 100):  # small $in chunks: see manage._LOOKUP_CHUNK
-        db[COLLECTION].update_many({"_id": {"$in": ids[start : start + 100]}}, {"$set": {"counts_dirty": True, "counts_checked_at": None}})
+        db[COLLECTION].update_many({"_id": {"$in": ids[start : start + 100]}}, {"$set": {"dirty": True, "checked_at": None}})
 
 
 def batches_of(tm: TaskManager, query: Mapping[str, Any]) -> list[ObjectId]:
@@ -145,9 +175,9 @@ def batches_of(tm: TaskManager, query: Mapping[str, Any]) -> list[ObjectId]:
     return [r["_id"] for r in rows]
 
 
-def current(doc: Mapping[str, Any]) -> dict[str, int]:
-    """The counters of a batch document as ``task_stat`` shows counts: statuses with no task left out."""
-    return {s: n for s, n in (doc.get("counts") or {}).items() if n}
+def current(doc: Mapping[str, Any] | None) -> dict[str, int]:
+    """The counts of a counters document as ``task_stat`` shows counts: statuses with no task left out."""
+    return {s: n for s, n in ((doc or {}).get("counts") or {}).items() if n}
 
 
 def outstanding(stat: Mapping[str, int], final: Iterable[str]) -> int:
@@ -157,38 +187,33 @@ def outstanding(stat: Mapping[str, int], final: Iterable[str]) -> int:
 
 
 def check_due(doc: Mapping[str, Any], final: Iterable[str], now: _dt.datetime | None = None, quiet: float = QUIET_SECONDS) -> bool:
-    """Whether a waiting reader should confirm the counters of batch ``doc`` with a real
-    count now (the repair rule of the module docstring)."""
-    if doc.get("counts") is None:
-        return True  # a batch written before the counters: counted once
+    """Whether a waiting reader should confirm the counters ``doc`` of a batch whose final
+    statuses are ``final`` with a real count now (the repair rule of the module docstring)."""
     now = now or _now()
-    checked = _aware(doc.get("counts_checked_at"))
-    moved_at = _aware(doc.get("counts_moved_at") or doc.get("created_at")) or now
+    checked = _aware(doc.get("checked_at"))
+    moved_at = _aware(doc.get("moved_at")) or now
     since_check = (now - checked).total_seconds() if checked else float("inf")
-    if doc.get("counts_dirty"):
+    if doc.get("dirty"):
         return since_check >= quiet  # at once after the bulk operation, then once per quiet interval
-    if says_finished(doc, final, now):
+    if says_finished(doc, final):
         return True
     idle = (now - moved_at).total_seconds()
     return idle >= quiet and since_check >= min(MAX_CHECK_INTERVAL, max(quiet, idle / 2))
 
 
-def says_finished(doc: Mapping[str, Any], final: Iterable[str], now: _dt.datetime | None = None) -> bool:
-    """Whether the counters of ``doc`` say every task is final and no real count confirmed
+def says_finished(doc: Mapping[str, Any], final: Iterable[str]) -> bool:
+    """Whether the counters ``doc`` say every task is final and no real count confirmed
     that since they last moved (what a waiting reader confirms before it believes it)."""
-    if doc.get("counts") is None or outstanding(current(doc), final) > 0:
+    if outstanding(current(doc), final) > 0:
         return False
-    checked = _aware(doc.get("counts_checked_at"))
-    moved_at = _aware(doc.get("counts_moved_at") or doc.get("created_at")) or now or _now()
-    return checked is None or checked < moved_at
+    checked, moved_at = _aware(doc.get("checked_at")), _aware(doc.get("moved_at"))
+    return checked is None or moved_at is None or checked < moved_at
 
 
 def claim_check(db: Database[dict[str, Any]], doc: Mapping[str, Any]) -> bool:
-    """Reserve the confirmation of ``doc``'s counters for this reader, so that of several
+    """Reserve the confirmation of the counters ``doc`` for this reader, so that of several
     readers polling the same batch one counts. ``False`` when another took it."""
-    r = db[COLLECTION].update_one(
-        {"_id": doc["_id"], "counts_checked_at": doc.get("counts_checked_at")}, {"$set": {"counts_checked_at": _now()}}
-    )
+    r = db[COLLECTION].update_one({"_id": doc["_id"], "checked_at": doc.get("checked_at")}, {"$set": {"checked_at": _now()}})
     return r.modified_count == 1
 
 
@@ -202,44 +227,46 @@ def recount(tm: TaskManager, batch: Mapping[str, Any]) -> dict[str, int]:
     moved while it counted (then they are left, still due, for a later check). Returns
     the real count."""
     coll = tm.db[COLLECTION]
+    bid = batch["_id"]
     # the count's time is when it began: a move during it is newer, and is confirmed again
     started = _now()
-    seen = coll.find_one({"_id": batch["_id"]}, FIELDS)
-    if seen is None:
-        return {}
-    stat = real(tm, batch["_id"])
+    seen = coll.find_one({"_id": bid})
+    stat = real(tm, bid)
     counts = {**zero(), **{s: n for s, n in stat.items() if s in st.ALL}}
-    if seen.get("counts") is None:
-        guard: dict[str, Any] = {"counts": None}
-    else:
-        guard = {f"counts.{s}": seen["counts"].get(s) for s in st.ALL}
     # statuses none of ours (hand-edited) stay out of the counters: the sweep fails those tasks
-    upd: dict[str, Any] = {"$set": {"counts": counts, "counts_checked_at": started, "counts_dirty": any(s not in st.ALL for s in stat)}}
-    wrong = seen.get("counts") is not None and not seen.get("counts_dirty") and current(seen) != current({"counts": counts})
-    if wrong:  # kept count of: a batch whose counters needed repair says so (status, tests)
-        upd["$inc"] = {"counts_repaired": 1}
-    if coll.update_one({"_id": batch["_id"], **guard}, upd).modified_count == 1:
+    fields = {"counts": counts, "checked_at": started, "dirty": any(s not in st.ALL for s in stat)}
+    if seen is None:  # a batch written before the counters: its first count starts them
+        with contextlib.suppress(DuplicateKeyError):  # started meanwhile: a later check confirms them
+            coll.insert_one({"_id": bid, **fields, "moved_at": started})
+        return stat
+    guard = {f"counts.{s}": (seen.get("counts") or {}).get(s) for s in st.ALL}
+    upd: dict[str, Any] = {"$set": fields}
+    wrong = not seen.get("dirty") and current(seen) != current({"counts": counts})
+    if wrong:  # kept count of: a batch whose counters needed repair says so
+        upd["$inc"] = {"repaired": 1}
+    if coll.update_one({"_id": bid, **guard}, upd).modified_count == 1:
         if wrong:
-            logger.warning("batch %s: counters %s repaired to the real count %s", batch["_id"], current(seen), stat)
+            logger.warning("batch %s: counters %s repaired to the real count %s", bid, current(seen), stat)
     else:
-        coll.update_one({"_id": batch["_id"]}, {"$set": {"counts_checked_at": started}})
+        coll.update_one({"_id": bid}, {"$set": {"checked_at": started}})
     return stat
 
 
 def read(tm: TaskManager, batch: Mapping[str, Any], *, confirm: bool, quiet: float = QUIET_SECONDS) -> dict[str, int]:
-    """The batch's counts by status from its counters: one read of the batch document.
+    """The counts by status of ``batch`` (its batch document) from its counters: one read
+    of one small document.
 
     A batch without counters (written by an older qcelery) or marked dirty is recounted
     (once; one reader at a time). With ``confirm`` (readers that wait for the batch) the
     whole repair rule applies (:func:`check_due`)."""
-    doc = tm.db[COLLECTION].find_one({"_id": batch["_id"]}, FIELDS)
+    doc = stored(tm.db, batch["_id"])
     if doc is None:
-        return {}
-    final = (doc.get("after_status") or st.DONE, st.DONE, st.FAILED)
-    if doc.get("counts") is None or confirm and says_finished(doc, final):
-        return recount(tm, doc)  # believed only once counted (by every reader that waits on it)
+        return recount(tm, batch)
+    final = (batch.get("after_status") or st.DONE, st.DONE, st.FAILED)
+    if confirm and says_finished(doc, final):
+        return recount(tm, batch)  # believed only once counted (by every reader that waits on it)
     # without confirm: the counters as they are, unless a bulk operation made them dirty
-    due = (confirm or bool(doc.get("counts_dirty"))) and check_due(doc, final, quiet=quiet)
+    due = (confirm or bool(doc.get("dirty"))) and check_due(doc, final, quiet=quiet)
     if due and claim_check(tm.db, doc):
-        return recount(tm, doc)
+        return recount(tm, batch)
     return current(doc)

@@ -13,6 +13,7 @@ import pytest
 import redis as redis_client
 
 from qcelery import batch as batches
+from qcelery import counts
 from qcelery.broker import REFUSED
 from qcelery.celery_app import CONTROL_QUEUE, app_for, redis_list
 from qcelery.cluster import Cluster
@@ -73,7 +74,7 @@ def test_batch_runs_on_worker_processes_and_aggregates_once_without_beat(csettin
     assert mongo_db[RUNS].count_documents({"event": "done"}) == 10
     assert {t["attempt"] for t in tm.query({}, decode=False)} == {1}
     # the progress counters followed every task on the workers, with nothing to repair
-    assert batches.progress(tm, batch) == {"done": 10} and not batches.load(tm.db, bid).get("counts_repaired")
+    assert batches.progress(tm, batch) == {"done": 10} and not counts.stored(tm.db, batch["_id"]).get("repaired")
 
 
 def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):

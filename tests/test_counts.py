@@ -50,9 +50,9 @@ def real(tm: TaskManager, doc: dict) -> dict[str, int]:
 
 def assert_exact(tm: TaskManager, *docs: dict) -> None:
     for doc in docs:
-        stored = batches.load(tm.db, doc["_id"])
-        assert counts.current(stored) == real(tm, doc), f"counters {stored['counts']} != real {real(tm, doc)}"
-        assert not stored.get("counts_dirty") and not stored.get("counts_repaired")
+        kept = counts.stored(tm.db, doc["_id"])
+        assert counts.current(kept) == real(tm, doc), f"counters {kept} != real {real(tm, doc)}"
+        assert not kept.get("dirty") and not kept.get("repaired")
 
 
 def test_every_single_task_transition_moves_the_counters_of_each_of_its_batches(tm):
@@ -94,8 +94,7 @@ def test_admin_operations_leave_counters_that_the_next_read_recounts_once(tm):
     doc = new_batch(tm, [f"k{i}" for i in range(6)])
     other = new_batch(tm, ["x"])
     tm.reset_status({"filter.key": {"$in": ["k0", "k1"]}}, st.DONE)
-    stored = batches.load(tm.db, doc["_id"])
-    assert stored["counts_dirty"] and not batches.load(tm.db, other["_id"]).get("counts_dirty")  # only the batch it touched
+    assert counts.stored(tm.db, doc["_id"])["dirty"] and not counts.stored(tm.db, other["_id"]).get("dirty")  # only the batch it touched
     assert batches.progress(tm, doc) == {st.DONE: 2, st.WAITING: 4}  # recounted by this read
     assert_exact(tm, doc, other)
 
@@ -114,9 +113,8 @@ def skew(tm: TaskManager, doc: dict, counters: dict[str, int], quiet_for: float 
     """Write ``counters`` into the batch as if moves had been lost, last moved ``quiet_for`` s
     ago and not confirmed since."""
     moved_at = utcnow() - _dt.timedelta(seconds=quiet_for)
-    tm.db[batches.COLLECTION].update_one(
-        {"_id": doc["_id"]},
-        {"$set": {"counts": {**counts.zero(), **counters}, "counts_moved_at": moved_at, "counts_checked_at": None}},
+    tm.db[counts.COLLECTION].update_one(
+        {"_id": doc["_id"]}, {"$set": {"counts": {**counts.zero(), **counters}, "moved_at": moved_at, "checked_at": None}}
     )
 
 
@@ -126,13 +124,13 @@ def test_counters_that_say_finished_too_early_are_confirmed_and_repaired_by_wait
     skew(tm, doc, {st.DONE: 2})  # a lost move: b is still waiting
     assert batches.progress(tm, doc) == {st.DONE: 2}  # status reads the counters as they are
     assert batches.watched_progress(tm, doc) == {st.DONE: 1, st.WAITING: 1}  # a waiting reader confirms
-    assert counts.current(batches.load(tm.db, doc["_id"])) == {st.DONE: 1, st.WAITING: 1}
+    assert counts.current(counts.stored(tm.db, doc["_id"])) == {st.DONE: 1, st.WAITING: 1}
 
     skew(tm, doc, {st.DONE: 2})
     out = aggregate_batch(app_for(settings), tm.name, str(doc["_id"]))
     assert (out["state"], out["outstanding"]) == ("waiting", 1)  # the real count decides, not the counters
-    stored = batches.load(tm.db, doc["_id"])
-    assert (stored["state"], counts.current(stored), stored["counts_repaired"]) == (batches.OPEN, real(tm, doc), 2)
+    kept = counts.stored(tm.db, doc["_id"])
+    assert (batches.load(tm.db, doc["_id"])["state"], counts.current(kept), kept["repaired"]) == (batches.OPEN, real(tm, doc), 2)
 
 
 def test_counters_stuck_short_of_finished_are_repaired_once_quiet_and_the_batch_aggregates(settings, tm):
@@ -143,15 +141,15 @@ def test_counters_stuck_short_of_finished_are_repaired_once_quiet_and_the_batch_
     assert batches.watched_progress(tm, doc) == {st.DONE: 1, st.RUNNING: 1}  # moved 5 s ago: trusted yet
     skew(tm, doc, {st.DONE: 1, st.RUNNING: 1}, quiet_for=counts.QUIET_SECONDS + 1)
     assert wait_batch(tm, doc["_id"], timeout=10)["_id"] == doc["_id"]  # confirmed, repaired, finished
-    assert counts.current(batches.load(tm.db, doc["_id"])) == {st.DONE: 2}
+    assert counts.current(counts.stored(tm.db, doc["_id"])) == {st.DONE: 2}
 
     skew(tm, doc, {st.DONE: 1, st.RUNNING: 1}, quiet_for=counts.QUIET_SECONDS + 1)
     assert follow(settings, batches.load(tm.db, doc["_id"]), timeout=10, poll=0.1, aggregation=False) == {st.DONE: 2}
 
     skew(tm, doc, {st.DONE: 1, st.RUNNING: 1}, quiet_for=counts.QUIET_SECONDS + 1)
     assert aggregate_batch(app_for(settings), tm.name, str(doc["_id"]))["state"] == batches.AGGREGATED
-    stored = batches.load(tm.db, doc["_id"])
-    assert stored["summary"]["counts"] == {st.DONE: 2} and counts.current(stored) == {st.DONE: 2}
+    assert batches.load(tm.db, doc["_id"])["summary"]["counts"] == {st.DONE: 2}
+    assert counts.current(counts.stored(tm.db, doc["_id"])) == {st.DONE: 2}
 
 
 def test_a_quiet_batch_is_confirmed_at_growing_intervals():
@@ -160,8 +158,8 @@ def test_a_quiet_batch_is_confirmed_at_growing_intervals():
     def due(idle: float, checked_ago: float | None) -> bool:
         doc = {
             "counts": {**counts.zero(), st.RUNNING: 1},
-            "counts_moved_at": now - _dt.timedelta(seconds=idle),
-            "counts_checked_at": None if checked_ago is None else now - _dt.timedelta(seconds=checked_ago),
+            "moved_at": now - _dt.timedelta(seconds=idle),
+            "checked_at": None if checked_ago is None else now - _dt.timedelta(seconds=checked_ago),
         }
         return counts.check_due(doc, (st.DONE, st.FAILED), now)
 
@@ -184,7 +182,7 @@ class Commands(monitoring.CommandListener):
         pass
 
 
-def test_progress_reads_the_batch_document_only_whatever_the_batch_size(settings, tm):
+def test_progress_reads_the_batch_counters_only_whatever_the_batch_size(settings, tm):
     doc = new_batch(tm, [f"k{i}" for i in range(50)])
     for i in range(5):
         tm.commit(tm.claim(task(tm, f"k{i}")["_id"]), i)
@@ -201,12 +199,12 @@ def test_progress_reads_the_batch_document_only_whatever_the_batch_size(settings
         sent = list(listener.sent)
     finally:
         client.close()
-    assert sent == [("find", batches.COLLECTION)] * 3
+    assert sent == [("find", counts.COLLECTION)] * 3  # the counters' document, nothing of the tasks
 
 
 def test_a_batch_written_before_the_counters_is_counted_once_by_its_first_reader(tm):
     doc = new_batch(tm, ["a", "b"])
     tm.commit(tm.claim(task(tm, "a")["_id"]), 1)
-    tm.db[batches.COLLECTION].update_one({"_id": doc["_id"]}, {"$unset": {"counts": "", "counts_moved_at": ""}})
+    tm.db[counts.COLLECTION].delete_one({"_id": doc["_id"]})
     assert batches.progress(tm, doc) == {st.DONE: 1, st.WAITING: 1}
     assert_exact(tm, doc)

@@ -577,7 +577,7 @@ def remove(
     """Qlib's remove: delete tasks (and their stored results). Without --batch or
     --status, the whole pool and its batches."""
     from .. import batch as batches
-    from .. import registry
+    from .. import counts, registry
     from ..manage import TaskManager, to_object_id
     from ..store import database
 
@@ -599,7 +599,9 @@ def remove(
     db = database(settings)
     if batch:
         db[batches.COLLECTION].delete_one({"_id": to_object_id(batch)})
+        counts.forget(db, [to_object_id(batch)])
     elif not status_:  # the whole pool: its batches and the collection go too
+        counts.forget(db, [d["_id"] for d in db[batches.COLLECTION].find({"pool": pools[0]}, {"_id": 1})])
         db[batches.COLLECTION].delete_many({"pool": pools[0]})
         tm.task_pool.drop()
         registry.forget(db, pools[0])

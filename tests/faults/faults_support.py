@@ -189,11 +189,12 @@ def assert_counts_exact(tm: TaskManager, batch_id: Any, *, repaired: bool = Fals
     """The batch's progress counters equal a real count of its tasks and, unless
     ``repaired`` (a scenario where a count move may be lost), they were kept exact by the
     tasks' transitions themselves: no real count ever had to repair them."""
-    doc = batches.load(tm.db, batch_id)
-    real = tm.task_stat({"batch_ids": doc["_id"]})
-    assert counts.current(doc) == real, f"batch {doc['_id']}: counters {doc.get('counts')}, real count {real}"
+    bid = batches.load(tm.db, batch_id)["_id"]
+    kept = counts.stored(tm.db, bid)
+    real = tm.task_stat({"batch_ids": bid})
+    assert counts.current(kept) == real, f"batch {bid}: counters {kept}, real count {real}"
     if not repaired:
-        assert not doc.get("counts_repaired"), f"batch {doc['_id']}: counters were repaired {doc['counts_repaired']} time(s)"
+        assert not (kept or {}).get("repaired"), f"batch {bid}: counters were repaired {(kept or {}).get('repaired')} time(s)"
 
 
 def assert_exactly_once(
