@@ -95,7 +95,12 @@ def create(
     returns the batch and the ids that were inserted now. ``qlib_init`` (checked by the
     caller) is what every worker passes to ``qlib.init`` before the batch's tasks."""
     bid = ObjectId()
-    ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
+    counts.start(manager.db, bid)  # first: a move of any task tagged from now on is counted
+    try:
+        ids, inserted = manager.create_tasks(task_defs, batch_id=bid)
+    except BaseException:
+        counts.forget(manager.db, [bid])  # refused input leaves nothing behind
+        raise
     unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
     if priority:
         for start in range(0, len(unique_ids), _TAG_CHUNK):
@@ -124,10 +129,9 @@ def create(
         "summary": None,
     }
     ensure_indexes(manager.db)
-    counts.start(manager.db, bid)  # before the batch is visible: see counts.start
     manager.db[COLLECTION].insert_one(doc)
-    # counted once the document exists: the new tasks waiting, the pool's own tagged now
-    # (after the insert, so that a move of a tagged task finds its batch to count in)
+    # the new tasks were born waiting (a move since then is counted already: it nets out),
+    # the pool's own are counted in the status they have when tagged
     counts.add(manager.db, bid, {st.WAITING: len(inserted)})
     counts.tag(manager, bid, [i for i in unique_ids if i not in inserted])
     return doc, inserted

@@ -81,9 +81,10 @@ def zero() -> dict[str, int]:
 
 
 def start(db: Database[dict[str, Any]], batch_id: ObjectId) -> None:
-    """Write the counters of a new batch (all zero) before its batch document exists, so
-    that no reader takes the batch for one written before the counters and counts it
-    while its tasks are being added. Idempotent (a creation run again keeps them)."""
+    """Write the counters of a new batch (all zero) before any task is tagged with it and
+    before its batch document exists: every move of a tagged task is then counted (a new
+    task claimed before :func:`add` counted it nets out), and no reader takes the batch
+    for one older than the counters. Idempotent (a creation run again keeps them)."""
     with contextlib.suppress(DuplicateKeyError):
         db[COLLECTION].insert_one({"_id": batch_id, "counts": zero(), "moved_at": _now(), "checked_at": None})
 
@@ -104,7 +105,7 @@ def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[An
     """Count tasks that were just tagged with ``batch_id``: ``stat_delta`` maps a status
     to how many of the added tasks are in it (new tasks ``waiting``, tasks already in the
     pool in the status they had when tagged: :func:`tag` does both for those). Called by
-    batch creation once the batch document exists, once per chunk it adds."""
+    batch creation, after :func:`start`, once per chunk it adds."""
     inc = {f"counts.{s}": int(n) for s, n in stat_delta.items() if n and s in st.ALL}
     unknown = {s: n for s, n in stat_delta.items() if n and s not in st.ALL}
     upd: dict[str, Any] = {"$set": {"moved_at": _now()}}
@@ -112,8 +113,8 @@ def add(db: Database[dict[str, Any]], batch_id: ObjectId, stat_delta: Mapping[An
         upd["$inc"] = inc
     if unknown:  # a task whose status is none of ours: counted by a real count later
         upd["$set"]["dirty"] = True
-    # upsert: counters not started (:func:`start`) are created here, partial until recounted
-    db[COLLECTION].update_one({"_id": batch_id}, upd, upsert=True)
+    # no upsert: a batch whose counters were never started is counted for real by its first reader
+    db[COLLECTION].update_one({"_id": batch_id}, upd)
 
 
 def tag(tm: TaskManager, batch_id: ObjectId, ids: Iterable[ObjectId]) -> dict[Any, int]:
