@@ -12,6 +12,25 @@ run wait in bounded chunk documents (:mod:`qcelery.dispatch`). The producer stre
 ``begin`` (or finds the batch an interrupted producer left ``creating`` under the same
 ``key``), ``add_chunk`` per chunk of its input, ``finish`` (``creating -> open``).
 
+Progress. The batch's counters (how many of its tasks are in each status, in a small
+document of their own beside the batch, :mod:`qcelery.counts`) are kept as the tasks
+move, so ``progress`` reads one small document whatever the batch's size. The rule that
+keeps them exact:
+
+* every single-task transition moves one count, after the task's own update succeeded;
+  bulk operations mark the batches they touched dirty, and the next reader recounts them;
+* readers that show progress (``qcelery status``, ``progress``) read the counters only;
+* readers that wait for the batch (``qcelery wait``, ``TrainerCelery``, the re-checks of
+  ``aggregate``) use :func:`watched_progress`: the counters, confirmed by one real count
+  when they say the batch is finished, when they have not moved for 30 s (then at
+  doubling intervals up to 10 min), or when they are dirty; a count that disagrees
+  repairs them (``$set``, only if they did not move meanwhile);
+* the aggregation itself never trusts them: :func:`verified_outstanding` counts the tasks
+  for real before the batch is aggregated, and repairs the counters from that count.
+
+So a counter left off by a process killed between a task's update and its ``$inc`` is
+wrong for at most one quiet interval of a waiting reader, and never decides anything.
+
 ``state`` moves creating -> open -> aggregating -> aggregated, and aggregating -> open when the
 aggregator's lease expired (-> aggregated, with an error, once ``max_runs`` runs began).
 The aggregation is leased like a task: ``begin_aggregation`` takes an open batch,
@@ -46,7 +65,7 @@ from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.database import Database
 
-from . import dispatch
+from . import counts, dispatch
 from . import status as st
 from .errors import TaskNotFoundError
 from .manage import TaskManager, to_object_id, utcnow
@@ -88,8 +107,9 @@ def begin(
     found = manager.db[COLLECTION].find_one({"pool": manager.name, "key": key, "state": CREATING})
     if found is not None:
         return found, True
+    bid = ObjectId()
     doc = {
-        "_id": ObjectId(),
+        "_id": bid,
         "pool": manager.name,
         "key": key,
         "queue": queue,
@@ -116,6 +136,7 @@ def begin(
         "aggregate_runs": 0,
         "summary": None,
     }
+    counts.start(manager.db, bid)  # first: a move of any task tagged from now on is counted
     manager.db[COLLECTION].insert_one(doc)
     return doc, False
 
@@ -131,14 +152,12 @@ def add_chunk(
     producer interrupted anywhere in it can do the chunk again."""
     bid = batch["_id"]
     ids, inserted = manager.create_tasks(task_defs, batch_id=bid, index_base=index_base, look_up=look_up)
+    # new tasks are born waiting (a move since is counted already: it nets out); the pool's
+    # own are tagged and counted in the status they have when tagged (counts.tag)
+    counts.add(manager.db, bid, {st.WAITING: len(inserted)})
     unique_ids: list[ObjectId] = list(dict.fromkeys(ids))
     old = [i for i in unique_ids if i not in inserted]
-    tagged = 0
-    for start in range(0, len(old), _TAG_CHUNK):
-        part = old[start : start + _TAG_CHUNK]
-        tagged += manager.task_pool.update_many(
-            {"_id": {"$in": part}, "batch_ids": {"$ne": bid}}, {"$addToSet": {"batch_ids": bid}}
-        ).modified_count
+    found = counts.tag(manager, bid, old)  # tagged now, by status (not again when a chunk is redone)
     if batch.get("priority"):
         for start in range(0, len(unique_ids), _TAG_CHUNK):
             manager.task_pool.update_many(
@@ -146,17 +165,14 @@ def add_chunk(
             )
     status = batch.get("before_status") or st.WAITING
     runnable = set(inserted) if status == st.WAITING else set()
-    found: dict[str, int] = {}  # the tasks that were in the pool already, by status
     for start in range(0, len(old), _TAG_CHUNK):
         part = old[start : start + _TAG_CHUNK]
         if status != st.WAITING:  # a second phase: results of the first carry no message
             manager.task_pool.update_many({"_id": {"$in": part}, "status": status}, {"$set": {"published_at": None}})
-        for d in manager.task_pool.find({"_id": {"$in": part}}, {"status": 1}):
-            found[d["status"]] = found.get(d["status"], 0) + 1
-            if d["status"] == status:
-                runnable.add(d["_id"])
+        runnable.update(d["_id"] for d in manager.task_pool.find({"_id": {"$in": part}, "status": status}, {"_id": 1}))
     queued = [i for i in unique_ids if i in runnable]
     dispatch.write_chunk(manager.db, bid, n, queued)
+    tagged = sum(found.values())
     inc = {"n_tasks": len(inserted) + tagged, "n_new": len(inserted), **{f"found.{s}": k for s, k in found.items() if isinstance(s, str)}}
     manager.db[COLLECTION].update_one({"_id": bid, "chunks": n}, {"$set": {"chunks": n + 1}, "$inc": inc})
     return queued, inserted
@@ -176,7 +192,9 @@ def finish(manager: TaskManager, batch: dict, resumed: bool) -> dict:
 
 def create(manager: TaskManager, task_defs: list[dict], *, chunk: int = 1000, **spec: Any) -> tuple[dict, set[ObjectId]]:
     """A whole batch from a list at once (``begin``, a chunk per ``chunk`` tasks, ``finish``),
-    without publishing anything: the open batch and the ids inserted."""
+    without publishing anything: the open batch and the ids inserted. The list is checked
+    whole first: bad input writes nothing."""
+    manager.check_defs(task_defs)
     doc, _ = begin(manager, key=str(ObjectId()), **spec)
     inserted: set[ObjectId] = set()
     for n, start in enumerate(range(0, len(task_defs), chunk)):
@@ -203,14 +221,26 @@ def final_statuses(batch: dict) -> tuple[str, ...]:
 
 
 def progress(manager: TaskManager, batch: dict) -> dict[str, int]:
-    """Counts by status of the batch's tasks (one aggregation on the batch index)."""
-    return manager.task_stat({"batch_ids": batch["_id"]})
+    """Counts by status of the batch's tasks, from its counters: one read of the batch
+    document, whatever its size (see the module docstring for when they are recounted)."""
+    return counts.read(manager, batch, confirm=False)
 
 
-def outstanding(manager: TaskManager, batch: dict) -> int:
-    stat = progress(manager, batch)
-    final = final_statuses(batch)
-    return sum(n for s, n in stat.items() if s not in final)
+def watched_progress(manager: TaskManager, batch: dict, quiet: float = counts.QUIET_SECONDS) -> dict[str, int]:
+    """:func:`progress` for a reader that polls until the batch is finished: the counters,
+    confirmed by a real count when they say finished or have been quiet for ``quiet`` s."""
+    return counts.read(manager, batch, confirm=True, quiet=quiet)
+
+
+def outstanding(manager: TaskManager, batch: dict, stat: dict[str, int] | None = None) -> int:
+    """How many of the batch's tasks still need work, by its counters (or by ``stat``)."""
+    return counts.outstanding(progress(manager, batch) if stat is None else stat, final_statuses(batch))
+
+
+def verified_outstanding(manager: TaskManager, batch: dict) -> int:
+    """:func:`outstanding` from a real count of the batch's tasks, which repairs the
+    counters when they disagree: what the aggregation decides on."""
+    return counts.outstanding(counts.recount(manager, batch), final_statuses(batch))
 
 
 def schedule_check(db: Database[dict[str, Any]], batch_id: ObjectId, delay: float) -> bool:

@@ -29,6 +29,10 @@ loses the last ~100 ms of writes to a kill -9, and a lost claim hands the same a
 out twice while a lost commit sends a finished task back to ``running``: either way a
 task would run to completion twice. Heartbeats, recoveries and publish marks stay
 plain writes: losing one only delays a task (it is recovered or swept again).
+
+Every transition here that succeeded moves one count in the progress counters of the
+task's batches (:func:`qcelery.counts.moved`, after the task's update, never before):
+a claimed task carries its ``batch_ids``, and the other paths read them with the status.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from bson import ObjectId
 from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import PyMongoError
 
+from . import counts
 from . import status as st
 from .errors import LeaseLostError, TaskDefinitionError
 from .store import LEGACY_RESULT_FILE, RESULT_FILE, result_file, scans_find_and_modify, to_object_id
@@ -135,6 +140,17 @@ class Leases:
         def _encode_res(self, res: Any, task_id: ObjectId) -> tuple[dict, ObjectId | None]: ...
         def _drop_res_file(self, fid: Any) -> None: ...
 
+    def _count_move(self, batch_ids: Iterable[Any] | None, old: str, new: str) -> None:
+        """Move one count from ``old`` to ``new`` in the task's batches (after its update)."""
+        counts.moved(self.task_pool.database, batch_ids, old, new)
+
+    def _batch_ids(self, task: dict) -> list:
+        """The batches of ``task``: from the dict when it has them (a claimed task), else read."""
+        if "batch_ids" in task:
+            return list(task["batch_ids"] or ())
+        doc = self.task_pool.find_one({"_id": to_object_id(task)}, {"batch_ids": 1})
+        return list((doc or {}).get("batch_ids") or ())
+
     @functools.cached_property
     def _journaled(self) -> Collection[dict[str, Any]]:
         """The pool with journaled writes, keeping the URL's ``w`` (see the module docstring)."""
@@ -177,6 +193,8 @@ class Leases:
             doc = self._claim_two_steps(flt, update)
         else:
             doc = self._journaled.find_one_and_update(flt, update, return_document=ReturnDocument.AFTER)
+            if doc is not None:
+                self._count_move(doc.get("batch_ids"), before_status, st.RUNNING)
         return self._decode_task(doc) if decode else doc
 
     def _claim_two_steps(self, flt: dict, update: dict) -> dict | None:
@@ -191,6 +209,8 @@ class Leases:
         # read by _id alone and check the token here: a second predicate makes SecantusDB
         # filter the document it found, about half the cost of the read again
         doc = self.task_pool.find_one({"_id": flt["_id"]})
+        if doc is not None:  # the update moved it, whoever holds it by now
+            self._count_move(doc.get("batch_ids"), flt["status"], st.RUNNING)
         return doc if doc is not None and doc.get("claim_token") == token else None
 
     def fetch_task(self, query: dict | None = None, status: str = st.WAITING) -> dict | None:
@@ -209,6 +229,8 @@ class Leases:
                     sort=[("priority", pymongo.DESCENDING)],
                     return_document=ReturnDocument.AFTER,
                 )
+                if doc is not None:
+                    self._count_move(doc.get("batch_ids"), status, st.RUNNING)
                 return self._decode_task(doc)
             while True:  # pick the best candidates, claim one by id; other workers may win some
                 cands = self._candidates(q)
@@ -290,9 +312,14 @@ class Leases:
             st.check(status)
             raise TaskDefinitionError(f"commit moves a task to done, part_done or waiting, not {status!r}")
         oid = to_object_id(task)
-        # a claimed task (from claim/fetch_task, the whole document) carries its result file,
-        # which only the holder of its lease can change: no read needed on the worker's hot path
-        old = task if "filter_hash" in task else self.task_pool.find_one({"_id": oid}, {RESULT_FILE: 1, LEGACY_RESULT_FILE: 1})
+        # a claimed task (from claim/fetch_task, the whole document) carries its result file
+        # and batch ids, which only the holder of its lease can change: no read needed on the
+        # worker's hot path
+        old = (
+            task
+            if "filter_hash" in task
+            else self.task_pool.find_one({"_id": oid}, {RESULT_FILE: 1, LEGACY_RESULT_FILE: 1, "batch_ids": 1})
+        )
         res_upd, fid = self._encode_res(res, oid)
         now = utcnow()
         upd: dict[str, Any] = {
@@ -314,6 +341,7 @@ class Leases:
             self._drop_res_file(fid)
             logger.warning("task %s: commit of attempt %s refused, its lease was taken over", oid, task["attempt"])
             return False
+        self._count_move((old or {}).get("batch_ids"), st.RUNNING, status)
         if old and result_file(old) is not None and result_file(old) != fid:
             self._drop_res_file(result_file(old))
         return True
@@ -343,7 +371,10 @@ class Leases:
                 }
             },
         )
-        return new if r.matched_count == 1 else None
+        if r.matched_count != 1:
+            return None
+        self._count_move(self._batch_ids(task), st.RUNNING, new)
+        return new
 
     def fail_unclaimable(self, task_id: Any, status: str, refusal: str) -> bool:
         """Fail a ``status`` task whose claim the server refused because its ``attempt``
@@ -353,7 +384,7 @@ class Leases:
         value). ``False`` when the document is not in that state: the refusal had another
         cause, for the caller to raise."""
         oid = to_object_id(task_id)
-        doc = self.task_pool.find_one({"_id": oid, "status": status}, {"attempt": 1})
+        doc = self.task_pool.find_one({"_id": oid, "status": status}, {"attempt": 1, "batch_ids": 1})
         if doc is None or "attempt" not in doc or _is_count(doc["attempt"]):
             return False
         bad = doc["attempt"]
@@ -376,7 +407,10 @@ class Leases:
                 }
             },
         )
-        return r.modified_count == 1
+        if r.modified_count != 1:
+            return False
+        self._count_move(doc.get("batch_ids"), status, st.FAILED)
+        return True
 
     def fail_unknown_statuses(self, limit: int = 1000) -> list[ObjectId]:
         """Fail the batch tasks whose ``status`` is none of qcelery's (a hand-edited or
@@ -399,6 +433,8 @@ class Leases:
             if r.modified_count == 1:
                 logger.warning("task %s of pool %s: unknown status %r; failed", d["_id"], self.name, seen)
                 failed.append(d["_id"])
+                # its counted status is unknown (it left ours by hand): its batches recount
+                counts.mark_dirty(self.task_pool.database, d.get("batch_ids") or ())
         return failed
 
     def commit_task_res(self, task: dict, res: Any, status: str = st.DONE) -> None:
@@ -413,23 +449,36 @@ class Leases:
             return
         oid = to_object_id(task)
         res_upd, _ = self._encode_res(res, oid)
-        self._journaled.update_one(
-            {"_id": oid},
-            {
-                "$set": {**res_upd["$set"], "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()},
-                "$unset": res_upd["$unset"],
-            },
-        )
+        fields = {**res_upd["$set"], "status": status, "lease_until": None, "worker": None, "updated_at": utcnow()}
+        self._set_status(oid, fields, self._journaled, unset=res_upd["$unset"])
+
+    def _set_status(self, oid: ObjectId, fields: dict, pool: Collection[dict[str, Any]] | None = None, unset: dict | None = None) -> None:
+        """Set ``fields`` (a new ``status`` among them; ``unset``: fields to drop) on task ``oid``
+        whatever its status, as Qlib's unleased writes do; done as a read of the status and a
+        write conditioned on it, so the move is counted in the task's batches (retried if the
+        task moved between)."""
+        pool = pool if pool is not None else self.task_pool
+        upd: dict[str, Any] = {"$set": fields, **({"$unset": unset} if unset else {})}
+        for _ in range(10):
+            cur = self.task_pool.find_one({"_id": oid}, {"status": 1, "batch_ids": 1})
+            if cur is None:
+                return
+            if pool.update_one({"_id": oid, "status": {"$eq": cur.get("status")}}, upd).matched_count == 1:
+                self._count_move(cur.get("batch_ids"), str(cur.get("status")), fields["status"])
+                return
+        pool.update_one({"_id": oid}, upd)  # moving all the while: written, its batches recount
+        counts.mark_dirty(self.task_pool.database, self._batch_ids({"_id": oid}))
 
     def return_task(self, task: dict, status: str = st.WAITING) -> None:
         """Put a fetched task back to ``status`` (default ``waiting``), releasing its lease."""
         status = st.WAITING if status is None else st.check(status)
-        q: dict[str, Any] = {"_id": to_object_id(task)}
+        oid = to_object_id(task)
+        fields = {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": RESEND}
         if task.get("attempt") and task.get("status") == st.RUNNING:
-            q.update(status=st.RUNNING, attempt=task["attempt"])
-        self.task_pool.update_one(
-            q, {"$set": {"status": status, "lease_until": None, "worker": None, "updated_at": utcnow(), "published_at": RESEND}}
-        )
+            if self.task_pool.update_one({"_id": oid, "status": st.RUNNING, "attempt": task["attempt"]}, {"$set": fields}).matched_count:
+                self._count_move(self._batch_ids(task), st.RUNNING, status)
+            return
+        self._set_status(oid, fields)
 
     # ------------------------------------------------------------------ recovery
     def recover_expired(self, now: _dt.datetime | None = None) -> list[ObjectId]:
@@ -441,7 +490,7 @@ class Leases:
         requeued: list[ObjectId] = []
         cursor = self.task_pool.find(
             {"status": st.RUNNING, "lease_until": {"$lt": now}},
-            {"attempt": 1, "attempt_base": 1, "max_attempts": 1, "claimed_from": 1, "worker": 1, "lease_until": 1},
+            {"attempt": 1, "attempt_base": 1, "max_attempts": 1, "claimed_from": 1, "worker": 1, "lease_until": 1, "batch_ids": 1},
         )
         for d in cursor:
             # a corrupt counter fails the task here rather than crash the recovery of the pool
@@ -459,6 +508,7 @@ class Leases:
                 {"_id": d["_id"], "status": st.RUNNING, "attempt": {"$eq": d.get("attempt")}, "lease_until": {"$lt": now}}, {"$set": upd}
             )
             if r.modified_count == 1:
+                self._count_move(d.get("batch_ids"), st.RUNNING, new)
                 logger.warning("task %s: lease of %s expired, now %s", d["_id"], d.get("worker"), new)
                 if not exhausted:
                     requeued.append(d["_id"])

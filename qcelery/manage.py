@@ -46,7 +46,7 @@ from bson import Binary, ObjectId
 from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
-from . import registry
+from . import counts, registry
 from . import status as st
 from .canonical import canonical_json, filter_hash, hash_text, normalize
 from .errors import (
@@ -209,6 +209,9 @@ class TaskManager(Leases):
             coll.update_one({"_id": oid, "filter_hash": {"$exists": False}}, {"$set": fields})
         coll.create_indexes(_INDEXES)
         registry.register(db, task_pool, registry.ADOPTED)
+        # Qlib's tasks belong to no batch; a collection that held batch tasks before (a pool
+        # forgotten, then adopted) has batches whose counters did not follow: recount them
+        counts.mark_dirty(db, [d["_id"] for d in db[counts.COLLECTION].find({"pool": task_pool}, {"_id": 1})])
         logger.info("%s: adopted as a task pool (%d tasks)", where, len(plans))
         return cls.open(task_pool, settings), len(plans)
 
@@ -423,6 +426,8 @@ class TaskManager(Leases):
         except DuplicateKeyError:
             raise TaskDefinitionError(f"a task with the same filter already exists in pool {self.name!r}") from None
         task["_id"] = result.inserted_id
+        for bid in doc.get("batch_ids") or ():  # a raw document may name batches: count it in theirs
+            counts.add(self.db, bid, {str(doc.get("status")): 1})
         return result
 
     def insert_task_def(self, task_def: dict) -> pymongo.results.InsertOneResult:
@@ -597,20 +602,26 @@ class TaskManager(Leases):
         if new_task.get("res") is not None and not isinstance(new_task["res"], (bytes, Binary)):
             new_task["res"] = Binary(dumps(new_task["res"]))
         new_task["updated_at"] = utcnow()
+        before = self.task_pool.find_one({"_id": oid}, {"batch_ids": 1}) or {}
         try:
             self.task_pool.replace_one({"_id": oid}, new_task)
         except InvalidDocument as exc:
             raise TaskDefinitionError(f"replacement for task {oid} is not valid BSON: {exc}") from None
         except DuplicateKeyError:
             raise TaskDefinitionError(f"cannot replace task {oid} in pool {self.name!r}: another task already has that filter") from None
+        # a whole new document: its status and batches may be anything, so its batches recount
+        counts.mark_dirty(self.db, [*(before.get("batch_ids") or ()), *(new_task.get("batch_ids") or ())])
 
     # ------------------------------------------------------------------- admin
     def remove(self, query: dict | None = None) -> int:
-        """Delete the tasks matching ``query`` (and their GridFS results); returns how many."""
+        """Delete the tasks matching ``query`` (and their GridFS results); returns how many.
+        Their batches recount their progress counters when next read."""
         q = self._decode_query(query)
         with self._server_checks(query):
             fids = [result_file(d) for d in self.task_pool.find({"$and": [q, _REFERS_TO_FILE]}, {RESULT_FILE: 1, LEGACY_RESULT_FILE: 1})]
+            touched = counts.batches_of(self, q)
             n = self.task_pool.delete_many(q).deleted_count
+        counts.mark_dirty(self.db, touched)
         for fid in fids:
             self._drop_res_file(fid)
         return n
@@ -630,7 +641,8 @@ class TaskManager(Leases):
         return self.reset_status(q, st.WAITING)
 
     def reset_status(self, query: dict | None, status: str) -> int:
-        """Set ``status`` on every task matching ``query`` (an admin override); returns the count."""
+        """Set ``status`` on every task matching ``query`` (an admin override); returns the count.
+        The batches of the tasks it moved recount their progress counters when next read."""
         st.check(status)
         q = self._decode_query(query)
         upd: dict[str, Any] = {"status": status, "updated_at": utcnow()}
@@ -639,7 +651,9 @@ class TaskManager(Leases):
         if status in st.CLAIMABLE:
             upd["published_at"] = RESEND  # the sweep sends their messages
         with self._server_checks(query):
+            touched = counts.batches_of(self, {"$and": [q, {"status": {"$ne": status}}]})
             n = self.task_pool.update_many(q, {"$set": upd}).modified_count
+        counts.mark_dirty(self.db, touched)
         logger.info("pool %s: %d tasks set to %s", self.name, n, status)
         return n
 
@@ -651,13 +665,14 @@ class TaskManager(Leases):
         q["status"] = st.FAILED
         ids = []
         with self._server_checks(query):
-            found = list(self.task_pool.find(q, {"attempt": 1, "claimed_from": 1}))
+            found = list(self.task_pool.find(q, {"attempt": 1, "claimed_from": 1, "batch_ids": 1}))
         for d in found:
+            back = d.get("claimed_from") or st.WAITING
             r = self.task_pool.update_one(
                 {"_id": d["_id"], "status": st.FAILED},
                 {
                     "$set": {
-                        "status": d.get("claimed_from") or st.WAITING,
+                        "status": back,
                         "attempt_base": d.get("attempt", 0),
                         "error": None,
                         "finished_at": None,
@@ -667,6 +682,7 @@ class TaskManager(Leases):
                 },
             )
             if r.modified_count:
+                self._count_move(d.get("batch_ids"), st.FAILED, back)
                 ids.append(d["_id"])
         return ids
 

@@ -36,13 +36,15 @@ def _dotted(func: Callable | str) -> str:
 
 def wait_batch(tm: Any, batch_id: Any, *, poll: float = 0.5, timeout: float | None = None, aggregated: bool = False) -> dict:
     """Block until every task of the batch is final for it (``after_status``, ``done`` or
-    ``failed``), and with ``aggregated`` until its aggregation has run; returns the batch."""
+    ``failed``), and with ``aggregated`` until its aggregation has run; returns the batch.
+    Each poll reads the batch's counters (one document), confirmed by a real count when
+    they say it is finished (:func:`qcelery.batch.watched_progress`)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     doc = batches.load(tm.db, batch_id)
     while True:
         if doc["state"] == batches.CREATING:  # its producer is still writing it
             doc = batches.load(tm.db, batch_id)
-        elif batches.outstanding(tm, doc) == 0:
+        elif batches.outstanding(tm, doc, batches.watched_progress(tm, doc)) == 0:
             if not aggregated:
                 return doc
             doc = batches.load(tm.db, batch_id)

@@ -157,7 +157,7 @@ def finished_batch(settings, *, sleep: float) -> tuple[TaskManager, dict]:
         after_status=st.DONE,
         aggregate={"func": "qcelery.probes.counted_aggregate", "kwargs": {"sleep": sleep}},
     )
-    tm.task_pool.update_many({"batch_ids": doc["_id"]}, {"$set": {"status": st.DONE}})
+    tm.reset_status({"batch_ids": doc["_id"]}, st.DONE)
     return tm, doc
 
 

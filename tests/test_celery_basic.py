@@ -13,6 +13,7 @@ import pytest
 import redis as redis_client
 
 from qcelery import batch as batches
+from qcelery import counts
 from qcelery.broker import REFUSED
 from qcelery.celery_app import CONTROL_QUEUE, app_for, redis_list
 from qcelery.cluster import Cluster
@@ -72,6 +73,8 @@ def test_batch_runs_on_worker_processes_and_aggregates_once_without_beat(csettin
     assert len({r["pid"] for r in results.values()}) == 2
     assert mongo_db[RUNS].count_documents({"event": "done"}) == 10
     assert {t["attempt"] for t in tm.query({}, decode=False)} == {1}
+    # the progress counters followed every task on the workers, with nothing to repair
+    assert batches.progress(tm, batch) == {"done": 10} and not counts.stored(tm.db, batch["_id"]).get("repaired")
 
 
 def test_messages_on_the_broker_are_json_and_carry_only_ids(csettings, broker):

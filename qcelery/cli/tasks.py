@@ -220,7 +220,8 @@ def status(
     batch: str | None = typer.Option(None, "--batch", "-b", help="Only this batch."),
     limit: int = typer.Option(10, "--limit", "-n", min=1, help="Batches (and rows of each table) shown."),
 ) -> None:
-    """Counts by status per batch, running tasks with their worker and lease,
+    """Counts by status per batch (from the batch's counters: as fast for a million tasks
+    as for ten), running tasks with their worker and lease,
     failures with the line of their error that says what went wrong, and the workers
     seen with their queues and when each was last heard from (`lost`: silent too long)."""
     from .. import batch as batches
@@ -243,7 +244,9 @@ def status(
         rows = [(d, batches.progress(managers.get(d["pool"]) or TaskManager.open(d["pool"], settings), d)) for d in docs]
         out.print(render.batches_table(rows))
     elif pools:
-        out.print(render.pools_table((p, managers[p].task_stat()) for p in pools))
+        # no task scan here: a pool's own counts are one pass over it (`qcelery pools`)
+        names = ", ".join(repr(p) for p in pools)
+        out.print(f"no batches in pool(s) {names}; `qcelery pools` counts their tasks by status (one pass over each pool)", markup=False)
     else:
         out.print(f"no task pools or batches in database {settings.mongo_db!r} yet; enqueue with `qcelery enqueue CONFIG.yaml`")
         _print_workers(settings, limit)
@@ -294,7 +297,8 @@ class RateColumn(ProgressColumn):
 
 def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll: float = 1.0, aggregation: bool = True) -> dict[str, int]:
     """Show a progress bar (rate, ETA) until every task of the batch is final and,
-    with ``aggregation``, its summary is written. Polls counts, not documents."""
+    with ``aggregation``, its summary is written. Polls the batch's counters
+    (one document), confirmed by a real count when they say it is finished or stop moving."""
     from .. import batch as batches
     from ..manage import TaskManager
 
@@ -323,7 +327,7 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
         console=err,
         transient=False,
     )
-    stat = batches.progress(tm, doc)
+    stat = batches.watched_progress(tm, doc)
     with progress:
         bar = progress.add_task(f"batch {str(doc['_id'])[-6:]}", total=total, completed=finished(stat), detail="")
         while doc["state"] == batches.CREATING or finished(stat) < total:
@@ -333,7 +337,7 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
                 doc = batches.load(tm.db, doc["_id"])
                 total = doc["n_tasks"]
                 progress.update(bar, total=total)
-            stat = batches.progress(tm, doc)
+            stat = batches.watched_progress(tm, doc)
             detail = ", ".join(f"{stat.get(s, 0)} {s}" for s in (st.RUNNING, st.FAILED) if stat.get(s))
             progress.update(bar, completed=finished(stat), detail=detail)
         if aggregation:
@@ -342,6 +346,7 @@ def follow(settings: Settings, doc: dict, *, timeout: float | None = None, poll:
                 check_deadline("the summary was not written")
                 time.sleep(min(poll, 0.5))
             progress.update(bar, detail="summary written")
+            stat = batches.progress(tm, doc)  # the aggregation counted them for real
     return stat
 
 
@@ -577,7 +582,7 @@ def remove(
     """Qlib's remove: delete tasks (and their stored results). Without --batch or
     --status, the whole pool and its batches."""
     from .. import batch as batches
-    from .. import dispatch, registry
+    from .. import counts, dispatch, registry
     from ..manage import TaskManager, to_object_id
     from ..store import database
 
@@ -600,9 +605,12 @@ def remove(
     if batch:
         db[batches.COLLECTION].delete_one({"_id": to_object_id(batch)})
         dispatch.drop_chunks(db, to_object_id(batch))
+        counts.forget(db, [to_object_id(batch)])
     elif not status_:  # the whole pool: its batches (and their queues) and the collection go too
-        for b in db[batches.COLLECTION].find({"pool": pools[0]}, {"_id": 1}):
-            dispatch.drop_chunks(db, b["_id"])
+        gone = [b["_id"] for b in db[batches.COLLECTION].find({"pool": pools[0]}, {"_id": 1})]
+        for b_id in gone:
+            dispatch.drop_chunks(db, b_id)
+        counts.forget(db, gone)
         db[batches.COLLECTION].delete_many({"pool": pools[0]})
         tm.task_pool.drop()
         registry.forget(db, pools[0])

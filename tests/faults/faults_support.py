@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from qcelery import batch as batches
+from qcelery import counts
 from qcelery.celery_app import app_for
 from qcelery.cluster import Cluster
 from qcelery.manage import TaskManager
@@ -187,14 +188,32 @@ def task_statuses(tm: TaskManager, batch_id: Any) -> dict[str, str]:
     return {t["def"]["key"]: t["status"] for t in tm.query({"batch_ids": batches.load(tm.db, batch_id)["_id"]})}
 
 
+def assert_counts_exact(tm: TaskManager, batch_id: Any, *, repaired: bool = False) -> None:
+    """The batch's progress counters equal a real count of its tasks and, unless
+    ``repaired`` (a scenario where a count move may be lost), they were kept exact by the
+    tasks' transitions themselves: no real count ever had to repair them."""
+    bid = batches.load(tm.db, batch_id)["_id"]
+    kept = counts.stored(tm.db, bid)
+    real = tm.task_stat({"batch_ids": bid})
+    assert counts.current(kept) == real, f"batch {bid}: counters {kept}, real count {real}"
+    if not repaired:
+        assert not (kept or {}).get("repaired"), f"batch {bid}: counters were repaired {(kept or {}).get('repaired')} time(s)"
+
+
 def assert_exactly_once(
-    settings: Settings, tm: TaskManager, batch: dict, *, failed: Iterable[str] = (), aggregations_started: int = 1
+    settings: Settings,
+    tm: TaskManager,
+    batch: dict,
+    *,
+    failed: Iterable[str] = (),
+    aggregations_started: int = 1,
+    counts_repaired: bool = False,
 ) -> None:
     """The issue's end condition: every task of ``batch`` done (or failed, for the keys in
     ``failed``), each done task's function completed exactly once and, for a batch of
     ``enqueue_probes``, the aggregation function completed exactly once (both counted by
     their records in Mongo; see :func:`assert_aggregated_once`), its summary listing the
-    failures."""
+    failures, and the batch's progress counters exact (:func:`assert_counts_exact`)."""
     failed = set(failed)
     assert batch["state"] == batches.AGGREGATED
     if (batch.get("aggregate") or {}).get("func") == AGGREGATE_PROBE:
@@ -211,6 +230,7 @@ def assert_exactly_once(
     assert batch["summary"]["counts"] == {s: n for s, n in Counter(statuses.values()).items()}
     failed_ids = {str(t["_id"]) for t in tm.query({"batch_ids": batch["_id"], "status": "failed"}, decode=False)}
     assert {f["task_id"] for f in batch["summary"]["failures"]} == failed_ids
+    assert_counts_exact(tm, batch["_id"], repaired=counts_repaired)
 
 
 def rabbitmqctl(*args: str) -> str:
