@@ -58,6 +58,7 @@ BENCH = Path(__file__).resolve().parent
 DEMO = "config/demo.yaml"
 NOOP = "qcelery.probes.noop"
 TASK_SAMPLE = 1_000  # tasks whose document sizes are read
+TASK_KEY = "task (first 1,000)"
 
 
 # ------------------------------------------------------------------ task definitions
@@ -156,11 +157,21 @@ def largest_documents(db: Any, pool: str) -> dict:
             continue
         if name == pool:
             raw = db[name].with_options(codec_options=db[name].codec_options.with_options(document_class=RawBSONDocument))
-            out["task (first 1,000)"] = max((len(d.raw) for d in raw.find().sort("_id", 1).limit(TASK_SAMPLE)), default=0)
+            out[TASK_KEY] = max((len(d.raw) for d in raw.find().sort("_id", 1).limit(TASK_SAMPLE)), default=0)
             continue
         sizes = list(db[name].aggregate([{"$project": {"s": {"$bsonSize": "$$ROOT"}}}, {"$sort": {"s": -1}}, {"$limit": 1}]))
         out[name] = int(sizes[0]["s"]) if sizes else 0
     return out
+
+
+def attempt(result: dict, what: str, measure: Any) -> Any:
+    """``measure()``, or ``None`` with the failure noted in ``result["errors"]``: one measure
+    a design cannot take (a changed API, a server error) does not cost the others."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - reported with the results, not hidden
+        result.setdefault("errors", []).append(f"{what}: {type(exc).__name__}: {exc}"[:400])
+        return None
 
 
 def median_seconds(fn: Any, repeat: int = 3) -> float:
@@ -179,7 +190,8 @@ def status_cli_seconds(checkout: Path, env: dict[str, str], batch_id: str, cwd: 
     def once() -> None:
         out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
-            raise RuntimeError(f"qcelery status failed: {out.stderr.strip()[-500:]}")
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"qcelery status exited with {out.returncode}: {last}")
 
     return median_seconds(once)
 
@@ -231,6 +243,7 @@ def measure_main(argv: list[str]) -> None:
     ap.add_argument("--dispatch-seconds", type=float, default=60.0)
     ap.add_argument("--loglevel", default="INFO")
     ap.add_argument("--beat", action="store_true")
+    ap.add_argument("--mongo-timeout-ms", type=int, default=60_000)
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(BENCH))
@@ -242,11 +255,16 @@ def measure_main(argv: list[str]) -> None:
     checkout = Path.cwd()
     tag = f"{a.n}_{os.getpid()}"
     pool, queue = f"scale_{a.n}", f"scale-{tag}"
-    result: dict[str, Any] = {"n": a.n}
+    result: dict[str, Any] = {"n": a.n, "load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="qcelery-scale-") as tmp, servers(tmp, a.mongo_url, a.broker_url) as srv:
         run_dir = Path(tmp)
         settings = Settings(
-            mongo_url=srv.mongo_url, mongo_db=f"bench_scale_{tag}", broker_url=srv.broker_url, run_dir=run_dir / "run", default_queue=queue
+            mongo_url=srv.mongo_url,
+            mongo_db=f"bench_scale_{tag}",
+            broker_url=srv.broker_url,
+            run_dir=run_dir / "run",
+            default_queue=queue,
+            mongo_timeout_ms=a.mongo_timeout_ms,
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("QCELERY_")}
         env.update(settings.to_env())
@@ -257,24 +275,28 @@ def measure_main(argv: list[str]) -> None:
         try:
             before = broker_state(settings.broker_url, queue)
             made = run_producer(checkout, env, a.n, pool, settings.model_dump_json(), run_dir / "producer.log")
-            after = broker_state(settings.broker_url, queue)
+        except Exception as exc:  # noqa: BLE001 - a design that cannot enqueue N tasks is a result: report it and go on
+            result["errors"] = [f"enqueue: {type(exc).__name__}: {exc}"[:400]]
+        else:
             bid = made["batch_id"]
             result.update(made)
             result["enqueue_rate"] = a.n / made["enqueue_s"]
+            after = broker_state(settings.broker_url, queue)
             result["broker_mb"] = (after["used_memory"] - before["used_memory"]) / 2**20
             result["queued"] = after["queued"]
-            docs = largest_documents(database(settings), pool)
-            task_key = "task (first 1,000)"
-            others = {k: v for k, v in docs.items() if k != task_key}
-            biggest = max(others, key=lambda k: others[k], default=None)
-            result["largest_doc_kb"] = others[biggest] / 1024 if biggest else None
-            result["largest_doc_in"] = biggest
-            result["largest_task_kb"] = docs.get(task_key, 0) / 1024
-            result["status_cli_s"] = status_cli_seconds(checkout, env, bid, run_dir)
-            result["progress_ms"] = progress_seconds(settings, pool, bid) * 1000
-            result.update(dispatch_rate(settings, pool, min(a.dispatch_sample, a.n), a.dispatch_seconds, a.loglevel, a.beat))
-        except Exception as exc:  # noqa: BLE001 - a design that fails at this N is a result: report it and go on
-            result["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            docs = attempt(result, "largest document", lambda: largest_documents(database(settings), pool)) or {}
+            others = {k: v for k, v in docs.items() if k != TASK_KEY}
+            if others:
+                biggest = max(others, key=lambda k: others[k])
+                result["largest_doc_kb"], result["largest_doc_in"] = others[biggest] / 1024, biggest
+            result["largest_task_kb"] = docs.get(TASK_KEY, 0) / 1024
+            result["status_cli_s"] = attempt(result, "status", lambda: status_cli_seconds(checkout, env, bid, run_dir))
+            ms = attempt(result, "progress", lambda: progress_seconds(settings, pool, bid))
+            result["progress_ms"] = ms * 1000 if ms is not None else None
+            sample = min(a.dispatch_sample, a.n)
+            result.update(
+                attempt(result, "dispatch", lambda: dispatch_rate(settings, pool, sample, a.dispatch_seconds, a.loglevel, a.beat)) or {}
+            )
         finally:
             with contextlib.suppress(Exception):
                 client(settings).drop_database(settings.mongo_db)
@@ -298,7 +320,14 @@ MEASURES = [
 
 def run_measure(checkout: Path, n: int, args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "_measure", "--n", str(n), "--dispatch-sample", str(args.dispatch_sample)]
-    argv += ["--dispatch-seconds", str(args.dispatch_seconds), "--loglevel", args.loglevel]
+    argv += [
+        "--dispatch-seconds",
+        str(args.dispatch_seconds),
+        "--loglevel",
+        args.loglevel,
+        "--mongo-timeout-ms",
+        str(args.mongo_timeout_ms),
+    ]
     if args.mongo_url:
         argv += ["--mongo-url", args.mongo_url]
     if args.broker_url:
@@ -310,7 +339,7 @@ def run_measure(checkout: Path, n: int, args: argparse.Namespace) -> dict:
     out = subprocess.run(argv, cwd=checkout, env=env, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
-        return {"n": n, "error": f"measure exited with {out.returncode}: {out.stderr.strip()[-400:]}"}
+        return {"n": n, "errors": [f"measure exited with {out.returncode}: {out.stderr.strip()[-400:]}"]}
     return json.loads(lines[-1])
 
 
@@ -354,11 +383,12 @@ def print_report(new: list[dict], current: list[dict], labels: tuple[str, str]) 
                 notes.append(f"dispatch over {r['dispatched']:,} tasks in {r['dispatch_wait_s']:.0f} s")
             if "streamed" in r:
                 notes.append("stream" if r["streamed"] else "list")
-            if r.get("error"):
-                notes.append(f"ERROR {r['error']}")
+            if "load" in r:
+                notes.append(f"load {r['load']:.1f} at its start")
+            notes += [f"ERROR {e}" for e in r.get("errors", [])]
             print(f"  N={r['n']:,}: " + "; ".join(notes))
 
-    sizes = lambda rows: "->".join(f"{r['n']:,}" for r in rows if not r.get("error"))  # noqa: E731 - a label, used twice
+    sizes = lambda rows: "->".join(f"{r['n']:,}" for r in rows)  # noqa: E731 - a label, used twice
     print(f"\ngrowth exponent d log(measure) / d log(N)   new: {sizes(new)}   current: {sizes(current)}")
     print(f"{'measure':<20}{'new':>22}{'current':>22}")
     for key, name, _ in MEASURES:
@@ -393,6 +423,14 @@ def main() -> None:
     ap.add_argument("--dispatch-seconds", type=float, default=60.0, help="at most this long per dispatch sample")
     ap.add_argument("--loglevel", default="INFO", help="worker log level (INFO: two lines per task, as in production)")
     ap.add_argument("--beat", action="store_true", help="also run beat beside the worker while dispatching")
+    ap.add_argument(
+        "--mongo-timeout-ms",
+        type=int,
+        default=60_000,
+        help="QCELERY_MONGO_TIMEOUT_MS of every process (default 60000: pymongo's heartbeats time out after it, and the "
+        "embedded SecantusDB, busy with one long query over a large batch, answers no heartbeat; at the 3 s default the "
+        "other clients' operations are cancelled)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -415,7 +453,7 @@ def main() -> None:
             row = run_measure(checkout, n, args)
             rows.append(row)
             brief = ", ".join(f"{name} {fmt(row.get(k), p)}" for k, name, p in MEASURES if k in row)
-            print(f"[{time.monotonic() - t0:,.0f} s] {label} N={n:,}: {row.get('error') or brief}", flush=True)
+            print(f"[{time.monotonic() - t0:,.0f} s] {label} N={n:,}: " + "; ".join([brief, *row.get("errors", [])]), flush=True)
     server = next((r["server"] for r in new + current if "server" in r), "?")
     print(f"\nMongo: {server}; load average {os.getloadavg()[0]:.2f} at the end")
     print_report(new, current, labels)
