@@ -452,13 +452,13 @@ def main() -> None:
             t0 = time.monotonic()
             row = run_measure(checkout, n, args)
             rows.append(row)
+            if args.json:  # after every N: a long run stopped half-way keeps what it measured
+                args.json.write_text(json.dumps({"new": new, "current": current, "labels": labels}, indent=1))
             brief = ", ".join(f"{name} {fmt(row.get(k), p)}" for k, name, p in MEASURES if k in row)
             print(f"[{time.monotonic() - t0:,.0f} s] {label} N={n:,}: " + "; ".join([brief, *row.get("errors", [])]), flush=True)
     server = next((r["server"] for r in new + current if "server" in r), "?")
     print(f"\nMongo: {server}; load average {os.getloadavg()[0]:.2f} at the end")
     print_report(new, current, labels)
-    if args.json:
-        args.json.write_text(json.dumps({"new": new, "current": current, "labels": labels}, indent=1))
 
 
 if __name__ == "__main__":
