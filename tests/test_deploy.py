@@ -8,6 +8,7 @@ triggers and ports line up, beat runs once and Flower never runs without auth.
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import shlex
 from pathlib import Path
@@ -16,7 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from qcelery.celery_app import redis_list
+from qcelery import status as st
+from qcelery.registry import check_name
 from qcelery.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +59,8 @@ CLI_OPTIONS = {
 }
 #: variables the deploy files may set beside the QCELERY_* settings
 OTHER_VARIABLES = frozenset({"MLFLOW_TRACKING_URI", "FLOWER_BASIC_AUTH"})
-#: helpers that are not qcelery settings (read by KEDA, not by qcelery)
-NON_SETTING_VARIABLES = frozenset({"REDIS_ADDRESS"})
+#: helpers that are not qcelery settings (read by other tools, not by qcelery)
+NON_SETTING_VARIABLES: frozenset[str] = frozenset()
 
 QCELERY_SERVICES = ("worker-cpu", "worker-gpu", "beat", "flower")
 
@@ -416,32 +418,81 @@ def test_k8s_flower_has_auth_and_its_service_reaches_the_container_port():
         assert (ports[target] if isinstance(target, str) else target) == int(option(args, "--port"))
 
 
-def test_keda_scales_each_worker_pool_on_its_own_queue():
+def max_processes(deployment: dict) -> int:
+    """The most pool processes one replica of a worker Deployment runs."""
+    _, args = command_of(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+    autoscale, concurrency = option(args, "--autoscale"), option(args, "--concurrency")
+    if autoscale:
+        return int(autoscale.split(",")[0])
+    assert concurrency, "a worker Deployment states its processes (--concurrency or --autoscale)"
+    return int(concurrency)
+
+
+def mongo_triggers(so: dict) -> list[tuple[str, dict, dict]]:
+    """(task pool, query, metadata) of each trigger of a ScaledObject."""
+    out = []
+    for trigger in so["spec"]["triggers"]:
+        meta = trigger["metadata"]
+        out.append((meta["collection"], json.loads(meta["query"]), meta))
+    return out
+
+
+def test_keda_scales_each_worker_pool_on_the_tasks_waiting_in_mongo():
+    # the broker holds a bounded window of messages (issue 14), so a Redis list's length
+    # no longer measures the backlog: Mongo, the queue of record, does
     deps = k8s("Deployment")
     scaled = k8s("ScaledObject")
     assert scaled, "no KEDA ScaledObject"
-    pools = set()
     for name, so in scaled.items():
         assert so["apiVersion"] == "keda.sh/v1alpha1"
         target = so["spec"]["scaleTargetRef"]["name"]
         assert target in deps, f"{name} scales a missing Deployment {target}"
-        pool = pool_of(deps[target])
-        env = pod_env(deps[target])
-        broker = urlsplit(env["QCELERY_BROKER_URL"])
         assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+        env = pod_env(deps[target])
+        container_env = {e["name"]: e for e in deps[target]["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        assert so["spec"]["triggers"], f"{name} has no trigger"
         for trigger in so["spec"]["triggers"]:
-            meta = trigger["metadata"]
-            assert trigger["type"] == "redis"
-            # the Redis list of the pool's default-priority messages (see celery_app.redis_list)
-            assert meta["listName"] == redis_list(pool), f"{name} watches {meta['listName']} but scales pool {pool}"
-            assert int(meta["listLength"]) >= 1
-            address = env[meta["addressFromEnv"]] if "addressFromEnv" in meta else meta["address"]
-            assert address == f"{broker.hostname}:{broker.port}", f"{name} watches another Redis than the broker"
-            assert int(meta.get("databaseIndex", 0)) == int(broker.path.strip("/") or 0)
-        pools.add(pool)
-    assert pools == {pool_of(d) for d in deps.values() if d["spec"]["template"]["spec"]["containers"][0]["command"][1] == "worker"}
+            assert trigger["type"] == "mongodb", f"{name}: a {trigger['type']} trigger does not see the backlog in Mongo"
+        statuses: dict[str, dict[str, int]] = {}
+        for pool, query, meta in mongo_triggers(so):
+            # the connection string is the workers' own, from the secret: never written here
+            assert not {"connectionString", "password", "passwordFromEnv", "host"} & set(meta), f"{name}: credentials in the manifest"
+            variable = meta["connectionStringFromEnv"]
+            assert variable == "QCELERY_MONGO_URL"
+            assert "secretKeyRef" in container_env[variable]["valueFrom"], f"{name}: {variable} does not come from the secret"
+            assert meta["dbName"] == env["QCELERY_MONGO_DB"], f"{name} counts in another database than the workers use"
+            check_name(pool)  # a collection qcelery accepts as a task pool
+            assert set(query) == {"status"} and query["status"] in (st.WAITING, st.RUNNING), f"{name}: query {query}"
+            statuses.setdefault(pool, {})[query["status"]] = int(meta["queryValue"])
+            assert int(meta["queryValue"]) >= 1
+            assert int(meta.get("activationQueryValue", 0)) >= 0
+        for pool, targets in statuses.items():
+            assert st.WAITING in targets, f"{name}: pool {pool} has no trigger on its waiting tasks"
+            # a replica per this many running tasks = its processes: a draining backlog
+            # does not scale away the workers running the pool's last tasks
+            assert targets.get(st.RUNNING) == max_processes(deps[target]), f"{name}: running target of pool {pool}"
+    workers = {n for n, d in deps.items() if d["spec"]["template"]["spec"]["containers"][0]["command"][1] == "worker"}
+    assert {so["spec"]["scaleTargetRef"]["name"] for so in scaled.values()} == workers
     # every worker serves the control queue (aggregations, beat jobs): one must always run
     assert any(so["spec"]["minReplicaCount"] >= 1 for so in scaled.values())
+
+
+def test_keda_queries_count_what_qcelery_status_counts(settings):
+    """The triggers' queries run on a real pool: each counts exactly the tasks in its
+    status, as ``task_stat`` (what ``qcelery status`` shows) does."""
+    from qcelery.manage import TaskManager
+
+    queries = {(pool, json.dumps(q, sort_keys=True)) for so in k8s("ScaledObject").values() for pool, q, _ in mongo_triggers(so)}
+    for pool in {p for p, _ in queries}:
+        tm = TaskManager(pool, settings)
+        tm.create_task([{"key": i} for i in range(7)])
+        for _ in range(3):
+            assert tm.fetch_task() is not None  # waiting -> running
+        stat = tm.task_stat()
+        assert stat == {st.WAITING: 4, st.RUNNING: 3}
+        for _, text in (q for q in queries if q[0] == pool):
+            query = json.loads(text)
+            assert tm.task_pool.count_documents(query) == stat[query["status"]]
 
 
 # ------------------------------------------------------------------------ systemd
@@ -479,7 +530,8 @@ def test_every_deployment_runs_the_same_known_pools():
 
     compose_pools = {option(command_of(compose()["services"][n]["command"])[1], "--pool") for n in ("worker-cpu", "worker-gpu")}
     k8s_pools = {pool_of(d) for n, d in k8s("Deployment").items() if n.startswith("qcelery-worker-")}
-    keda_pools = {t["metadata"]["listName"].split(":")[0] for so in k8s("ScaledObject").values() for t in so["spec"]["triggers"]}
+    deps = k8s("Deployment")
+    keda_pools = {pool_of(deps[so["spec"]["scaleTargetRef"]["name"]]) for so in k8s("ScaledObject").values()}
     assert compose_pools == k8s_pools == keda_pools == set(POOLS)
     # the queue tasks go to by default is served everywhere
     assert Settings.model_fields["default_queue"].default in compose_pools
