@@ -30,7 +30,9 @@ def test_mongo_restart_mid_batch_loses_nothing(settings, own_mongo):
 
         batch = wait_batch(tm, bid, timeout=90)
 
-        assert_exactly_once(fs, tm, batch)
+        # a counter move is a second write after the task's own: the store going away
+        # between the two loses it, and the readers' real count repairs it (qcelery.counts)
+        assert_exactly_once(fs, tm, batch, counts_repaired=True)
         assert all(p.alive() for p in cluster.procs)
 
 
