@@ -373,7 +373,14 @@ def _aggregate_if_last(app: QceleryApp, pool: str, batch_id: str) -> None:
     tm = manager(app, pool)
     doc = batches.load(tm.db, to_object_id(batch_id))
     # a batch whose queue still holds tasks is not finished: no need to count it
-    if doc["state"] == batches.OPEN and dispatch.exhausted(doc) and batches.outstanding(tm, doc) == 0:
+    if doc["state"] != batches.OPEN or not dispatch.exhausted(doc):
+        return
+    left = batches.outstanding(tm, doc)
+    if left and dispatch.in_flight(tm.task_pool, doc) == 0:
+        # nothing queued, sent or running, yet the counters say some task is left: they
+        # may be behind (a move lost to a store outage); one real count decides
+        left = batches.verified_outstanding(tm, doc)
+    if left == 0:
         logger.info("batch %s: its last task ran outside the chord; aggregation sent", batch_id)
         app.send_task(AGGREGATE, args=(pool, str(batch_id)), queue=_control_queue())
 
