@@ -164,9 +164,16 @@ def main() -> None:
         }
         qlib.init(**qlib_init, exp_manager=exp_manager)
         os.environ[BUILDS_ENV] = str(work / "builds-qlib")
-        t = time.perf_counter()
-        qlib_recs = QlibTrainerR(experiment_name="qlib_trainer_bench").train(copy.deepcopy(tasks))  # Qlib edits the configs it builds from
-        qlib_wall = time.perf_counter() - t
+        cwd = os.getcwd()
+        os.chdir(work)  # Qlib's MLflowExpManager puts its lock for a file:///abs URI under ./abs (relative)
+        try:
+            t = time.perf_counter()
+            qlib_recs = QlibTrainerR(experiment_name="qlib_trainer_bench").train(
+                copy.deepcopy(tasks)
+            )  # Qlib edits the configs it builds from
+            qlib_wall = time.perf_counter() - t
+        finally:
+            os.chdir(cwd)
         qlib_tasks_s = run_seconds(qlib_recs)
         qlib_builds = builds(work / "builds-qlib")
 

@@ -115,6 +115,9 @@ def test_qlib_records_on_a_celery_worker_match_qlibs_own_trainer(settings, qlib_
         cluster.stop()
     assert [r.status for r in recs] == [Recorder.STATUS_FI] * 3
 
+    # Qlib's MLflowExpManager puts its lock for a file:///abs URI under ./abs (relative): not in the checkout
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     qlib_recs = _qlib_trainer_r(tasks, qlib_init, settings, tmp_path / "qlib_mlruns")
 
     for task, ours, theirs in zip(tasks, recs, qlib_recs, strict=True):

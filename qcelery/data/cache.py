@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pymongo.errors import PyMongoError
 
 from ..canonical import filter_hash, normalize
 from ..errors import ConfigError, TaskTypeError
@@ -181,7 +182,9 @@ class HandlerCache:
                         self._store(key, handler)
                     return handler
                 finally:
-                    builds.delete_one({"_id": key, "owner": _owner()})
+                    # the store away now: the lease runs out by itself, and the build's own outcome is what counts
+                    with contextlib.suppress(PyMongoError):
+                        builds.delete_one({"_id": key, "owner": _owner()})
             if not waited:
                 log.info("handler %s is being built by %s; waiting for its copy", key, (builds.find_one({"_id": key}) or {}).get("owner"))
                 waited = True
