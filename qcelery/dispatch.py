@@ -41,7 +41,7 @@ from .lease import RESEND, utcnow
 logger = logging.getLogger(__name__)
 
 COLLECTION = "qcelery_dispatch"
-BATCHES = "qcelery_batches"
+BATCHES = "qcelery_batches"  # qcelery.batch.COLLECTION (batch imports this module)
 #: the smallest window of a batch (messages on the broker), whatever the workers
 MIN_WINDOW = 16
 #: messages per worker process when the window follows the workers

@@ -202,6 +202,21 @@ def _check_size(task_list: list, gens: list[TaskGen], max_tasks: int) -> None:
         )
 
 
+def _checked(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen], max_tasks: int) -> tuple[list, list[TaskGen]]:
+    """The templates and generators as lists, type-checked, and the count they would make
+    checked against ``max_tasks``: what both ways of generating do before the first task."""
+    task_list = [tasks] if isinstance(tasks, Mapping) else list(tasks)
+    gens = [generators] if isinstance(generators, TaskGen) else list(generators)
+    for i, gen in enumerate(gens):
+        if not isinstance(gen, TaskGen):
+            raise TaskTypeError(f"generators[{i}] is a {type(gen).__name__}, not a TaskGen")
+    for i, task in enumerate(task_list):
+        if not isinstance(task, Mapping):
+            raise TaskTypeError(f"tasks[{i}] is a {type(task).__name__}, not a task template dict")
+    _check_size(task_list, gens, max_tasks)
+    return task_list, gens
+
+
 def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[TaskGen], max_tasks: int = DEFAULT_MAX_TASKS) -> list[dict]:
     """Apply ``generators`` in order, each to every task produced so far (as in Qlib).
 
@@ -211,15 +226,7 @@ def task_generator(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[
     before anything could be enqueued. Unlike Qlib, more than ``max_tasks`` tasks are
     refused before any is built, with the count they would have made.
     """
-    task_list = [tasks] if isinstance(tasks, Mapping) else list(tasks)
-    gens = [generators] if isinstance(generators, TaskGen) else list(generators)
-    for i, gen in enumerate(gens):
-        if not isinstance(gen, TaskGen):
-            raise TaskTypeError(f"generators[{i}] is a {type(gen).__name__}, not a TaskGen")
-    for i, task in enumerate(task_list):
-        if not isinstance(task, Mapping):
-            raise TaskTypeError(f"tasks[{i}] is a {type(task).__name__}, not a task template dict")
-    _check_size(task_list, gens, max_tasks)
+    task_list, gens = _checked(tasks, generators, max_tasks)
     for gen in gens:
         task_list = [new for task in task_list for new in gen.generate(task)]
     return task_list
@@ -229,15 +236,7 @@ def iter_tasks(tasks: dict | Sequence[dict], generators: TaskGen | Sequence[Task
     """:func:`task_generator`'s tasks, in its order, made one at a time: what a producer
     streams into a batch, holding one task (and the generators' state) at once. The same
     checks run before the first task is made."""
-    task_list = [tasks] if isinstance(tasks, Mapping) else list(tasks)
-    gens = [generators] if isinstance(generators, TaskGen) else list(generators)
-    for i, gen in enumerate(gens):
-        if not isinstance(gen, TaskGen):
-            raise TaskTypeError(f"generators[{i}] is a {type(gen).__name__}, not a TaskGen")
-    for i, task in enumerate(task_list):
-        if not isinstance(task, Mapping):
-            raise TaskTypeError(f"tasks[{i}] is a {type(task).__name__}, not a task template dict")
-    _check_size(task_list, gens, max_tasks)
+    task_list, gens = _checked(tasks, generators, max_tasks)
 
     def walk(task: dict, level: int) -> Iterator[dict]:
         if level == len(gens):
